@@ -1,0 +1,310 @@
+"""Typed, validated configuration: dataclass sections loaded from YAML, then dotted overrides.
+
+Precedence: dataclass defaults < YAML file (and the files it names as ``base``) < ``key=value``
+arguments. Every field is documented once, here, in its ``help`` metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+PRECISIONS = ("no", "fp16", "bf16")
+TRACKERS = ("none", "wandb", "tensorboard")
+WANDB_MODES = ("online", "offline", "disabled")
+MEDNIST_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/MedNIST.tar.gz"
+MEDNIST_MD5 = "0bc7306e7427e00ad1c5526a6677552d"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: Optional[str] = _f(None, "MedNIST folder holding <class_name>/*.jpeg; null = the small sample shipped in the package")
+    class_name: str = _f("Hand", "class folder to train on")
+    download: bool = _f(False, "download and verify MedNIST.tar.gz into root when the class folder is missing")
+    url: str = _f(MEDNIST_URL, "where data.download fetches MedNIST.tar.gz from")
+    md5: str = _f(MEDNIST_MD5, "published MD5 of MedNIST.tar.gz; the download is refused when it differs")
+    limit: Optional[int] = _f(None, "use only the first N images (sorted by name); null = all")
+    augment: bool = _f(True, "random rotation/flip/zoom as in the bundle, batched on the training device")
+    cache_dir: Optional[str] = _f("~/.cache/mednist_gan", "where decoded image tensors are cached; null = no disk cache")
+    bad_files: Literal["error", "skip"] = _f("error", "an unreadable or wrongly sized image: stop with an error, or skip it with a warning")
+
+    def check(self) -> None:
+        _require(self.limit is None or self.limit >= 1, "data.limit", self.limit, "an integer >= 1 or null")
+        _require(bool(self.class_name), "data.class_name", self.class_name, "a non-empty folder name")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    latent_size: int = _f(64, "length of the generator's latent vector")
+    start_shape: list[int] = _f([64, 8, 8], "generator: shape the latent is projected to (C, H, W)")
+    g_channels: list[int] = _f([32, 16, 8, 1], "generator: output channels of each layer")
+    g_strides: list[int] = _f([2, 2, 2, 1], "generator: stride of each layer")
+    image_shape: list[int] = _f([1, 64, 64], "discriminator input shape (C, H, W)")
+    d_channels: list[int] = _f([8, 16, 32, 64, 1], "discriminator: output channels of each layer")
+    d_strides: list[int] = _f([2, 2, 2, 2, 1], "discriminator: stride of each layer")
+    d_num_res_units: int = _f(1, "discriminator: residual units per layer")
+    d_kernel_size: int = _f(5, "discriminator: convolution kernel size")
+    d_dropout: float = _f(0.25, "discriminator dropout (MONAI's default)")
+
+    def check(self) -> None:
+        _require(self.latent_size >= 1, "model.latent_size", self.latent_size, "an integer >= 1")
+        _require(len(self.g_channels) == len(self.g_strides), "model.g_strides", self.g_strides,
+                 f"as many entries as model.g_channels ({len(self.g_channels)})")
+        _require(len(self.d_channels) == len(self.d_strides), "model.d_strides", self.d_strides,
+                 f"as many entries as model.d_channels ({len(self.d_channels)})")
+        _require(len(self.start_shape) == 3, "model.start_shape", self.start_shape, "three integers (C, H, W)")
+        _require(len(self.image_shape) == 3, "model.image_shape", self.image_shape, "three integers (C, H, W)")
+        _require(0.0 <= self.d_dropout < 1.0, "model.d_dropout", self.d_dropout, "a number in [0, 1)")
+        _require(self.d_kernel_size >= 1, "model.d_kernel_size", self.d_kernel_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    g_lr: float = _f(2e-4, "generator Adam learning rate")
+    d_lr: float = _f(2e-4, "discriminator Adam learning rate")
+    betas: list[float] = _f([0.5, 0.999], "Adam betas for both optimizers")
+    foreach: Optional[bool] = _f(None, "Adam's multi-tensor implementation; null = PyTorch's choice (same numerics)")
+
+    def check(self) -> None:
+        for key in ("g_lr", "d_lr"):
+            value = getattr(self, key)
+            _require(value > 0, f"optim.{key}", value, "a number > 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+                 "two numbers in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _f(50, "passes over the data")
+    max_steps: Optional[int] = _f(None, "stop after this many iterations (one D phase + one G update); null = no limit")
+    batch_size: int = _f(600, "global batch of real images per iteration, split across processes")
+    d_train_steps: int = _f(5, "discriminator updates per iteration, all on the same real and fake batch")
+    precision: Literal["no", "fp16", "bf16"] = _f("no", "mixed precision handed to Accelerate")
+    seed: int = _f(0, "seed of weights, shuffling, latents; augmentation and dropout use seed + process index")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms: bitwise repeatable on the same machine")
+    detect_anomaly: bool = _f(False, "autograd anomaly detection (slow; debugging only)")
+    channels_last: bool = _f(True, "channels_last memory format for both networks (same results, faster convolutions)")
+    num_threads: Optional[int] = _f(None, "intra-op CPU threads per process; null = PyTorch's default")
+    resume: str = _f("auto", "'auto' = newest complete checkpoint in run_dir, 'none', or a checkpoint path")
+    log_every: int = _f(10, "iterations between progress/log lines")
+
+    def check(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "an integer >= 1 or null")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.d_train_steps >= 1, "train.d_train_steps", self.d_train_steps, "an integer >= 1")
+        _require(self.num_threads is None or self.num_threads >= 1, "train.num_threads", self.num_threads, "an integer >= 1 or null")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: Optional[int] = _f(None, "save a checkpoint every N iterations; null = only per epoch and at the end")
+    every_epochs: Optional[int] = _f(1, "save a checkpoint every N epochs; null = never per epoch")
+    keep: int = _f(3, "newest complete checkpoints kept; older ones are removed after a newer one is complete")
+
+    def check(self) -> None:
+        _require(self.every_steps is None or self.every_steps >= 1, "checkpoint.every_steps", self.every_steps, "an integer >= 1 or null")
+        _require(self.every_epochs is None or self.every_epochs >= 1, "checkpoint.every_epochs", self.every_epochs, "an integer >= 1 or null")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    at_end: bool = _f(True, "export the generator (model.pt, TorchScript, MONAI bundle) when training ends")
+    onnx: bool = _f(False, "also write mednist_gan.onnx (needs the onnx package)")
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = _f("run", "run name; defaults to the config file's name")
+    run_dir: Optional[str] = _f(None, "where the run writes everything; null = runs/<name>")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir if self.run_dir is not None else os.path.join("runs", self.name))
+
+    def check(self) -> None:
+        _require(bool(self.name), "name", self.name, "a non-empty string")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.check()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {expected}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read one YAML file, merging the file it names under ``base`` (relative to it) underneath."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}{where}: YAML syntax error: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(arg: str) -> tuple[list[str], Any]:
+    key, sep, raw = arg.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {arg!r} is not of the form key=value (e.g. train.epochs=5)")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only where lossless (int -> float, '1e-4' -> float)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed: expected one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a list of {item_tp.__name__}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    if value is None:
+        raise ConfigError(f"{key}=null is not allowed: expected {tp.__name__}")
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {tp.__name__}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            valid = [f"{prefix}{n}" for n in names]
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key {full!r}: {hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} must be a section (a mapping of keys), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Load a config file (if any), apply ``key=value`` overrides and validate the result."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        data = _read_yaml(path)
+        data.setdefault("name", path.stem)
+    for arg in overrides:
+        keys, value = _parse_override(arg)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {arg!r}: {k} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    cfg = _build(Config, data, "")
+    cfg.check()
+    return cfg
+
+
+def describe_fields() -> str:
+    """Every key with its default and help, for ``mednist-gan train --help-config``."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{prefix}{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
+
+    walk(Config, "")
+    return "\n".join(lines)

@@ -1,0 +1,282 @@
+"""MedNIST images: find or download them, decode once into a cached uint8 tensor, and augment batches on the device.
+
+Images keep MONAI's tensor orientation (``LoadImage`` with the PIL reader returns the transpose of the
+JPEG's rows/columns), so weights stay interchangeable with the seed bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .config import DataConfig
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_ROOT = Path(__file__).parent / "sample_data"
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+_CACHE_VERSION = "v1"
+
+# The bundle's augmentation: RandRotated(range_x=pi/12, p=0.5), RandFlipd(spatial_axis=0, p=0.5),
+# RandZoomd(min_zoom=0.9, max_zoom=1.1, p=0.5), applied in that order.
+ROTATE_PROB, ROTATE_RANGE = 0.5, math.pi / 12
+FLIP_PROB = 0.5
+ZOOM_PROB, ZOOM_MIN, ZOOM_MAX = 0.5, 0.9, 1.1
+
+
+# ----------------------------------------------------------------------------- finding the files
+
+def resolve_root(cfg: DataConfig) -> Path:
+    return Path(os.path.expanduser(cfg.root)) if cfg.root is not None else SAMPLE_ROOT
+
+
+def image_folder(cfg: DataConfig) -> Path:
+    """The folder holding the class's images, downloading MedNIST first when asked to."""
+    root = resolve_root(cfg)
+    candidates = [root / cfg.class_name, root / "MedNIST" / cfg.class_name]
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    if cfg.download:
+        download_mednist(root, cfg.url, cfg.md5)
+        for folder in candidates:
+            if folder.is_dir():
+                return folder
+        raise DataError(f"data.url={cfg.url}: the downloaded archive has no {cfg.class_name}/ folder")
+    raise DataError(
+        f"data.root={str(root)!r}: no {cfg.class_name}/ folder with images there "
+        "(point data.root at the MedNIST folder, or set data.download=true)"
+    )
+
+
+def download_mednist(root: Path, url: str, md5: str) -> None:
+    """Download MedNIST.tar.gz with MONAI's utility, verify its MD5 and extract it into ``root``."""
+    from monai.apps import download_and_extract
+
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / "MedNIST.tar.gz"
+    try:
+        download_and_extract(url, filepath=archive, output_dir=root, hash_val=md5, hash_type="md5", progress=False)
+    except Exception as exc:  # MONAI raises RuntimeError/URLError/ValueError with long messages
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"data.url={url}: download or verification failed: {reason}") from exc
+
+
+def list_images(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder}: no images (*.jpeg, *.jpg, *.png) in this folder")
+    return files
+
+
+# ----------------------------------------------------------------------------- decoding and caching
+
+def _decode(path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
+    """One image as MONAI reads it: LoadImage (PIL reader) then channel first; uint8 (1, H, W)."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    try:
+        image = LoadImage(reader="PILReader", image_only=True)(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be read as an image ({type(exc).__name__})") from None
+    if image.ndim != 2:
+        raise DataError(f"{path}: expected a single-channel (grayscale) image, got shape {tuple(image.shape)}")
+    if tuple(image.shape) != expected_hw:
+        raise DataError(f"{path}: expected a {expected_hw[0]}x{expected_hw[1]} image, got {image.shape[0]}x{image.shape[1]}")
+    array = EnsureChannelFirst(channel_dim="no_channel")(image).numpy()
+    return array.astype(np.uint8)
+
+
+def _cache_key(files: list[Path], expected_hw: tuple[int, int], bad_files: str) -> str:
+    h = hashlib.sha256(f"{_CACHE_VERSION}:{expected_hw}:{bad_files}".encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def load_images(files: list[Path], expected_hw: tuple[int, int] = (64, 64), cache_dir: Optional[str] = None,
+                bad_files: str = "error") -> torch.Tensor:
+    """Decode every file once into a uint8 tensor (N, 1, H, W), reusing a disk cache when it is valid."""
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(os.path.expanduser(cache_dir)) / f"images-{_cache_key(files, expected_hw, bad_files)}.pt"
+        if cache_file.is_file():
+            try:
+                return torch.load(cache_file, weights_only=True)
+            except Exception:
+                log.warning("ignoring unreadable image cache %s", cache_file)
+    arrays, skipped = [], []
+    for path in files:
+        try:
+            arrays.append(_decode(path, expected_hw))
+        except DataError as exc:
+            if bad_files != "skip":
+                raise
+            skipped.append(str(exc))
+    if skipped:
+        log.warning("skipped %d unusable image(s) (data.bad_files=skip), first: %s", len(skipped), skipped[0])
+    if not arrays:
+        raise DataError(f"{files[0].parent}: none of the {len(files)} files could be used as an image")
+    images = torch.from_numpy(np.stack(arrays))
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            torch.save(images, tmp)
+            os.replace(tmp, cache_file)
+        except OSError as exc:  # a read-only home must not stop training
+            log.warning("could not write image cache %s: %s", cache_file, exc)
+    return images
+
+
+def load_dataset(cfg: DataConfig, image_shape: list[int]) -> torch.Tensor:
+    """The configured class's images as a uint8 tensor (N, 1, H, W) in MONAI orientation."""
+    files = list_images(image_folder(cfg))
+    if cfg.limit is not None:
+        files = files[: cfg.limit]
+    return load_images(files, tuple(image_shape[1:]), cfg.cache_dir, cfg.bad_files)
+
+
+def scale_intensity(images: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max scaling to [0, 1], as MONAI's ``ScaleIntensity()`` computes it (float32)."""
+    x = images.float()
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    span = hi - lo
+    scaled = (x - lo) / torch.where(span == 0, torch.ones_like(span), span)
+    return torch.where(span == 0, torch.zeros_like(x), scaled)
+
+
+# ----------------------------------------------------------------------------- DataLoader
+
+class ImageTensorDataset(Dataset):
+    """Indexes the cached uint8 tensor; scaling and augmentation happen later, batched, on the device."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch): the same on every process and after a resume."""
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
+def build_dataloader(images: torch.Tensor, global_batch_size: int, seed: int, pin_memory: bool = False) -> DataLoader:
+    """Batches of the *global* size; Accelerate (split_batches=True) hands each process its slice."""
+    return DataLoader(
+        ImageTensorDataset(images),
+        batch_size=global_batch_size,
+        sampler=EpochShuffleSampler(len(images), seed),
+        drop_last=False,
+        num_workers=0,
+        pin_memory=pin_memory,
+        # A private generator keeps DataLoader start-up from drawing on the global RNG, which would
+        # make a resumed run's latents differ from an uninterrupted run's.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# ----------------------------------------------------------------------------- batched augmentation
+
+@dataclass
+class AugmentParams:
+    """Per-sample parameters of the bundle's three random transforms (tensors of length N)."""
+
+    rotate: torch.Tensor  # bool: rotation applied
+    angle: torch.Tensor  # radians, used where rotate
+    flip: torch.Tensor  # bool: flipped along spatial axis 0
+    zoom: torch.Tensor  # bool: zoom applied
+    factor: torch.Tensor  # zoom factor, used where zoom
+
+
+def sample_augment_params(n: int, device: torch.device | str) -> AugmentParams:
+    """Draw from the same distributions as RandRotated / RandFlipd / RandZoomd (global torch RNG)."""
+    u = torch.rand(5, n, device=device)
+    return AugmentParams(
+        rotate=u[0] < ROTATE_PROB,
+        angle=(u[1] * 2 - 1) * ROTATE_RANGE,
+        flip=u[2] < FLIP_PROB,
+        zoom=u[3] < ZOOM_PROB,
+        factor=ZOOM_MIN + u[4] * (ZOOM_MAX - ZOOM_MIN),
+    )
+
+
+def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MONAI ``Flip(spatial_axis=0)`` on the samples where ``mask`` is true (exact)."""
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-2), x)
+
+
+def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """MONAI ``Rotate(angle, keep_size=True)`` per sample: bilinear, border padding, one ``grid_sample``."""
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+    # Output coordinates (normalised, align_corners=False) map to input coordinates; grid x is the last axis.
+    theta = torch.stack([torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1)], -2)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def zoom(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """MONAI ``Zoom(factor, keep_size=True)`` per sample: area interpolation, centred edge-pad or crop.
+
+    MONAI resizes to ``floor(size * factor)`` pixels, so the zoom range gives only a handful of
+    distinct sizes; each size is one batched ``interpolate`` over the samples that share it.
+    """
+    size = x.shape[-1]
+    new_sizes = torch.floor(size * factor.double()).long()
+    out = x.clone()
+    for s in new_sizes.unique().tolist():
+        if s == size:
+            continue
+        idx = (new_sizes == s).nonzero().squeeze(1)
+        y = F.interpolate(x[idx], size=(s, s), mode="area")
+        if s < size:
+            before = (size - s) // 2
+            y = F.pad(y, (before, size - s - before, before, size - s - before), mode="replicate")
+        else:
+            start = s // 2 - size // 2
+            y = y[..., start:start + size, start:start + size]
+        out[idx] = y
+    return out
+
+
+def apply_augment(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    """Rotate, flip, zoom (each where its mask is set), in the order of the bundle's Compose."""
+    x = x.clone()
+    idx = p.rotate.nonzero().squeeze(1)
+    x[idx] = rotate(x[idx], p.angle[idx])
+    x = flip(x, p.flip)
+    return zoom(x, torch.where(p.zoom, p.factor, torch.ones_like(p.factor)))
+
+
+def augment(x: torch.Tensor) -> torch.Tensor:
+    return apply_augment(x, sample_augment_params(x.shape[0], x.device))

@@ -1,0 +1,256 @@
+"""Generator-only exports: bundle-compatible ``model.pt``, standalone TorchScript, a MONAI bundle folder.
+
+Everything here runs on the main process only and needs nothing but the generator's weights and
+its model config; the discriminator and optimizer state never leave the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .config import ModelConfig
+from .errors import CheckpointError
+from .networks import build_generator
+
+MODEL_FILE = "model.pt"
+TORCHSCRIPT_FILE = "mednist_gan.ts"
+ONNX_FILE = "mednist_gan.onnx"
+PROVENANCE_FILE = "export.json"
+BUNDLE_DIR = "bundle"
+LATENT_DISTRIBUTION = "standard normal: torch.randn(N, latent_size)"
+
+
+def generator_state_dict(generator: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """A flat, contiguous fp32 CPU state_dict with exactly the seed bundle's keys."""
+    return OrderedDict((k, v.detach().to("cpu", torch.float32).contiguous()) for k, v in generator.state_dict().items())
+
+
+def load_checkpoint_generator(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
+    """The generator (with its sigmoid) and the metadata of a training checkpoint folder."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import read_meta
+
+    checkpoint = Path(checkpoint)
+    meta = read_meta(checkpoint)
+    model_cfg = ModelConfig(**meta["config"]["model"])
+    weights = checkpoint / "model.safetensors"  # Accelerate saves prepared models in order: G first
+    if not weights.is_file():
+        raise CheckpointError(f"{checkpoint}: no generator weights (model.safetensors) in this checkpoint")
+    generator = build_generator(model_cfg, init=False)
+    _load_strict(generator, load_file(str(weights)), weights)
+    return generator.eval(), meta
+
+
+def _load_strict(generator: torch.nn.Module, state: dict, source: Path) -> None:
+    expected = generator.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise CheckpointError(f"{source}: missing key {key!r}: not weights of this generator architecture")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
+                                  f"this generator needs {tuple(value.shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key {extra[0]!r}: not weights of this generator architecture")
+    generator.load_state_dict(state, strict=True)
+
+
+def load_generator_weights(path: Path, model_cfg: Optional[ModelConfig] = None) -> torch.nn.Module:
+    """A flat generator state_dict (``model.pt``, the bundle's format) into a generator with its sigmoid."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not loadable as generator weights ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # the bundle's training checkpoints wrap the weights as {"model": ...}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state_dict of generator weights, found {type(state).__name__}")
+    if model_cfg is None:
+        model_cfg = _model_config_beside(path)
+    generator = build_generator(model_cfg, init=False)
+    _load_strict(generator, state, path)
+    return generator.eval()
+
+
+def _model_config_beside(path: Path) -> ModelConfig:
+    provenance = path.parent / PROVENANCE_FILE
+    if provenance.is_file():
+        return ModelConfig(**json.loads(provenance.read_text())["config"]["model"])
+    return ModelConfig()  # the seed bundle's architecture
+
+
+class _Standalone(torch.nn.Module):
+    """Latents (N, latent) -> images (N, 1, H, W) in [0, 1]; the sigmoid is inside the generator."""
+
+    def __init__(self, generator: torch.nn.Module):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.generator(latents)
+
+
+def write_torchscript(generator: torch.nn.Module, path: Path) -> None:
+    scripted = torch.jit.script(_Standalone(generator).eval())
+    scripted.save(str(path))
+
+
+def write_onnx(generator: torch.nn.Module, path: Path, latent_size: int) -> None:
+    example = torch.randn(2, latent_size)
+    torch.onnx.export(_Standalone(generator).eval(), (example,), str(path), input_names=["latents"],
+                      output_names=["images"], dynamic_axes={"latents": {0: "n"}, "images": {0: "n"}}, dynamo=False)
+
+
+def write_bundle(model_path: Path, bundle_dir: Path, model_cfg: ModelConfig) -> None:
+    """A MONAI bundle folder that ``python -m monai.bundle run inferring`` runs without this package."""
+    (bundle_dir / "configs").mkdir(parents=True, exist_ok=True)
+    (bundle_dir / "models").mkdir(exist_ok=True)
+    (bundle_dir / "docs").mkdir(exist_ok=True)
+    shutil.copyfile(model_path, bundle_dir / "models" / MODEL_FILE)
+    size = model_cfg.latent_size
+    metadata = {
+        "version": __version__,
+        "monai_version": _version("monai"),
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": _version("numpy"),
+        "optional_packages_version": {"pillow": _version("PIL")},
+        "task": "Generate random hand X-ray images like the MedNIST Hand class",
+        "description": "MONAI Generator trained with mednist-gan; latents are standard normal.",
+        "authors": "mednist-gan contributors",
+        "copyright": "Copyright (c) mednist-gan contributors",
+        "data_source": "MedNIST (CC BY-SA 4.0), courtesy of Dr. Bradley J. Erickson M.D., Ph.D. (Mayo Clinic)",
+        "data_type": "jpeg",
+        "network_data_format": {
+            "inputs": {"latent": {"type": "tuples", "format": "latent", "num_channels": 0, "spatial_shape": [size],
+                                  "dtype": "float32", "value_range": [], "is_patch_data": False, "channel_def": {}}},
+            "outputs": {"pred": {"type": "image", "format": "magnitude", "num_channels": 1,
+                                 "spatial_shape": list(model_cfg.image_shape[1:]), "dtype": "float32",
+                                 "value_range": [0, 1], "is_patch_data": False, "channel_def": {"0": "image"}}},
+        },
+    }
+    inference = {
+        "imports": ["$import numpy as np"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "ckpt_path": "$@bundle_root + '/models/model.pt'",
+        "output_dir": "./outputs",
+        "latent_size": size,
+        "num_samples": 10,
+        "network_def": {"_target_": "Generator", "latent_shape": "@latent_size",
+                        "start_shape": list(model_cfg.start_shape), "channels": list(model_cfg.g_channels),
+                        "strides": list(model_cfg.g_strides)},
+        "network": "$@network_def.to(@device)",
+        # The generator was trained on standard-normal latents (the seed bundle sampled uniform ones).
+        "dataset": {"_target_": "Dataset", "data": "$[torch.randn(@latent_size) for i in range(@num_samples)]"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_ext": "png",
+             "separate_folder": False, "scale": 255, "output_dtype": "$np.uint8", "meta_key_postfix": None},
+        ]},
+        "handlers": [{"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"}}],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "prepare_batch": "$lambda batchdata, *_,**__: (batchdata.to(@device),None,(),{})",
+                      "val_handlers": "@handlers"},
+        "inferring": ["$@evaluator.run()"],
+    }
+    (bundle_dir / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4))
+    (bundle_dir / "configs" / "inference.json").write_text(json.dumps(inference, indent=4))
+    (bundle_dir / "docs" / "README.md").write_text(_BUNDLE_README)
+
+
+_BUNDLE_README = """# MedNIST Hand generator (mednist-gan)
+
+A MONAI `Generator` trained with mednist-gan on the MedNIST Hand class (64x64 X-rays).
+`models/model.pt` is a flat state_dict with the same keys and shapes as the `mednist_gan` model-zoo
+bundle's, and loads into `monai.networks.nets.Generator(latent_shape=64, start_shape=[64, 8, 8],
+channels=[32, 16, 8, 1], strides=[2, 2, 2, 1])` with `strict=True`.
+
+Latents: **standard normal** (`torch.randn(64)`), as in training. The network returns logits; a sigmoid
+gives images in [0, 1].
+
+    python -m monai.bundle run inferring --config_file configs/inference.json \\
+        --meta_file configs/metadata.json --bundle_root .
+
+writes `num_samples` PNGs to `output_dir`.
+
+Data: MedNIST, CC BY-SA 4.0, courtesy of Dr. Bradley J. Erickson M.D., Ph.D. (Department of Radiology,
+Mayo Clinic), gathered from TCIA, the RSNA Bone Age Challenge and the NIH Chest X-ray dataset.
+"""
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return "unknown"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir: Path, provenance: dict,
+                     onnx: bool = False) -> Path:
+    """Write all exports into ``out_dir`` atomically: a failed export leaves an earlier one untouched."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"--out {out_dir}: exists and is not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    generator = generator.to("cpu").eval()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        torch.save(generator_state_dict(generator), staging / MODEL_FILE)
+        write_torchscript(generator, staging / TORCHSCRIPT_FILE)
+        files = [MODEL_FILE, TORCHSCRIPT_FILE]
+        if onnx:
+            write_onnx(generator, staging / ONNX_FILE, model_cfg.latent_size)
+            files.append(ONNX_FILE)
+        write_bundle(staging / MODEL_FILE, staging / BUNDLE_DIR, model_cfg)
+        record = dict(provenance)
+        record.update({
+            "mednist_gan_version": __version__,
+            "latent_distribution": LATENT_DISTRIBUTION,
+            "output": "images (N, 1, H, W) in [0, 1], MONAI orientation (transpose of the JPEG rows/columns)",
+            "files": {name: {"sha256": _sha256(staging / name)} for name in files},
+        })
+        (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, default=str))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+            os.rename(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path, onnx: bool = False) -> Path:
+    """``mednist-gan export``: the generator of a training checkpoint, with its provenance."""
+    generator, meta = load_checkpoint_generator(Path(checkpoint))
+    return export_generator(generator, ModelConfig(**meta["config"]["model"]), out_dir,
+                            checkpoint_provenance(Path(checkpoint), meta), onnx=onnx)
+
+
+def checkpoint_provenance(checkpoint: Path, meta: dict) -> dict:
+    return {"checkpoint": str(checkpoint.resolve()), "step": meta["state"]["step"],
+            "git_revision": meta.get("git_revision"), "config": meta["config"]}

@@ -1,0 +1,119 @@
+"""Latents -> images -> PNG files and grids, from any exported generator or a training checkpoint."""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import CheckpointError, MednistGanError
+
+LATENTS = ("normal", "uniform")
+
+
+def load_model(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """Any generator the toolkit knows: ``mednist_gan.ts``, a ``model.pt`` state_dict, or a checkpoint folder.
+
+    Returns a function from latents to images in [0, 1] (MONAI orientation) and the latent size.
+    """
+    from .export import load_checkpoint_generator, load_generator_weights
+
+    path = Path(path)
+    if path.is_dir():
+        generator, _ = load_checkpoint_generator(path)
+        return generator, int(generator.latent_shape[0])
+    if not path.is_file():
+        raise CheckpointError(f"--model {path}: no such file or folder")
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        try:
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as exc:
+            raise CheckpointError(f"--model {path}: not a loadable TorchScript file ({type(exc).__name__})") from None
+        latent = _torchscript_latent_size(module)
+        return module, latent
+    generator = load_generator_weights(path)
+    return generator, int(generator.latent_shape[0])
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
+
+
+def _torchscript_latent_size(module: torch.jit.ScriptModule) -> int:
+    for name, param in module.named_parameters():
+        if name.endswith("linear.weight"):
+            return int(param.shape[1])
+    raise CheckpointError("TorchScript model has no generator input layer (linear.weight): not a mednist-gan export")
+
+
+def make_latents(n: int, size: int, seed: int, distribution: str = "normal") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if distribution == "normal":
+        return torch.randn(n, size, generator=g)
+    if distribution == "uniform":
+        return torch.rand(n, size, generator=g)
+    raise MednistGanError(f"--latent {distribution!r}: expected one of {', '.join(LATENTS)}")
+
+
+def to_uint8_pictures(images: torch.Tensor) -> np.ndarray:
+    """(N, 1, H, W) in [0, 1], MONAI orientation -> (N, W, H) uint8 pictures standing upright.
+
+    Same conversion as the bundle's ``SaveImaged(scale=255, output_dtype=uint8)``: transpose back to the
+    JPEG's row order, multiply by 255, truncate.
+    """
+    pixels = (images[:, 0].float().clamp(0, 1) * 255).to(torch.uint8)
+    return pixels.transpose(1, 2).contiguous().cpu().numpy()
+
+
+def image_grid(pictures: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    n, h, w = pictures.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad), dtype=np.uint8)
+    for i, picture in enumerate(pictures):
+        r, c = divmod(i, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = picture
+    return grid
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array, mode="L").save(path, compress_level=1)
+
+
+def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, batch_size: int = 256,
+             grid: Optional[Path] = None, latent: str = "normal", device: Optional[str] = None) -> list[Path]:
+    """Write ``num_samples`` PNGs (``sample_00000.png``, ...) and optionally a grid; returns the PNG paths."""
+    if num_samples < 1:
+        raise MednistGanError(f"--num-samples {num_samples}: expected an integer >= 1")
+    if batch_size < 1:
+        raise MednistGanError(f"--batch-size {batch_size}: expected an integer >= 1")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise MednistGanError(f"--output-dir {output_dir}: exists and is not a folder")
+    net, latent_size = load_model(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net = net.to(device)
+    latents = make_latents(num_samples, latent_size, seed, latent)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    width = max(5, len(str(num_samples - 1)))
+    paths = [output_dir / f"sample_{i:0{width}d}.png" for i in range(num_samples)]
+    pictures, writes = [], []
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=4) as pool:  # PNG encoding releases the GIL
+        for start in range(0, num_samples, batch_size):
+            batch = to_uint8_pictures(net(latents[start:start + batch_size].to(device)))
+            writes += [pool.submit(save_png, pic, path) for pic, path in zip(batch, paths[start:start + batch_size])]
+            if start < 64:
+                pictures.append(batch[: 64 - start])
+        for write in writes:
+            write.result()  # re-raise the first failed write
+    if grid is not None:
+        Path(grid).parent.mkdir(parents=True, exist_ok=True)
+        save_png(image_grid(np.concatenate(pictures)), Path(grid))
+    return paths

@@ -1,0 +1,359 @@
+"""The GAN training loop; the only module that talks to Accelerate.
+
+One iteration has the semantics of ``monai.engines.GanTrainer`` as the seed bundle uses it: for each
+real batch, one fake batch from fresh latents; ``d_train_steps`` discriminator updates on those same
+real and (detached) fake images; then fresh latents and one generator update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data import augment, build_dataloader, load_dataset, scale_intensity
+from .errors import CheckpointError, ConfigError
+from .export import checkpoint_provenance, export_generator
+from .losses import discriminator_loss, generator_loss
+from .networks import build_discriminator, build_generator
+from .tracking import setup_logging, write_run_info
+
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
+PREEMPTED_EXIT_CODE = 3
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (plain JSON, so loading it can never run code)."""
+
+    step: int = 0  # iterations completed
+    epoch: int = 0  # epoch in progress
+    batch_in_epoch: int = 0  # batches of that epoch already consumed
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing a checkpoint; re-running the command resumes it."""
+
+    def __init__(self, signame: str, checkpoint: Path):
+        super().__init__(f"stopped by {signame} at {checkpoint}; run the same command again to resume")
+        self.checkpoint = checkpoint
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """One Accelerator per process: devices, process group and precision live here and nowhere else."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision='fp16' needs a CUDA GPU, and none is visible: use 'bf16' or 'no' on CPU")
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    return Accelerator(
+        # Without a GPU, processes started by a launcher form a gloo group (Accelerate's MULTI_CPU).
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.precision,
+        # Each loader batch is the global batch; every process takes its slice of it, so an iteration
+        # sees the same images whatever the number of processes.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None):
+        self.cfg = cfg
+        self.acc = acc = accelerator or make_accelerator(cfg)
+        self.run_dir = cfg.run_path
+        self.log = setup_logging(self.run_dir, acc.is_main_process)
+        world = acc.num_processes
+        if cfg.train.batch_size % world:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of processes ({world})")
+        self.per_device_batch = cfg.train.batch_size // world
+
+        with acc.main_process_first():  # the main process decodes and fills the cache; the others read it
+            images = load_dataset(cfg.data, cfg.model.image_shape)
+        if len(images) < world:
+            raise ConfigError(f"{len(images)} images cannot feed {world} processes: use fewer processes or more data")
+
+        set_seed(cfg.train.seed)  # identical initial weights on every process
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        G = build_generator(cfg.model).to(memory_format=memory_format)
+        D = build_discriminator(cfg.model).to(memory_format=memory_format)
+        betas = tuple(cfg.optim.betas)
+        opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.g_lr, betas=betas, foreach=cfg.optim.foreach)
+        opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.d_lr, betas=betas, foreach=cfg.optim.foreach)
+        loader = build_dataloader(images, cfg.train.batch_size, cfg.train.seed, pin_memory=acc.device.type == "cuda")
+        self.sampler = loader.sampler
+        self.G, self.D, self.opt_g, self.opt_d, self.loader = acc.prepare(G, D, opt_g, opt_d, loader)
+        self.memory_format = memory_format
+        self.num_images = len(images)
+
+        # Latents come from one generator shared by all processes: each draws the global batch and
+        # keeps its slice, so latents do not depend on the number of processes.
+        self.latent_rng = torch.Generator(device=acc.device).manual_seed(cfg.train.seed)
+        # Augmentation and dropout use the global RNG, different on every process.
+        set_seed(cfg.train.seed, device_specific=True)
+        self.state = TrainState()
+        self._stop_signal: Optional[str] = None
+        self.git_revision: Optional[str] = None
+
+    # ------------------------------------------------------------------ one iteration
+
+    def sample_latents(self) -> torch.Tensor:
+        n, rank = self.per_device_batch, self.acc.process_index
+        z = torch.randn(n * self.acc.num_processes, self.cfg.model.latent_size,
+                        generator=self.latent_rng, device=self.acc.device)
+        return z[rank * n:(rank + 1) * n]
+
+    def prepare_reals(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            real = scale_intensity(batch)
+            if self.cfg.data.augment:
+                real = augment(real)
+        return real.contiguous(memory_format=self.memory_format)
+
+    def train_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One iteration on a batch of prepared real images; returns detached per-step metrics."""
+        acc, G, D = self.acc, self.G, self.D
+
+        # Discriminator phase: the fake batch needs no graph, D only ever sees it detached.
+        with torch.no_grad():
+            fake = G(self.sample_latents())
+        d_losses = []
+        for _ in range(self.cfg.train.d_train_steps):
+            self.opt_d.zero_grad(set_to_none=True)
+            real_logits, fake_logits = D(real), D(fake)
+            loss_d = discriminator_loss(real_logits, fake_logits)
+            acc.backward(loss_d)
+            self.opt_d.step()
+            d_losses.append(loss_d.detach())
+
+        # Generator phase: D's parameters need no gradient, and D's DDP wrapper must not wait for one.
+        self.opt_g.zero_grad(set_to_none=True)
+        with frozen(D), acc.no_sync(D):
+            fake_logits_g = D(G(self.sample_latents()))
+            loss_g = generator_loss(fake_logits_g)
+        acc.backward(loss_g)
+        self.opt_g.step()
+
+        return {
+            "loss_d": torch.stack(d_losses).mean(),
+            "loss_g": loss_g.detach(),
+            "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
+            "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        acc, step = self.acc, self.state.step
+        tmp = ckpt.temporary_dir(self.run_dir, step)
+        if acc.is_main_process:
+            ckpt.begin_save(self.run_dir, step)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            torch.save(self.latent_rng.get_state(), tmp / "latent_rng.pt")
+        acc.wait_for_everyone()
+        final = ckpt.checkpoints_dir(self.run_dir) / ckpt.step_dir_name(step)
+        if acc.is_main_process:
+            meta = {"state": asdict(self.state), "num_processes": acc.num_processes, "config": self.cfg.to_dict(),
+                    "git_revision": self.git_revision}
+            final = ckpt.publish(self.run_dir, tmp, step, meta, self.cfg.checkpoint.keep)
+            self.log.info("checkpoint saved: %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        meta = ckpt.read_meta(path)
+        ckpt.verify_safe(path)
+        saved_model = meta.get("config", {}).get("model", {})
+        for key, value in asdict(self.cfg.model).items():
+            if key in saved_model and saved_model[key] != value:
+                raise CheckpointError(f"{path}: trained with model.{key}={saved_model[key]!r}, "
+                                      f"but the config says {value!r}")
+        try:
+            self.acc.load_state(str(path))
+        except RuntimeError as exc:  # shape/key mismatch from load_state_dict
+            raise CheckpointError(f"{path}: does not fit these networks: {str(exc).splitlines()[0][:200]}") from None
+        self.latent_rng.set_state(torch.load(path / "latent_rng.pt", weights_only=True))
+        self.state = TrainState(**meta["state"])
+
+    def resolve_resume(self) -> Optional[Path]:
+        choice = self.cfg.train.resume
+        if choice == "none":
+            if ckpt.complete_checkpoints(self.run_dir):
+                raise ConfigError(f"train.resume='none' but {ckpt.checkpoints_dir(self.run_dir)} holds checkpoints of an "
+                                  "earlier run: choose another run_dir, or resume with train.resume=auto")
+            return None
+        if choice == "auto":
+            return ckpt.find_latest(self.run_dir)
+        path = Path(choice)
+        if not path.is_dir():
+            raise ConfigError(f"train.resume={choice!r}: no such checkpoint folder")
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainState:
+        cfg, acc, log = self.cfg, self.acc, self.log
+        if acc.is_main_process:
+            self.git_revision = write_run_info(self.run_dir, cfg)
+            ckpt.remove_stale_temporaries(self.run_dir)
+        acc.wait_for_everyone()
+        resume_from = self.resolve_resume()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+            log.info("resumed from %s (step %d, epoch %d, batch %d of the epoch)", resume_from,
+                     self.state.step, self.state.epoch, self.state.batch_in_epoch)
+
+        steps_per_epoch = len(self.loader)
+        total = steps_per_epoch * cfg.train.epochs
+        if cfg.train.max_steps is not None:
+            total = min(total, cfg.train.max_steps)
+        log.info("training %s: %d images, %d process(es) on %s, global batch %d (%d per process), precision %s, "
+                 "%d iterations", cfg.name, self.num_images, acc.num_processes, acc.device, cfg.train.batch_size,
+                 self.per_device_batch, cfg.train.precision, total)
+
+        bar = tqdm(total=total, initial=self.state.step, disable=not (acc.is_main_process and sys.stderr.isatty()),
+                   dynamic_ncols=True, desc=cfg.name)
+        pending: list[dict[str, torch.Tensor]] = []
+        last_saved = self.state.step if resume_from is not None else -1
+        window_start, window_images = time.perf_counter(), 0
+
+        with torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly), stop_signals(self._on_signal):
+            while self.state.step < total and self.state.epoch < cfg.train.epochs:
+                self.sampler.set_epoch(self.state.epoch)
+                batches = acc.skip_first_batches(self.loader, self.state.batch_in_epoch) \
+                    if self.state.batch_in_epoch else self.loader
+                for batch in batches:
+                    pending.append(self.train_step(self.prepare_reals(batch)))
+                    self.state.step += 1
+                    self.state.batch_in_epoch += 1
+                    window_images += cfg.train.batch_size
+                    bar.update(1)
+                    if self.state.step % cfg.train.log_every == 0 or self.state.step == total:
+                        metrics = self._reduce(pending)
+                        pending.clear()
+                        now = time.perf_counter()
+                        metrics["images_per_s"] = window_images / (now - window_start)
+                        window_start, window_images = now, 0
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
+                        log.info("epoch %d step %d %s", self.state.epoch, self.state.step,
+                                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                    every = cfg.checkpoint.every_steps
+                    if every and self.state.step % every == 0:
+                        self.save_checkpoint()
+                        last_saved = self.state.step
+                    if self.state.step >= total or self._should_stop():
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                    every = cfg.checkpoint.every_epochs
+                    if every and self.state.epoch % every == 0 and last_saved != self.state.step:
+                        self.save_checkpoint()
+                        last_saved = self.state.step
+                    continue
+                break
+            bar.close()
+            if last_saved != self.state.step:
+                final_ckpt = self.save_checkpoint()
+            else:
+                final_ckpt = ckpt.checkpoints_dir(self.run_dir) / ckpt.step_dir_name(self.state.step)
+            if self._stop_signal is not None:
+                raise Preempted(self._stop_signal, final_ckpt)
+
+        log.info("training finished at step %d; final checkpoint %s", self.state.step, final_ckpt)
+        self.final_checkpoint = final_ckpt
+        return self.state
+
+    def export(self, out_dir: Path) -> None:
+        """Main process: the trained generator's exports, from a fresh copy of its weights."""
+        if self.acc.is_main_process:
+            generator = build_generator(self.cfg.model, init=False)
+            generator.load_state_dict(self.acc.unwrap_model(self.G).state_dict())
+            meta = ckpt.read_meta(self.final_checkpoint)
+            export_generator(generator, self.cfg.model, out_dir,
+                             checkpoint_provenance(self.final_checkpoint, meta), onnx=self.cfg.export.onnx)
+            self.log.info("exported the generator to %s", out_dir)
+        self.acc.wait_for_everyone()
+
+    def _reduce(self, pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Average the pending per-step metrics over steps and processes: one host sync per log line."""
+        keys = list(pending[0])
+        local = torch.stack([torch.stack([m[k].float() for k in keys]) for m in pending]).mean(0)
+        reduced = self.acc.reduce(local, reduction="mean")
+        return dict(zip(keys, reduced.tolist()))
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self._stop_signal = signal.Signals(signum).name
+        self.log.warning("received %s: saving a checkpoint after this iteration", self._stop_signal)
+
+    def _should_stop(self) -> bool:
+        """True on every process as soon as any process was signalled."""
+        flag = self._stop_signal is not None
+        if self.acc.num_processes == 1:
+            return flag
+        flag_t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        stop = bool(self.acc.reduce(flag_t, reduction="sum").item() > 0)
+        if stop and self._stop_signal is None:
+            self._stop_signal = "a signal on another process"
+        return stop
+
+
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """Parameters of ``module`` do not require grad inside the block."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@contextmanager
+def stop_signals(handler):
+    """Route SIGUSR1/SIGTERM/SIGINT to ``handler`` (main thread only), restoring the old handlers after."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, frame: handler(signum))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: Config) -> Trainer:
+    """Train (resuming when a checkpoint exists), then export the generator on the main process."""
+    trainer = Trainer(cfg)
+    trainer.fit()
+    if cfg.export.at_end:
+        trainer.export(cfg.run_path / "export")
+    trainer.acc.end_training()
+    return trainer
