@@ -175,20 +175,31 @@ class ImageTensorDataset(Dataset):
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch): the same on every process and after a resume."""
+    """A permutation that depends only on (seed, epoch): the same on every process and after a resume.
+
+    ``skip_in_epoch`` drops the first items of one epoch's permutation, so a run resumed mid-epoch
+    continues with exactly the batches an uninterrupted run would have seen.
+    """
 
     def __init__(self, num_items: int, seed: int):
         self.num_items, self.seed, self.epoch = num_items, seed, 0
+        self._skip_epoch, self._skip = -1, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int) -> None:  # Accelerate's DataLoaderShard calls this at every epoch start
         self.epoch = epoch
+
+    def skip_in_epoch(self, epoch: int, num_items: int) -> None:
+        self._skip_epoch, self._skip = epoch, num_items
+
+    def _skipped(self) -> int:
+        return self._skip if self.epoch == self._skip_epoch else 0
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_items, generator=g).tolist())
+        return iter(torch.randperm(self.num_items, generator=g)[self._skipped():].tolist())
 
     def __len__(self) -> int:
-        return self.num_items
+        return max(self.num_items - self._skipped(), 0)
 
 
 def build_dataloader(images: torch.Tensor, global_batch_size: int, seed: int, pin_memory: bool = False) -> DataLoader:

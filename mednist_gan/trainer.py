@@ -221,7 +221,7 @@ class Trainer:
             log.info("resumed from %s (step %d, epoch %d, batch %d of the epoch)", resume_from,
                      self.state.step, self.state.epoch, self.state.batch_in_epoch)
 
-        steps_per_epoch = len(self.loader)
+        steps_per_epoch = math.ceil(self.num_images / cfg.train.batch_size)
         total = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             total = min(total, cfg.train.max_steps)
@@ -237,10 +237,10 @@ class Trainer:
 
         with torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly), stop_signals(self._on_signal):
             while self.state.step < total and self.state.epoch < cfg.train.epochs:
-                self.sampler.set_epoch(self.state.epoch)
-                batches = acc.skip_first_batches(self.loader, self.state.batch_in_epoch) \
-                    if self.state.batch_in_epoch else self.loader
-                for batch in batches:
+                # The prepared loader numbers its epochs itself; keep it on ours (it passes it to the sampler).
+                self.loader.set_epoch(self.state.epoch)
+                self.sampler.skip_in_epoch(self.state.epoch, self.state.batch_in_epoch * cfg.train.batch_size)
+                for batch in self.loader:
                     pending.append(self.train_step(self.prepare_reals(batch)))
                     self.state.step += 1
                     self.state.batch_in_epoch += 1

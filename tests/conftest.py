@@ -1,0 +1,54 @@
+"""Shared fixtures: the real MedNIST images, small configs in a temporary run directory."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SHARED = REPO.parent / "shared"
+MEDNIST_ROOT = Path(os.environ.get("MEDNIST_ROOT", SHARED / "data" / "mednist"))
+UPSTREAM_WEIGHTS = Path(os.environ.get("MEDNIST_GAN_UPSTREAM", SHARED / "upstream" / "mednist_gan_bundle_model.pt"))
+
+
+@pytest.fixture(scope="session")
+def mednist_root() -> Path:
+    if not (MEDNIST_ROOT / "Hand").is_dir():
+        pytest.skip(f"real MedNIST images not found at {MEDNIST_ROOT} (set MEDNIST_ROOT)")
+    return MEDNIST_ROOT
+
+
+@pytest.fixture(scope="session")
+def upstream_weights() -> Path:
+    if not UPSTREAM_WEIGHTS.is_file():
+        pytest.skip(f"seed bundle weights not found at {UPSTREAM_WEIGHTS} (set MEDNIST_GAN_UPSTREAM)")
+    return UPSTREAM_WEIGHTS
+
+
+@pytest.fixture()
+def debug_overrides(tmp_path: Path, mednist_root: Path) -> list[str]:
+    """Overrides that turn configs/debug.yaml into a tiny run on real images inside tmp_path."""
+    return [f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path.parent / 'cache'}"]
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600):
+    """Run ``python -m mednist_gan ...`` in a fresh process and return the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "mednist_gan", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; tests that build several trainers need a clean one each."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -1,0 +1,159 @@
+"""End-to-end training runs on real images: run directory, checkpoints, automatic and bitwise resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mednist_gan import checkpoint as ckpt
+from mednist_gan.config import load_config
+from mednist_gan.errors import CheckpointError, ConfigError
+from mednist_gan.trainer import Trainer, train
+
+from conftest import CONFIGS, run_cli
+
+
+def _cfg(overrides, *extra):
+    return load_config(CONFIGS / "debug.yaml", [*overrides, *extra])
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return {**{f"G.{k}": v for k, v in load_file(str(checkpoint / "model.safetensors")).items()},
+            **{f"D.{k}": v for k, v in load_file(str(checkpoint / "model_1.safetensors")).items()}}
+
+
+def test_debug_run_leaves_a_self_describing_run_dir(debug_overrides, tmp_path):
+    trainer = train(_cfg(debug_overrides))
+    run = tmp_path / "run"
+    assert trainer.state.step == 4
+    assert (run / "config.yaml").read_text().startswith("name: debug")
+    assert (run / "git_revision.txt").read_text().strip()
+    log = (run / "train.log").read_text()
+    assert "epoch 0 step 4 loss_d=" in log and "nan" not in log.lower()
+    assert ckpt.find_latest(run).name == "step_000004"
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step_000002", "step_000004"]
+    assert {p.name for p in (run / "export").iterdir()} >= {"model.pt", "mednist_gan.ts", "export.json", "bundle"}
+    meta = ckpt.read_meta(run / "checkpoints" / "step_000004")
+    assert meta["state"] == {"step": 4, "epoch": 0, "batch_in_epoch": 4}
+
+
+def test_training_changes_the_weights_and_losses_are_finite(debug_overrides):
+    cfg = _cfg(debug_overrides, "train.max_steps=2", "checkpoint.every_steps=null", "export.at_end=false")
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.acc.unwrap_model(trainer.G).state_dict().items()}
+    trainer.fit()
+    after = trainer.acc.unwrap_model(trainer.G).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    real = trainer.prepare_reals(next(iter(trainer.loader)))
+    metrics = trainer.train_step(real)
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert 0 < metrics["d_real"] < 1 and 0 < metrics["d_fake"] < 1
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch and at an epoch boundary
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, mednist_root, stop_at):
+    """N steps, stop, resume to 2N == 2N straight (CPU, deterministic): weights equal bit for bit."""
+    common = [f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "data.limit=32",
+              "train.batch_size=8", "train.epochs=3", "export.at_end=false", "checkpoint.every_steps=null"]
+    straight = tmp_path / "straight"
+    train(load_config(CONFIGS / "debug.yaml", [*common, f"run_dir={straight}", f"train.max_steps={2 * stop_at}"]))
+    resumed = tmp_path / "resumed"
+    train(load_config(CONFIGS / "debug.yaml", [*common, f"run_dir={resumed}", f"train.max_steps={stop_at}"]))
+    trainer = train(load_config(CONFIGS / "debug.yaml", [*common, f"run_dir={resumed}", f"train.max_steps={2 * stop_at}"]))
+    assert "resumed from" in (resumed / "train.log").read_text()
+    assert trainer.state.step == 2 * stop_at
+    a, b = _weights(ckpt.find_latest(straight)), _weights(ckpt.find_latest(resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    for name in ("optimizer.bin", "optimizer_1.bin"):
+        sa = torch.load(ckpt.find_latest(straight) / name, weights_only=True)["state"]
+        sb = torch.load(ckpt.find_latest(resumed) / name, weights_only=True)["state"]
+        assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_rerunning_a_finished_run_trains_nothing_more(debug_overrides, tmp_path):
+    train(_cfg(debug_overrides, "export.at_end=false"))
+    before = _weights(ckpt.find_latest(tmp_path / "run"))
+    trainer = train(_cfg(debug_overrides, "export.at_end=false"))
+    assert trainer.state.step == 4
+    after = _weights(ckpt.find_latest(tmp_path / "run"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_checkpoint_rotation_keeps_newest_k(debug_overrides, tmp_path):
+    train(_cfg(debug_overrides, "train.epochs=2", "train.max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep=2",
+               "export.at_end=false"))
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run")] == ["step_000004", "step_000005"]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000005"
+
+
+def test_incomplete_or_stale_checkpoints_are_never_resumed_from(tmp_path):
+    run = tmp_path / "run"
+    good = run / "checkpoints" / "step_000002"
+    good.mkdir(parents=True)
+    (good / ckpt.META).write_text("{}")
+    (run / "checkpoints" / ".tmp-step_000004").mkdir()  # killed mid-save
+    (run / "checkpoints" / "step_000003").mkdir()  # no metadata: never published
+    (run / "checkpoints" / "latest").write_text("step_000009\n")  # pointer to something gone
+    assert ckpt.find_latest(run) == good
+    ckpt.remove_stale_temporaries(run)
+    assert not (run / "checkpoints" / ".tmp-step_000004").exists()
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_nothing_runs(debug_overrides, tmp_path):
+    train(_cfg(debug_overrides, "train.max_steps=2", "export.at_end=false"))
+    latest = ckpt.find_latest(tmp_path / "run")
+    marker = tmp_path / "pwned"
+    with open(latest / "random_states_0.pkl", "wb") as f:
+        pickle.dump({"evil": _Exploit(marker)}, f)
+    with pytest.raises(CheckpointError, match="random_states_0.pkl: refused"):
+        Trainer(_cfg(debug_overrides, "export.at_end=false")).fit()
+    assert not marker.exists(), "code inside the checkpoint was executed"
+
+
+def test_resume_none_refuses_to_overwrite_an_earlier_run(debug_overrides):
+    train(_cfg(debug_overrides, "train.max_steps=2", "export.at_end=false"))
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run"):
+        Trainer(_cfg(debug_overrides, "train.resume=none")).fit()
+
+
+def test_resume_with_a_different_architecture_names_the_key(debug_overrides):
+    train(_cfg(debug_overrides, "train.max_steps=2", "export.at_end=false"))
+    with pytest.raises(CheckpointError, match=r"trained with model.g_channels=\[32, 16, 8, 1\]"):
+        Trainer(_cfg(debug_overrides, "model.g_channels=[16, 16, 8, 1]")).fit()
+
+
+def test_fp16_without_gpu_is_refused(debug_overrides):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: fp16 is allowed")
+    with pytest.raises(ConfigError, match="fp16.*needs a CUDA GPU"):
+        Trainer(_cfg(debug_overrides, "train.precision=fp16"))
+
+
+def test_bf16_autocast_trains_on_cpu(debug_overrides):
+    trainer = train(_cfg(debug_overrides, "train.precision=bf16", "train.max_steps=2", "export.at_end=false",
+                         "train.deterministic=false"))
+    assert trainer.state.step == 2
+
+
+def test_cli_train_on_missing_data_is_one_line(tmp_path):
+    result = run_cli("train", "--config", str(CONFIGS / "debug.yaml"), f"data.root={tmp_path / 'nowhere'}",
+                     f"run_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
