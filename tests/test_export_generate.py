@@ -1,0 +1,178 @@
+"""Exports (bundle-compatible weights, standalone TorchScript, MONAI bundle) and PNG generation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import Generator
+from PIL import Image
+
+from mednist_gan import checkpoint as ckpt
+from mednist_gan.config import load_config
+from mednist_gan.export import export_checkpoint
+from mednist_gan.generate import generate
+from mednist_gan.trainer import train
+
+from conftest import CONFIGS, run_cli
+
+BUNDLE_ARGS = dict(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8, 1], strides=[2, 2, 2, 1])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mednist_root):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(load_config(CONFIGS / "debug.yaml", [f"run_dir={run}", f"data.root={mednist_root}",
+                                               f"data.cache_dir={run.parent / 'cache'}"]))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return run
+
+
+def test_model_pt_is_a_drop_in_for_the_bundle_file(trained_run, upstream_weights):
+    ours = torch.load(trained_run / "export" / "model.pt", weights_only=True)
+    seed = torch.load(upstream_weights, weights_only=True)
+    assert list(ours) == list(seed)
+    assert all(ours[k].shape == seed[k].shape and ours[k].dtype == seed[k].dtype for k in seed)
+    net = Generator(**BUNDLE_ARGS)
+    net.load_state_dict(ours, strict=True)
+    assert not any("disc" in k or "net." in k for k in ours)  # generator only
+
+
+def test_export_matches_the_checkpoint_generator(trained_run):
+    from safetensors.torch import load_file
+
+    ours = torch.load(trained_run / "export" / "model.pt", weights_only=True)
+    checkpoint = load_file(str(ckpt.find_latest(trained_run) / "model.safetensors"))
+    assert all(torch.equal(ours[k], checkpoint[k]) for k in ours)
+    record = json.loads((trained_run / "export" / "export.json").read_text())
+    assert record["step"] == 4 and record["config"]["model"]["latent_size"] == 64
+    assert "normal" in record["latent_distribution"] and record["git_revision"]
+
+
+def test_torchscript_runs_without_monai_or_this_package(trained_run, tmp_path):
+    ts = trained_run / "export" / "mednist_gan.ts"
+    z = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    torch.save(z, tmp_path / "z.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["monai"] = None          # any import of monai or mednist_gan now fails
+        sys.modules["mednist_gan"] = None
+        import torch
+        net = torch.jit.load({str(ts)!r})
+        out = net(torch.load({str(tmp_path / 'z.pt')!r}))
+        torch.save(out, {str(tmp_path / 'out.pt')!r})
+        try:
+            import monai
+        except ImportError:
+            print("monai unavailable")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "monai unavailable" in result.stdout
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert out.shape == (5, 1, 64, 64) and out.min() >= 0 and out.max() <= 1
+    net = Generator(**BUNDLE_ARGS)
+    net.load_state_dict(torch.load(trained_run / "export" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.allclose(out, torch.sigmoid(net.eval()(z)), atol=1e-6)
+
+
+def test_monai_bundle_run_inferring_writes_pngs(trained_run, tmp_path):
+    bundle = trained_run / "export" / "bundle"
+    out = tmp_path / "outputs"
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file", "configs/inference.json",
+         "--meta_file", "configs/metadata.json", "--bundle_root", ".", "--output_dir", str(out), "--num_samples", "3"],
+        cwd=bundle, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3
+    assert Image.open(pngs[0]).size == (64, 64)
+
+
+def test_export_command_from_a_checkpoint(trained_run, tmp_path):
+    latest = ckpt.find_latest(trained_run)
+    result = run_cli("export", "--checkpoint", str(latest), "--out", str(tmp_path / "exp"))
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"model.pt", "mednist_gan.ts", "export.json", "bundle"}
+    # Exporting again over it replaces it atomically and leaves no temporary folders behind.
+    export_checkpoint(latest, tmp_path / "exp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_generate_writes_upright_8bit_pngs_and_is_seeded(trained_run, tmp_path):
+    ts = trained_run / "export" / "mednist_gan.ts"
+    a = generate(ts, 10, tmp_path / "a", seed=3, batch_size=4, grid=tmp_path / "grid.png")
+    b = generate(ts, 10, tmp_path / "b", seed=3)
+    c = generate(ts, 10, tmp_path / "c", seed=4)
+    assert len(a) == 10 and all(p.is_file() for p in a)
+    image = Image.open(a[0])
+    assert image.mode == "L" and image.size == (64, 64)
+    arrays = lambda paths: [np.asarray(Image.open(p)) for p in paths]
+    assert all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(b)))
+    assert not all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(c)))
+    assert Image.open(tmp_path / "grid.png").size[0] > 64
+    # model.pt and the checkpoint folder give the same pictures as the TorchScript file.
+    d = generate(trained_run / "export" / "model.pt", 10, tmp_path / "d", seed=3)
+    e = generate(ckpt.find_latest(trained_run), 10, tmp_path / "e", seed=3)
+    for x, y, w in zip(arrays(a), arrays(d), arrays(e)):
+        assert np.abs(x.astype(int) - y).max() <= 1 and np.abs(x.astype(int) - w).max() <= 1
+
+
+def test_seed_weights_give_the_bundle_pipelines_picture(upstream_weights, tmp_path):
+    """Same latent -> the same PNG as the bundle's inference (sigmoid, then SaveImaged scale 255 uint8)."""
+    from monai.transforms import Activationsd, SaveImaged
+
+    n, seed = 6, 11
+    ours = generate(upstream_weights, n, tmp_path / "ours", seed=seed, latent="uniform")
+    latents = torch.rand(n, 64, generator=torch.Generator().manual_seed(seed))
+    net = Generator(**BUNDLE_ARGS)
+    net.load_state_dict(torch.load(upstream_weights, weights_only=True))
+    post_act = Activationsd(keys="pred", sigmoid=True)
+    for i in range(n):
+        folder = tmp_path / f"monai{i}"
+        saver = SaveImaged(keys="pred", output_dir=str(folder), output_ext="png", separate_folder=False, scale=255,
+                           output_dtype=np.uint8, meta_key_postfix=None)
+        with torch.no_grad():
+            saver(post_act({"pred": net.eval()(latents[i:i + 1])[0]}))
+        (theirs,) = folder.glob("*.png")
+        assert np.array_equal(np.asarray(Image.open(ours[i])), np.asarray(Image.open(theirs))), f"sample {i}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-samples", "0"], "--num-samples 0: expected an integer >= 1"),
+    (["--num-samples", "-3"], "--num-samples -3"),
+    (["--output-dir", "{file}"], "exists and is not a folder"),
+])
+def test_generate_bad_arguments_are_one_line(trained_run, tmp_path, args, message):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    args = [a.replace("{file}", str(afile)) for a in args]
+    result = run_cli("generate", "--model", str(trained_run / "export" / "mednist_gan.ts"), *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("make_file", ["jpeg", "optimizer", "truncated"])
+def test_generate_refuses_files_that_are_not_generators(trained_run, tmp_path, mednist_root, make_file):
+    if make_file == "jpeg":
+        model = mednist_root / "Hand" / "000000.jpeg"
+    elif make_file == "optimizer":
+        model = ckpt.find_latest(trained_run) / "optimizer.bin"
+    else:
+        data = (trained_run / "export" / "model.pt").read_bytes()
+        model = tmp_path / "model.pt"
+        model.write_bytes(data[: len(data) // 2])
+    result = run_cli("generate", "--model", str(model), "--output-dir", str(tmp_path / "o"))
+    assert result.returncode == 2, result.stderr
+    assert str(model) in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
