@@ -18,9 +18,6 @@ import yaml
 
 from .errors import ConfigError
 
-PRECISIONS = ("no", "fp16", "bf16")
-TRACKERS = ("none", "wandb", "tensorboard")
-WANDB_MODES = ("online", "offline", "disabled")
 MEDNIST_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/MedNIST.tar.gz"
 MEDNIST_MD5 = "0bc7306e7427e00ad1c5526a6677552d"
 
@@ -134,6 +131,27 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    tracker: Literal["none", "wandb", "tensorboard"] = _f("none", "experiment tracker (Accelerate's trackers), main process only")
+    project: str = _f("mednist-gan", "W&B project / TensorBoard run group; WANDB_PROJECT overrides")
+    entity: Optional[str] = _f(None, "W&B entity (team or user); WANDB_ENTITY overrides")
+    run_name: Optional[str] = _f(None, "tracker run name; null = the config's name")
+    group: Optional[str] = _f(None, "W&B group, e.g. to gather the runs of a sweep")
+    tags: list[str] = _f([], "W&B tags")
+    mode: Literal["online", "offline", "disabled"] = _f("offline", "W&B mode; WANDB_MODE overrides; sync offline runs later with `wandb sync`")
+    dir: Optional[str] = _f(None, "where W&B / TensorBoard write; null = <run_dir>/tracker; WANDB_DIR overrides for W&B")
+    online_timeout: int = _f(30, "seconds W&B may take to start online before falling back to offline")
+    sample_every: Optional[int] = _f(50, "log a grid of samples from a fixed latent batch every N iterations (and at the end); null = only at the end")
+    num_samples: int = _f(64, "images in each sample grid")
+    artifact: bool = _f(True, "upload the exported generator files as a W&B artifact at the end")
+
+    def check(self) -> None:
+        _require(self.online_timeout >= 1, "log.online_timeout", self.online_timeout, "an integer >= 1")
+        _require(self.sample_every is None or self.sample_every >= 1, "log.sample_every", self.sample_every, "an integer >= 1 or null")
+        _require(1 <= self.num_samples <= 1024, "log.num_samples", self.num_samples, "an integer in [1, 1024]")
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = _f("run", "run name; defaults to the config file's name")
     run_dir: Optional[str] = _f(None, "where the run writes everything; null = runs/<name>")
@@ -143,6 +161,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def run_path(self) -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +53,213 @@ def setup_logging(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         logger.addHandler(file_handler)
     return logger
+
+
+# ----------------------------------------------------------------------------- experiment tracking
+
+class Tracking:
+    """Experiment tracking on the main process: metrics, sample grids, config, artifacts.
+
+    Goes through Accelerate's trackers (W&B or TensorBoard, created by the main process only) and
+    also writes ``metrics.jsonl``, ``samples/step_*.png`` and a final ``loss_curves.png`` into the run
+    directory for people who use neither. A tracker that fails to start or to log is reported once and
+    switched off: tracking never stops training.
+    """
+
+    def __init__(self, cfg: Config, accelerator, run_dir: Path, logger: logging.Logger):
+        self.cfg, self.acc, self.run_dir, self.log = cfg, accelerator, run_dir, logger
+        self.is_main = accelerator.is_main_process
+        self.active = False
+
+    # -- start
+
+    def start(self) -> None:
+        kind = self.cfg.log.tracker
+        if kind == "none":
+            return
+        if kind == "wandb":
+            self._start_wandb()
+        else:
+            self._try_start({"tensorboard": {}}, "TensorBoard")
+
+    def _flat_config(self) -> dict:
+        flat = {}
+
+        def walk(node: dict, prefix: str) -> None:
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    flat[f"{prefix}{key}"] = value if not isinstance(value, list) else str(value)
+
+        walk(self.cfg.to_dict(), "")
+        return flat
+
+    def _tracker_dir(self) -> Path:
+        return Path(self.cfg.log.dir) if self.cfg.log.dir else self.run_dir / "tracker"
+
+    def _start_wandb(self) -> None:
+        lc = self.cfg.log
+        mode = os.environ.get("WANDB_MODE") or lc.mode
+        wandb_dir = Path(os.environ.get("WANDB_DIR") or self._tracker_dir())
+        run_id = self._wandb_run_id(wandb_dir)
+        kwargs = {
+            "entity": os.environ.get("WANDB_ENTITY") or lc.entity,
+            "name": lc.run_name or self.cfg.name,
+            "group": lc.group,
+            "tags": list(lc.tags) or None,
+            "dir": str(wandb_dir),
+            "id": run_id,
+            "resume": "allow",
+        }
+        if self._try_start({"wandb": dict(kwargs, mode=mode, settings=_wandb_settings(lc.online_timeout))}, "W&B",
+                           quiet=mode == "online"):
+            self.log.info("W&B run %s (%s) in %s", run_id, mode, wandb_dir)
+            return
+        if mode == "online":
+            self.log.warning("W&B could not start online within %ds (no network or no login): falling back to "
+                             "offline; upload later with `wandb sync %s/wandb/offline-run-*`",
+                             lc.online_timeout, wandb_dir)
+            if self._try_start({"wandb": dict(kwargs, mode="offline")}, "W&B"):
+                self.log.info("W&B run %s (offline) in %s", run_id, wandb_dir)
+
+    def _wandb_run_id(self, wandb_dir: Path) -> Optional[str]:
+        """One W&B run id per run directory, so a resumed run continues the same W&B run."""
+        id_file = self.run_dir / "wandb_run_id.txt"
+        if not self.is_main:
+            return None
+        if id_file.is_file():
+            return id_file.read_text().strip()
+        import secrets
+
+        run_id = secrets.token_hex(4)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        return run_id
+
+    def _try_start(self, init_kwargs: dict, label: str, quiet: bool = False) -> bool:
+        if self.is_main:
+            self._tracker_dir().mkdir(parents=True, exist_ok=True)
+        project = os.environ.get("WANDB_PROJECT") if "wandb" in init_kwargs else None
+        try:  # Accelerate creates the tracker on the main process only; every process makes this call
+            self.acc.init_trackers(project or self.cfg.log.project, config=self._flat_config(),
+                                   init_kwargs=init_kwargs)
+        except Exception as exc:  # noqa: BLE001 - a tracker must never stop training
+            self.acc.trackers.clear()
+            if "wandb" in init_kwargs:
+                _wandb_teardown()
+            if not quiet:
+                self.log.warning("%s tracking disabled: it failed to start (%s: %s)", label, type(exc).__name__,
+                                 str(exc).splitlines()[0][:200] if str(exc) else "")
+            return False
+        self.active = True
+        return True
+
+    # -- during training
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.active:
+            self._guard(lambda: self.acc.log(metrics, step=step), "log metrics")
+
+    def log_samples(self, pictures, step: int) -> Path:
+        """Main process: a grid of upright uint8 pictures, as PNG in samples/ and to the tracker."""
+        from .generate import image_grid, save_png
+
+        grid = image_grid(pictures)
+        path = self.run_dir / "samples" / f"step_{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(grid, path)
+        if self.active:
+            self._guard(lambda: self._tracker_image(grid, step), "log sample grid")
+        return path
+
+    def _tracker_image(self, grid, step: int) -> None:
+        if self.cfg.log.tracker == "wandb":
+            import wandb
+
+            self.acc.get_tracker("wandb", unwrap=True).log({"samples": wandb.Image(grid, caption=f"step {step}")},
+                                                           step=step)
+        else:
+            self.acc.get_tracker("tensorboard", unwrap=True).add_image("samples", grid[None], step, dataformats="CHW")
+
+    def log_artifact(self, export_dir: Path) -> None:
+        if not (self.is_main and self.active and self.cfg.log.tracker == "wandb" and self.cfg.log.artifact):
+            return
+
+        def upload() -> None:
+            import wandb
+
+            artifact = wandb.Artifact(f"{self.cfg.name}-generator", type="model",
+                                      metadata=json.loads((export_dir / "export.json").read_text()))
+            for name in ("model.pt", "mednist_gan.ts", "export.json"):
+                artifact.add_file(str(export_dir / name))
+            self.acc.get_tracker("wandb", unwrap=True).log_artifact(artifact)
+
+        self._guard(upload, "upload the exported generator")
+
+    def _guard(self, fn, what: str) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - a tracker must never stop training
+            self.log.warning("tracker failed to %s (%s: %s); tracking switched off, training goes on", what,
+                             type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.active = False
+
+    # -- end
+
+    def finish(self) -> None:
+        if self.active:
+            self._guard(self.acc.end_training, "finish")
+            self.active = False
+        if self.is_main:
+            plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png")
+
+
+def _wandb_teardown() -> None:
+    """Release a W&B run that failed half-way, so that its id can be used again (e.g. offline)."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _wandb_settings(timeout: int):
+    import wandb
+
+    return wandb.Settings(init_timeout=timeout, silent=True)
+
+
+def plot_loss_curves(metrics_file: Path, out: Path) -> Optional[Path]:
+    """The losses and D outputs over steps, as a PNG for people who do not use W&B."""
+    if not metrics_file.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key in ("loss_d", "loss_g"):
+        ax_loss.plot(steps, [r.get(key) for r in rows], label=key)
+    for key in ("d_real", "d_fake"):
+        ax_d.plot(steps, [r.get(key) for r in rows], label=key)
+    ax_loss.set(xlabel="iteration", title="losses")
+    ax_d.set(xlabel="iteration", title="mean D output", ylim=(0, 1))
+    for ax in (ax_loss, ax_d):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

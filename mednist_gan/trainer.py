@@ -30,7 +30,8 @@ from .errors import CheckpointError, ConfigError
 from .export import checkpoint_provenance, export_generator
 from .losses import discriminator_loss, generator_loss
 from .networks import build_discriminator, build_generator
-from .tracking import setup_logging, write_run_info
+from .generate import to_uint8_pictures
+from .tracking import Tracking, setup_logging, write_run_info
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
 PREEMPTED_EXIT_CODE = 3
@@ -62,7 +63,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
     return Accelerator(
+        log_with=tracker,
+        project_dir=str(Path(cfg.log.dir) if cfg.log.dir else cfg.run_path / "tracker"),
         # Without a GPU, processes started by a launcher form a gloo group (Accelerate's MULTI_CPU).
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.precision,
@@ -108,6 +112,10 @@ class Trainer:
         # Augmentation and dropout use the global RNG, different on every process.
         set_seed(cfg.train.seed, device_specific=True)
         self.state = TrainState()
+        self.tracking = Tracking(cfg, acc, self.run_dir, self.log)
+        # A fixed latent batch (its own seed, drawn once) makes sample grids comparable over time.
+        self.fixed_latents = torch.randn(cfg.log.num_samples, cfg.model.latent_size,
+                                         generator=torch.Generator().manual_seed(cfg.train.seed + 1_000_003))
         self._stop_signal: Optional[str] = None
         self.git_revision: Optional[str] = None
 
@@ -215,6 +223,7 @@ class Trainer:
             self.git_revision = write_run_info(self.run_dir, cfg)
             ckpt.remove_stale_temporaries(self.run_dir)
         acc.wait_for_everyone()
+        self.tracking.start()
         resume_from = self.resolve_resume()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -251,10 +260,16 @@ class Trainer:
                         pending.clear()
                         now = time.perf_counter()
                         metrics["images_per_s"] = window_images / (now - window_start)
+                        metrics["lr_g"] = self.opt_g.param_groups[0]["lr"]
+                        metrics["lr_d"] = self.opt_d.param_groups[0]["lr"]
+                        metrics["epoch"] = self.state.epoch
                         window_start, window_images = now, 0
+                        self.tracking.log_metrics(metrics, self.state.step)
                         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
                         log.info("epoch %d step %d %s", self.state.epoch, self.state.step,
                                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                    if cfg.log.sample_every and self.state.step % cfg.log.sample_every == 0:
+                        self.log_samples()
                     every = cfg.checkpoint.every_steps
                     if every and self.state.step % every == 0:
                         self.save_checkpoint()
@@ -271,6 +286,8 @@ class Trainer:
                     continue
                 break
             bar.close()
+            if not (cfg.log.sample_every and self.state.step % cfg.log.sample_every == 0):
+                self.log_samples()
             if last_saved != self.state.step:
                 final_ckpt = self.save_checkpoint()
             else:
@@ -282,6 +299,14 @@ class Trainer:
         self.final_checkpoint = final_ckpt
         return self.state
 
+    def log_samples(self) -> None:
+        """Main process: the generator's images for the fixed latents, to samples/ and the tracker."""
+        if self.acc.is_main_process:
+            generator = self.acc.unwrap_model(self.G)
+            with torch.no_grad(), self.acc.autocast():
+                images = generator(self.fixed_latents.to(self.acc.device))
+            self.tracking.log_samples(to_uint8_pictures(images), self.state.step)
+
     def export(self, out_dir: Path) -> None:
         """Main process: the trained generator's exports, from a fresh copy of its weights."""
         if self.acc.is_main_process:
@@ -291,6 +316,7 @@ class Trainer:
             export_generator(generator, self.cfg.model, out_dir,
                              checkpoint_provenance(self.final_checkpoint, meta), onnx=self.cfg.export.onnx)
             self.log.info("exported the generator to %s", out_dir)
+            self.tracking.log_artifact(out_dir)
         self.acc.wait_for_everyone()
 
     def _reduce(self, pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -352,8 +378,10 @@ def stop_signals(handler):
 def train(cfg: Config) -> Trainer:
     """Train (resuming when a checkpoint exists), then export the generator on the main process."""
     trainer = Trainer(cfg)
-    trainer.fit()
-    if cfg.export.at_end:
-        trainer.export(cfg.run_path / "export")
-    trainer.acc.end_training()
+    try:
+        trainer.fit()
+        if cfg.export.at_end:
+            trainer.export(cfg.run_path / "export")
+    finally:
+        trainer.tracking.finish()
     return trainer
