@@ -234,6 +234,11 @@ class Trainer:
         total = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             total = min(total, cfg.train.max_steps)
+        if acc.num_processes > 1:  # which node each rank runs on, as the launcher arranged it
+            from accelerate.utils import gather_object
+
+            placement = gather_object([f"{acc.process_index}@node{os.environ.get('GROUP_RANK', '0')}"])
+            log.info("process group: world size %d, ranks %s", acc.num_processes, " ".join(placement))
         log.info("training %s: %d images, %d process(es) on %s, global batch %d (%d per process), precision %s, "
                  "%d iterations", cfg.name, self.num_images, acc.num_processes, acc.device, cfg.train.batch_size,
                  self.per_device_batch, cfg.train.precision, total)

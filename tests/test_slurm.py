@@ -1,0 +1,131 @@
+"""The sbatch scripts on a real local SLURM cluster (slurm/local_cluster.sh: two slurmd nodes on this machine)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mednist_gan import checkpoint as ckpt
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+SLURM_CONF = Path(os.environ.get("SLURM_CONF", "/tmp/mednist-gan-slurm/slurm.conf"))
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> dict:
+    env = dict(os.environ, SLURM_CONF=str(SLURM_CONF))
+    reason = None
+    if not SLURM_CONF.is_file():
+        reason = f"no local SLURM cluster ({SLURM_CONF} missing): run `slurm/local_cluster.sh start` as root"
+    else:
+        try:
+            nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True,
+                                   timeout=30).stdout.split("\n")
+            up = [n for n in nodes if re.search(r"\b(idle|mix|alloc)", n)]
+            if len(up) < 2:
+                reason = f"local SLURM cluster has {len(up)} usable node(s), needs 2: {nodes}"
+        except (OSError, subprocess.SubprocessError) as exc:
+            reason = f"SLURM commands unavailable: {exc}"
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason + " - CI must start it")
+        pytest.skip(reason)
+    return env
+
+
+def _sbatch(env: dict, script: str, log: Path, *overrides: str, **knobs: str) -> str:
+    result = subprocess.run(["sbatch", "--parsable", f"--output={log}", script, *overrides], cwd=REPO,
+                            env=dict(env, **knobs), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def _job_state(env: dict, job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    m = re.search(r"JobState=(\S+)", out)
+    return m.group(1) if m else "GONE"
+
+
+def _wait(env: dict, job: str, timeout: float = 420) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _job_state(env, job)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "GONE"):
+            return state
+        time.sleep(2)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} did not finish within {timeout} s (state {_job_state(env, job)})")
+
+
+def _overrides(tmp_path: Path, mednist_root: Path, run: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", *extra]
+
+
+def test_single_node_script_trains_two_processes_and_exports(slurm_env, tmp_path, mednist_root):
+    run, log = tmp_path / "run", tmp_path / "single.out"
+    job = _sbatch(slurm_env, "slurm/train_single_node.sbatch", log, *_overrides(tmp_path, mednist_root, run),
+                  CONFIG="configs/debug.yaml", NPROC_PER_NODE="2")
+    assert _wait(slurm_env, job) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    assert "process group: world size 2" in text and "training finished at step 4" in text
+    assert (run / "export" / "model.pt").is_file() and (run / "export" / "mednist_gan.ts").is_file()
+
+
+def test_multi_node_script_forms_one_group_across_two_nodes(slurm_env, tmp_path, mednist_root):
+    run, log = tmp_path / "run", tmp_path / "multi.out"
+    job = _sbatch(slurm_env, "slurm/train_multi_node.sbatch", log,
+                  *_overrides(tmp_path, mednist_root, run, "log.tracker=wandb"),
+                  CONFIG="configs/debug.yaml", NPROC_PER_NODE="1")
+    assert _wait(slurm_env, job) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    assert "on node[1-2]" in text
+    assert "node 0/2" in text and "node 1/2" in text  # each node's launch line, machine rank from SLURM_NODEID
+    assert "process group: world size 2, ranks 0@node0 1@node1" in text
+    assert text.count("training finished at step 4") == 1
+    exports = list(run.rglob("mednist_gan.ts"))
+    assert exports == [run / "export" / "mednist_gan.ts"]
+    assert len(list((run / "tracker" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_end(slurm_env, tmp_path, mednist_root):
+    knobs = dict(CONFIG="configs/debug.yaml", NPROC_PER_NODE="1")
+    extra = ("train.epochs=20", "train.max_steps=30", "checkpoint.every_steps=null", "export.at_end=false")
+    straight = _sbatch(slurm_env, "slurm/train_single_node.sbatch", tmp_path / "straight.out",
+                       *_overrides(tmp_path, mednist_root, tmp_path / "straight", *extra), **knobs)
+    log = tmp_path / "preempted.out"
+    job = _sbatch(slurm_env, "slurm/train_single_node.sbatch", log,
+                  *_overrides(tmp_path, mednist_root, tmp_path / "preempted", *extra), **knobs)
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and " step 5 " in log.read_text()):
+        assert time.monotonic() < deadline, "job never reached step 5"
+        time.sleep(0.5)
+    # The warning SLURM sends before the time limit (--signal=B:USR1@120), sent now.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
+    deadline = time.monotonic() + 120
+    while "restart 1" not in log.read_text():
+        if _job_state(slurm_env, job) == "PENDING":  # requeued: skip the scheduler's requeue back-off
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env)
+        assert time.monotonic() < deadline, "job was not requeued:\n" + log.read_text()[-3000:]
+        time.sleep(1)
+    assert _wait(slurm_env, job) == "COMPLETED", log.read_text()[-3000:]
+    assert _wait(slurm_env, straight) == "COMPLETED"
+    text = log.read_text()
+    assert "received SIGUSR1: saving a checkpoint" in text and "requeueing job" in text
+    saved = re.search(r"stopped by SIGUSR1 at \S+step_(\d+)", text)
+    assert saved and 5 <= int(saved.group(1)) < 30
+    assert f"resumed from {tmp_path / 'preempted' / 'checkpoints' / ('step_' + saved.group(1))}" in text
+    a, b = ckpt.find_latest(tmp_path / "straight"), ckpt.find_latest(tmp_path / "preempted")
+    assert a.name == b.name == "step_000030"
+    assert ckpt.read_meta(a)["state"] == ckpt.read_meta(b)["state"]
+    # Deterministic CPU training: the preempted job ends with the uninterrupted job's weights, bit for bit.
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
