@@ -51,8 +51,18 @@ CONF
     sed -i '/^RequeueExit=$/d' "$CONF"
 }
 
+nodes_up() {
+    [ -f "$CONF" ] && [ "$(SLURM_CONF=$CONF timeout 10 sinfo -h -N -o '%N %t' 2>/dev/null | grep -cE 'idle|mix|alloc')" -eq 2 ]
+}
+
 start() {
     command -v slurmctld >/dev/null || { echo "slurm-wlm is not installed (apt-get install slurm-wlm munge)" >&2; exit 1; }
+    if nodes_up; then
+        echo "local SLURM cluster already up: SLURM_CONF=$CONF"
+        return 0
+    fi
+    stop_daemons   # leftovers of an earlier start (stale pid files, a half-started cluster)
+    rm -rf "$DIR/state" "$DIR"/spool-*
     for n in "${NODES[@]}"; do
         grep -qE "^127\.0\.0\.1\s.*\b$n\b" /etc/hosts || echo "127.0.0.1 $n" >> /etc/hosts
     done
@@ -76,8 +86,7 @@ start() {
         slurmd -f "$CONF" -N "$n"
     done
     for _ in $(seq 1 60); do
-        if [ "$(sinfo -h -o '%t' 2>/dev/null | grep -cE '^(idle|mix|alloc)')" -ge 1 ] \
-           && [ "$(sinfo -h -N -o '%N %t' 2>/dev/null | grep -cE 'idle|mix|alloc')" -eq 2 ]; then
+        if nodes_up; then
             echo "local SLURM cluster up: SLURM_CONF=$CONF"
             sinfo -N
             return 0
@@ -89,18 +98,21 @@ start() {
     exit 1
 }
 
-stop() {
-    export SLURM_CONF=$CONF
-    [ -f "$CONF" ] && scancel --quiet --full -u root 2>/dev/null || true
+stop_daemons() {
     for n in "${NODES[@]}"; do
         [ -f "$DIR/slurmd-$n.pid" ] && kill "$(cat "$DIR/slurmd-$n.pid")" 2>/dev/null || true
     done
     [ -f "$DIR/slurmctld.pid" ] && kill "$(cat "$DIR/slurmctld.pid")" 2>/dev/null || true
+    sleep 1
+}
+
+stop() {
+    [ -f "$CONF" ] && SLURM_CONF=$CONF timeout 10 scancel --quiet -u root 2>/dev/null || true
+    stop_daemons
     if [ -f "$DIR/started-munged" ]; then
         pkill -x munged 2>/dev/null || true
         rm -f "$DIR/started-munged"
     fi
-    sleep 1
     echo "local SLURM cluster stopped"
 }
 
