@@ -6,7 +6,8 @@
     mednist-gan config-help                      # every config key with its default and meaning
 
 Errors caused by input (config, data, checkpoints, arguments) print one line and exit with 2;
-``--debug`` shows the traceback instead.
+training failures (a non-finite loss, a lost process, a failed save) print one line and exit with 1;
+a run stopped by a signal after its checkpoint exits with 3. ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import MednistGanError
-
-EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print(f"mednist-gan: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except KeyboardInterrupt:
         if args.debug:
             raise

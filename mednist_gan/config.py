@@ -99,6 +99,8 @@ class TrainConfig:
     num_threads: Optional[int] = _f(None, "intra-op CPU threads per process; null = PyTorch's default")
     resume: str = _f("auto", "'auto' = newest complete checkpoint in run_dir, 'none', or a checkpoint path")
     log_every: int = _f(10, "iterations between progress/log lines")
+    nonfinite: Literal["stop", "skip"] = _f("stop", "a NaN/Inf loss: stop (before any checkpoint holds it) or skip that update (checks every step)")
+    collective_timeout_s: int = _f(600, "seconds a process waits for the others in a collective before giving up (a dead rank)")
 
     def check(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -107,6 +109,7 @@ class TrainConfig:
         _require(self.d_train_steps >= 1, "train.d_train_steps", self.d_train_steps, "an integer >= 1")
         _require(self.num_threads is None or self.num_threads >= 1, "train.num_threads", self.num_threads, "an integer >= 1 or null")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        _require(self.collective_timeout_s >= 1, "train.collective_timeout_s", self.collective_timeout_s, "an integer >= 1")
 
 
 @dataclass(frozen=True)

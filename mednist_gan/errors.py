@@ -2,7 +2,9 @@
 
 
 class MednistGanError(Exception):
-    """Base class: an error caused by the user's input, reported without a traceback."""
+    """Base class: an error reported as one line without a traceback (``--debug`` shows it)."""
+
+    exit_code = 2  # bad input: config, data, checkpoints, arguments
 
 
 class ConfigError(MednistGanError):
@@ -15,3 +17,9 @@ class DataError(MednistGanError):
 
 class CheckpointError(MednistGanError):
     """A checkpoint or exported model cannot be loaded."""
+
+
+class TrainingError(MednistGanError):
+    """Training cannot go on (a non-finite loss, a lost process, a failed save); checkpoints are intact."""
+
+    exit_code = 1

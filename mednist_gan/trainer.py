@@ -10,23 +10,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config
 from .data import augment, build_dataloader, load_dataset, scale_intensity
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .export import checkpoint_provenance, export_generator
 from .losses import discriminator_loss, generator_loss
 from .networks import build_discriminator, build_generator
@@ -74,6 +76,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # sees the same images whatever the number of processes.
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         step_scheduler_with_optimizer=False,
+        # A process that waits for a dead peer gives up after this long instead of hanging forever.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
     )
 
 
@@ -117,6 +121,8 @@ class Trainer:
         self.fixed_latents = torch.randn(cfg.log.num_samples, cfg.model.latent_size,
                                          generator=torch.Generator().manual_seed(cfg.train.seed + 1_000_003))
         self._stop_signal: Optional[str] = None
+        self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, metrics) not yet reduced
+        self.skipped_updates = 0
         self.git_revision: Optional[str] = None
 
     # ------------------------------------------------------------------ one iteration
@@ -147,6 +153,8 @@ class Trainer:
             real_logits, fake_logits = D(real), D(fake)
             loss_d = discriminator_loss(real_logits, fake_logits)
             acc.backward(loss_d)
+            if self._skip_nonfinite(loss_d, self.opt_d):
+                continue
             self.opt_d.step()
             d_losses.append(loss_d.detach())
 
@@ -156,33 +164,58 @@ class Trainer:
             fake_logits_g = D(G(self.sample_latents()))
             loss_g = generator_loss(fake_logits_g)
         acc.backward(loss_g)
-        self.opt_g.step()
+        if not self._skip_nonfinite(loss_g, self.opt_g):
+            self.opt_g.step()
 
         return {
-            "loss_d": torch.stack(d_losses).mean(),
+            "loss_d": torch.stack(d_losses).mean() if d_losses else loss_d.detach(),
             "loss_g": loss_g.detach(),
             "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
             "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
         }
 
+    def _skip_nonfinite(self, loss: torch.Tensor, optimizer) -> bool:
+        """Under ``train.nonfinite=skip``: drop an update whose loss is NaN/Inf on any process (one sync)."""
+        if self.cfg.train.nonfinite != "skip":
+            return False
+        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+        if self.acc.reduce(bad, reduction="sum").item() == 0:
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped_updates += 1
+        self.log.warning("step %d: non-finite loss, update skipped (%d so far)", self.state.step + 1,
+                         self.skipped_updates)
+        return True
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
+        """Save the full state; it becomes the newest checkpoint only once complete on every process."""
+        self._reduce_pending(consume=False)  # never save weights that a non-finite loss has touched
         acc, step = self.acc, self.state.step
         tmp = ckpt.temporary_dir(self.run_dir, step)
-        if acc.is_main_process:
-            ckpt.begin_save(self.run_dir, step)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if acc.is_main_process:
-            torch.save(self.latent_rng.get_state(), tmp / "latent_rng.pt")
-        acc.wait_for_everyone()
         final = ckpt.checkpoints_dir(self.run_dir) / ckpt.step_dir_name(step)
-        if acc.is_main_process:
-            meta = {"state": asdict(self.state), "num_processes": acc.num_processes, "config": self.cfg.to_dict(),
-                    "git_revision": self.git_revision}
-            final = ckpt.publish(self.run_dir, tmp, step, meta, self.cfg.checkpoint.keep)
-            self.log.info("checkpoint saved: %s", final)
+        try:
+            if acc.is_main_process:
+                ckpt.begin_save(self.run_dir, step)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                torch.save(self.latent_rng.get_state(), tmp / "latent_rng.pt")
+            _crash_point("save", step)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                meta = {"state": asdict(self.state), "num_processes": acc.num_processes,
+                        "config": self.cfg.to_dict(), "git_revision": self.git_revision}
+                final = ckpt.publish(self.run_dir, tmp, step, meta, self.cfg.checkpoint.keep)
+                self.log.info("checkpoint saved: %s", final)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            reason = _write_failure(exc, self.run_dir)  # before cleaning up frees the space again
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = ckpt.find_latest(self.run_dir)
+            raise TrainingError(f"could not write checkpoint {final} ({reason}); "
+                                f"the newest complete checkpoint is still {previous}") from exc
         acc.wait_for_everyone()
         return final
 
@@ -245,7 +278,6 @@ class Trainer:
 
         bar = tqdm(total=total, initial=self.state.step, disable=not (acc.is_main_process and sys.stderr.isatty()),
                    dynamic_ncols=True, desc=cfg.name)
-        pending: list[dict[str, torch.Tensor]] = []
         last_saved = self.state.step if resume_from is not None else -1
         window_start, window_images = time.perf_counter(), 0
 
@@ -255,14 +287,14 @@ class Trainer:
                 self.loader.set_epoch(self.state.epoch)
                 self.sampler.skip_in_epoch(self.state.epoch, self.state.batch_in_epoch * cfg.train.batch_size)
                 for batch in self.loader:
-                    pending.append(self.train_step(self.prepare_reals(batch)))
+                    metrics_t = self.train_step(self.prepare_reals(batch))
                     self.state.step += 1
+                    self._pending.append((self.state.step, metrics_t))
                     self.state.batch_in_epoch += 1
                     window_images += cfg.train.batch_size
                     bar.update(1)
                     if self.state.step % cfg.train.log_every == 0 or self.state.step == total:
-                        metrics = self._reduce(pending)
-                        pending.clear()
+                        metrics = self._reduce_pending()
                         now = time.perf_counter()
                         metrics["images_per_s"] = window_images / (now - window_start)
                         metrics["lr_g"] = self.opt_g.param_groups[0]["lr"]
@@ -324,12 +356,27 @@ class Trainer:
             self.tracking.log_artifact(out_dir)
         self.acc.wait_for_everyone()
 
-    def _reduce(self, pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Average the pending per-step metrics over steps and processes: one host sync per log line."""
-        keys = list(pending[0])
-        local = torch.stack([torch.stack([m[k].float() for k in keys]) for m in pending]).mean(0)
-        reduced = self.acc.reduce(local, reduction="mean")
-        return dict(zip(keys, reduced.tolist()))
+    def _reduce_pending(self, consume: bool = True) -> dict[str, float]:
+        """Average the pending per-step metrics over processes and steps: one host sync.
+
+        Stops training with the first step whose loss is NaN/Inf (under ``train.nonfinite=stop``).
+        """
+        if not self._pending:
+            return {}
+        steps = [s for s, _ in self._pending]
+        keys = list(self._pending[0][1])
+        local = torch.stack([torch.stack([m[k].float() for k in keys]) for _, m in self._pending])
+        per_step = self.acc.reduce(local, reduction="mean").cpu()
+        if consume:
+            self._pending.clear()
+        finite = torch.isfinite(per_step[:, [keys.index("loss_d"), keys.index("loss_g")]]).all(dim=1)
+        if self.cfg.train.nonfinite == "stop" and not bool(finite.all()):
+            i = int((~finite).nonzero()[0])
+            values = ", ".join(f"{k}={per_step[i, j].item():.4g}" for j, k in enumerate(keys) if k.startswith("loss"))
+            raise TrainingError(f"non-finite loss at step {steps[i]} ({values}); stopped before any checkpoint "
+                                f"held it, the newest checkpoint is {ckpt.find_latest(self.run_dir)} "
+                                "(train.nonfinite=skip skips such updates instead)")
+        return dict(zip(keys, per_step.mean(0).tolist()))
 
     def _on_signal(self, signum: int) -> None:
         if self._stop_signal is not None and signum == signal.SIGINT:
@@ -347,6 +394,23 @@ class Trainer:
         if stop and self._stop_signal is None:
             self._stop_signal = "a signal on another process"
         return stop
+
+
+def _write_failure(exc: Exception, folder: Path) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    try:
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return "No space left on device"
+    except OSError:
+        pass
+    return str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+
+
+def _crash_point(where: str, step: int) -> None:
+    """Fault injection for the crash tests: MEDNIST_GAN_CRASH_AT=save:<step> kills the process there."""
+    if os.environ.get("MEDNIST_GAN_CRASH_AT") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextmanager

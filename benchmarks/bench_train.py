@@ -1,0 +1,191 @@
+"""Training throughput and peak memory: the seed bundle's MONAI pipeline vs mednist-gan, one run.
+
+Reference (the bundle's train.json rebuilt from MONAI's parts): ``CacheDataset`` of LoadImaged /
+EnsureChannelFirstd / ScaleIntensityd, then per-sample RandRotated / RandFlipd / RandZoomd in
+DataLoader workers, ``monai.engines.GanTrainer`` with d_train_steps=5, D ending in a Sigmoid and
+the bundle's BCELoss functions. Ours: ``mednist_gan.trainer.Trainer`` with ``configs/bundle.yaml``
+(fp32). Same images (the Hand folder), batch 600, same iteration semantics. Each side runs in its
+own subprocess (so peak resident memory is its own), one after the other, ``--iters`` timed
+iterations after one warm-up; the median iteration time gives images/s and the epoch time
+(17 iterations for 10,000 images). FLOPs of one iteration are counted once with
+``torch.utils.flop_counter`` and compared with a measured fp32 matmul peak of this machine.
+
+    python benchmarks/bench_train.py [--iters 3] [--data ../shared/data/mednist] [--workers 2]
+
+Prints both sides, the ratio, and PASS/FAIL against the 2x target (exit 1 on FAIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TARGET = 2.0
+BATCH = 600
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_reference(data: Path, iters: int, workers: int) -> dict:
+    from functools import partial
+
+    import numpy as np
+    import torch
+    from monai.data import CacheDataset, DataLoader
+    from monai.engines import GanTrainer
+    from monai.networks import normal_init
+    from monai.networks.nets import Discriminator, Generator
+    from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, RandFlipd, RandRotated,
+                                  RandZoomd, ScaleIntensityd)
+    from ignite.engine import Events
+
+    files = sorted(str(p) for p in (data / "Hand").glob("*.jpeg"))
+    transforms = Compose([
+        LoadImaged(keys="image"), EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
+        ScaleIntensityd(keys="image"),
+        RandRotated(keys="image", range_x=np.pi / 12, prob=0.5, keep_size=True),
+        RandFlipd(keys="image", spatial_axis=0, prob=0.5),
+        RandZoomd(keys="image", min_zoom=0.9, max_zoom=1.1, prob=0.5),
+        EnsureTyped(keys="image"),
+    ])
+    dataset = CacheDataset([{"image": f} for f in files], transforms, progress=False)
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    G = Generator(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8, 1], strides=[2, 2, 2, 1])
+    D = Discriminator(in_shape=[1, 64, 64], channels=[8, 16, 32, 64, 1], strides=[2, 2, 2, 2, 1], num_res_units=1,
+                      kernel_size=5)
+    G, D = G.apply(normal_init).to(device), D.apply(normal_init).to(device)
+    G.conv.add_module("activation", torch.nn.Sigmoid())
+    bce = torch.nn.BCELoss()
+
+    def d_loss(gen, real, disc_net):
+        r = bce(disc_net(real), real.new_full((real.shape[0], 1), 1))
+        g = bce(disc_net(gen.detach()), gen.new_full((gen.shape[0], 1), 0))
+        return (g + r) / 2
+
+    def g_loss(gen, disc_net):
+        out = disc_net(gen)
+        return bce(out, out.new_full(out.shape, 1))
+
+    trainer = GanTrainer(
+        device=device, max_epochs=1, epoch_length=iters + 1, train_data_loader=loader,
+        g_network=G, g_optimizer=torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999)),
+        g_loss_function=partial(g_loss, disc_net=D), d_network=D,
+        d_optimizer=torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999)),
+        d_loss_function=partial(d_loss, disc_net=D),
+        d_prepare_batch=lambda b, device=None, non_blocking=False: b["image"].to(device), d_train_steps=5,
+        g_update_latents=True, latent_shape=64)
+    stamps = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: stamps.append(time.perf_counter()))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: stamps.append(time.perf_counter()))
+    stamps.append(time.perf_counter())
+    trainer.run()
+    # Iteration i spans from the end of iteration i-1 (data loading included) to its own end.
+    ends = stamps[2::2]
+    times = [b - a for a, b in zip(ends[:-1], ends[1:])]
+    return {"iter_s": times, "peak_rss_mib": _peak_rss_mib()}
+
+
+def run_ours(data: Path, iters: int, overrides: list[str]) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mednist_gan.config import load_config
+    from mednist_gan.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(REPO / "configs" / "bundle.yaml",
+                          [f"data.root={data}", f"run_dir={tmp}", "export.at_end=false", *overrides])
+        trainer = Trainer(cfg)
+        times, flops = [], None
+        batches = iter(trainer.loader)
+        for i in range(iters + 1):
+            start = time.perf_counter()
+            batch = next(batches)
+            metrics = trainer.train_step(trainer.prepare_reals(batch))
+            torch.stack(list(metrics.values())).cpu()  # wait for the device, as the reference's .item() does
+            if i:
+                times.append(time.perf_counter() - start)
+        with FlopCounterMode(display=False) as counter:
+            trainer.train_step(trainer.prepare_reals(next(batches)))
+        flops = counter.get_total_flops()
+    return {"iter_s": times, "peak_rss_mib": _peak_rss_mib(), "flops_per_iter": flops}
+
+
+def matmul_peak_gflops() -> float:
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 2 * n ** 3 * 10 / (time.perf_counter() - start) / 1e9
+
+
+def _side(args) -> int:
+    result = (run_reference(args.data, args.iters, args.workers) if args.side == "reference"
+              else run_ours(args.data, args.iters, args.override))
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+def _spawn(side: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--iters", str(args.iters), "--data", str(args.data),
+           "--workers", str(args.workers)] + [f"--override={o}" for o in args.override]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise SystemExit(f"{side} side failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per side (after 1 warm-up)")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mednist")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
+    parser.add_argument("--override", action="append", default=[], help="config override for our side")
+    parser.add_argument("--side", choices=("reference", "ours"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        return _side(args)
+
+    import torch
+
+    ref, ours = _spawn("reference", args), _spawn("ours", args)
+    med_ref, med_ours = statistics.median(ref["iter_s"]), statistics.median(ours["iter_s"])
+    epoch_iters = math.ceil(10000 / BATCH)
+    peak = matmul_peak_gflops()
+    achieved = ours["flops_per_iter"] / med_ours / 1e9
+    ratio = med_ref / med_ours
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {os.cpu_count()} cores"
+    print(f"machine: {device}, torch {torch.__version__}; batch {BATCH}, d_train_steps 5, fp32; "
+          f"{args.iters} timed iterations per side after 1 warm-up (median)")
+    for name, r, med in (("MONAI GanTrainer (bundle)", ref, med_ref), ("mednist-gan", ours, med_ours)):
+        print(f"{name:26s}: {med:7.2f} s/iter  {BATCH / med:8.1f} images/s  epoch ~{med * epoch_iters:7.1f} s  "
+              f"peak RSS {r['peak_rss_mib']:7.0f} MiB  (iters: {', '.join(f'{t:.2f}' for t in r['iter_s'])})")
+    print(f"FLOPs per iteration: {ours['flops_per_iter'] / 1e9:.1f} GFLOP; achieved {achieved:.1f} GFLOP/s "
+          f"vs fp32 matmul peak {peak:.1f} GFLOP/s ({100 * achieved / peak:.0f}% of peak)")
+    verdict = "PASS" if ratio >= TARGET else "FAIL"
+    print(f"ratio (images/s, ours / MONAI): {ratio:.2f}x (target >= {TARGET:.0f}x) {verdict}")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""Faults survived and bad input refused: each case of docs/reliability.md has its test here."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mednist_gan import checkpoint as ckpt
+from mednist_gan.config import load_config
+from mednist_gan.data import list_images
+from mednist_gan.errors import TrainingError
+from mednist_gan.trainer import Trainer, train
+
+from conftest import CONFIGS, REPO, run_cli
+
+# ----------------------------------------------------------------------------- helpers
+
+LONG = ["train.epochs=3", "train.max_steps=10", "checkpoint.every_steps=2", "checkpoint.keep=10",
+        "export.at_end=false"]
+
+
+def _train_cmd(run: Path, mednist_root: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mednist_gan.train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
+            f"data.root={mednist_root}", f"data.cache_dir={cache}", *LONG, *extra]
+
+
+def _start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, **(env or {})))
+
+
+def _wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float = 300) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+    proc.kill()
+    pytest.fail(f"never saw {pattern!r}:\n{''.join(lines)[-3000:]}")
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    latest = ckpt.find_latest(run)
+    return {**load_file(str(latest / "model.safetensors")), **{f"D.{k}": v for k, v in
+                                                              load_file(str(latest / "model_1.safetensors")).items()}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mednist_root) -> Path:
+    run = tmp_path_factory.mktemp("straight") / "run"
+    result = subprocess.run(_train_cmd(run, mednist_root, run.parent / "cache"), cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return run
+
+
+# ----------------------------------------------------------------------------- kill -9 and resume
+
+
+@pytest.mark.parametrize("when", ["before the first checkpoint", "during a save", "after a save"])
+def test_kill_9_then_same_command_resumes_to_bitwise_equal_weights(tmp_path, mednist_root, uninterrupted, when):
+    run = tmp_path / "run"
+    cmd = _train_cmd(run, mednist_root, tmp_path / "cache")
+    if when == "during a save":
+        # Killed after the state files of step 4 are written but before the checkpoint is published.
+        proc = _start(cmd, env={"MEDNIST_GAN_CRASH_AT": "save:4"})
+        proc.wait(timeout=300)
+        assert proc.returncode == -signal.SIGKILL
+        assert (run / "checkpoints" / ".tmp-step_000004").is_dir()
+        assert ckpt.find_latest(run).name == "step_000002"
+    else:
+        proc = _start(cmd)
+        _wait_for_line(proc, r"step 1 loss_d" if when.startswith("before") else r"checkpoint saved: .*step_000004")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    restarted = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert restarted.returncode == 0, restarted.stdout[-3000:]
+    if when != "before the first checkpoint":
+        assert "resumed from" in restarted.stdout
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    a, b = _final_weights(uninterrupted), _final_weights(run)
+    assert ckpt.find_latest(run).name == "step_000010"
+    assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after kill -9 {when}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_write_a_checkpoint_then_exit_cleanly(tmp_path, mednist_root, sig):
+    run = tmp_path / "run"
+    proc = _start(_train_cmd(run, mednist_root, tmp_path / "cache", "checkpoint.every_steps=null"))
+    _wait_for_line(proc, r"step 3 loss_d")
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out[-2000:]
+    assert f"stopped by {sig.name}" in out and "Traceback" not in out
+    latest = ckpt.find_latest(run)
+    assert latest is not None and ckpt.read_meta(latest)["state"]["step"] >= 3
+    ckpt.verify_safe(latest)
+
+
+def test_second_ctrl_c_exits_at_once_without_corrupting(tmp_path, mednist_root):
+    run = tmp_path / "run"
+    proc = _start(_train_cmd(run, mednist_root, tmp_path / "cache", "train.max_steps=30", "train.epochs=20"))
+    _wait_for_line(proc, r"checkpoint saved: .*step_000004")
+    proc.send_signal(signal.SIGINT)
+    _wait_for_line(proc, r"received SIGINT")
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 130 and "interrupted" in out
+    latest = ckpt.find_latest(run)
+    ckpt.verify_safe(latest)
+    assert ckpt.read_meta(latest)["state"]["step"] >= 4
+
+
+@pytest.mark.slow
+def test_one_rank_dying_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_path, mednist_root):
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              "-m", "mednist_gan.train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
+              f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", *LONG,
+              "train.collective_timeout_s=60"]
+    env = {"OMP_NUM_THREADS": "1"}
+    proc = _start(launch, env=env)
+    _wait_for_line(proc, r"checkpoint saved: .*step_000002")
+    workers = subprocess.run(["pgrep", "-f", f"mednist_gan.train.*run_dir={run}"], capture_output=True, text=True)
+    pids = sorted(int(p) for p in workers.stdout.split() if int(p) != proc.pid)
+    assert len(pids) >= 2, workers.stdout
+    os.kill(pids[-1], signal.SIGKILL)  # the newest worker: rank 1
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=240)
+    assert time.monotonic() - start < 180
+    assert proc.returncode != 0
+    assert "exitcode  : -9" in out or "Signals.SIGKILL" in out or "SIGKILL" in out
+    restarted = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=600,
+                               env=dict(os.environ, **env))
+    assert restarted.returncode == 0, restarted.stdout[-3000:] + restarted.stderr[-3000:]
+    assert "resumed from" in restarted.stdout and ckpt.find_latest(run).name == "step_000010"
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+
+def _cfg(debug_overrides, *extra):
+    return load_config(CONFIGS / "debug.yaml", [*debug_overrides, *extra])
+
+
+class _PoisonAt:
+    """Make the real batch of one step NaN, as a corrupt input or an exploding update would."""
+
+    def __init__(self, trainer: Trainer, step: int):
+        self.trainer, self.step, self.original = trainer, step, trainer.prepare_reals
+
+    def __call__(self, batch):
+        real = self.original(batch)
+        return real * float("nan") if self.trainer.state.step + 1 == self.step else real
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(debug_overrides, tmp_path):
+    trainer = Trainer(_cfg(debug_overrides, "train.max_steps=4", "checkpoint.every_steps=2", "train.log_every=10"))
+    trainer.prepare_reals = _PoisonAt(trainer, 3)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 3 \(loss_d=nan"):
+        trainer.fit()
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run")] == ["step_000002"]
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step_000002" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_nonfinite_updates_can_be_skipped(debug_overrides, tmp_path):
+    trainer = Trainer(_cfg(debug_overrides, "train.max_steps=4", "train.nonfinite=skip", "export.at_end=false"))
+    trainer.prepare_reals = _PoisonAt(trainer, 2)
+    state = trainer.fit()
+    assert state.step == 4 and trainer.skipped_updates == 5  # the five D updates of step 2 (G's loss stayed finite)
+    weights = load_file(str(ckpt.find_latest(tmp_path / "run") / "model_1.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert "non-finite loss, update skipped" in (tmp_path / "run" / "train.log").read_text()
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI runs as root and must be able to mount a small tmpfs")
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_loads(small_disk, mednist_root,
+                                                                                   tmp_path):
+    run = small_disk / "run"
+    result = subprocess.run(_train_cmd(run, mednist_root, tmp_path / "cache"), cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "could not write checkpoint" in err[0] and "No space left on device" in err[0]
+    assert "Traceback" not in result.stderr
+    latest = ckpt.find_latest(run)
+    assert latest is not None and not list((run / "checkpoints").glob(".tmp-*"))
+    ckpt.verify_safe(latest)
+    generated = run_cli("generate", "--model", str(latest), "--num-samples", "2", "--output-dir",
+                        str(tmp_path / "png"))
+    assert generated.returncode == 0, generated.stderr
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+def _folder_with(tmp_path: Path, mednist_root: Path, name: str, make) -> Path:
+    root = tmp_path / "data"
+    folder = root / "Hand"
+    folder.mkdir(parents=True)
+    for f in list_images(mednist_root / "Hand")[:20]:
+        shutil.copy(f, folder / f.name)
+    make(folder / name, mednist_root / "Hand" / "000000.jpeg")
+    return root
+
+
+BAD_FILES = {
+    "truncated.jpeg": lambda dst, src: dst.write_bytes(src.read_bytes()[:300]),
+    "random.jpeg": lambda dst, src: dst.write_bytes(np.random.default_rng(0).bytes(2000)),
+    "small.jpeg": lambda dst, src: Image.open(src).resize((32, 32)).save(dst),
+    "rgb.png": lambda dst, src: Image.open(src).convert("RGB").save(dst),
+}
+EXPECTED = {
+    "truncated.jpeg": "truncated.jpeg: cannot be read as an image",
+    "random.jpeg": "random.jpeg: cannot be read as an image",
+    "small.jpeg": "small.jpeg: expected a 64x64 image, got 32x32",
+    "rgb.png": "rgb.png: expected a single-channel (grayscale) image",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_image_is_named_in_one_line_or_skipped_and_counted(tmp_path, mednist_root, name):
+    root = _folder_with(tmp_path, mednist_root, name, BAD_FILES[name])
+    (root / "Hand" / "notes.txt").write_text("not an image, and not an image name: ignored")
+    common = ["train", "--config", str(CONFIGS / "debug.yaml"), f"data.root={root}", "data.cache_dir=null",
+              "train.max_steps=1", "export.at_end=false"]
+    result = run_cli(*common, f"run_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(root / "Hand" / name) in lines[0] and EXPECTED[name] in lines[0], lines
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    skipped = run_cli(*common, f"run_dir={tmp_path / 'run2'}", "data.bad_files=skip")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "skipped 1 unusable image(s)" in skipped.stdout and name in skipped.stdout
+
+
+def test_more_processes_than_images_is_refused(tmp_path, mednist_root):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              "-m", "mednist_gan.train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={tmp_path / 'run'}",
+              f"data.root={mednist_root}", "data.limit=1", "train.batch_size=2", f"data.cache_dir={tmp_path / 'c'}"]
+    result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0
+    assert "1 images cannot feed 2 processes" in result.stderr
+
+
+def test_unknown_key_suggestion_and_missing_config_file_via_cli(tmp_path):
+    result = run_cli("train", "--config", str(CONFIGS / "debug.yaml"), "train.batchsize=4")
+    assert result.returncode == 2 and "did you mean train.batch_size?" in result.stderr
+    missing = run_cli("train", "--config", str(tmp_path / "none.yaml"))
+    assert missing.returncode == 2 and "none.yaml does not exist" in missing.stderr
+
+
+def test_export_of_a_different_architecture_names_the_first_mismatch(tmp_path):
+    state = {"linear.weight": torch.zeros(10, 10)}
+    bad = tmp_path / "model.pt"
+    torch.save(state, bad)
+    result = run_cli("generate", "--model", str(bad), "--output-dir", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "linear.weight has shape (10, 10), this generator needs (4096, 64)" in result.stderr
+
+
+def test_pickle_with_code_as_model_is_refused_and_nothing_runs(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "model.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"linear.weight": Exploit()}, f)
+    result = run_cli("generate", "--model", str(bad), "--output-dir", str(tmp_path / "o"))
+    assert result.returncode == 2 and str(bad) in result.stderr
+    assert not marker.exists()
