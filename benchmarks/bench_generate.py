@@ -40,15 +40,16 @@ def monai_pipeline(weights: Path, n: int, out: Path) -> float:
     from monai.transforms import Activationsd, Compose, SaveImaged
 
     start = time.perf_counter()
-    net = Generator(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8, 1], strides=[2, 2, 2, 1])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the bundle's inference.json
+    net = Generator(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8, 1], strides=[2, 2, 2, 1]).to(device)
     data = Dataset([torch.rand(64) for _ in range(n)])
     post = Compose([Activationsd(keys="pred", sigmoid=True),
                     SaveImaged(keys="pred", output_dir=str(out), output_ext="png", separate_folder=False, scale=255,
                                output_dtype=np.uint8, meta_key_postfix=None, print_log=False)])
     evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=DataLoader(data, batch_size=1, shuffle=False, num_workers=0),
+        device=device, val_data_loader=DataLoader(data, batch_size=1, shuffle=False, num_workers=0),
         network=net, inferer=SimpleInferer(), postprocessing=post,
-        prepare_batch=lambda batchdata, *_, **__: (batchdata, None, (), {}),
+        prepare_batch=lambda batchdata, *_, **__: (batchdata.to(device), None, (), {}),
         val_handlers=[CheckpointLoader(load_path=str(weights), load_dict={"model": net})])
     evaluator.run()
     elapsed = time.perf_counter() - start
@@ -58,7 +59,7 @@ def monai_pipeline(weights: Path, n: int, out: Path) -> float:
 
 def ours(weights: Path, n: int, out: Path) -> float:
     start = time.perf_counter()
-    generate(weights, n, out, seed=0, latent="uniform", device="cpu")
+    generate(weights, n, out, seed=0, latent="uniform")  # on the GPU when there is one
     return time.perf_counter() - start
 
 
@@ -82,7 +83,8 @@ def main() -> int:
     med = {k: float(np.median(v)) for k, v in times.items()}
     rate = {k: args.num_samples / v for k, v in med.items()}
     ratio = rate["ours"] / rate["monai"]
-    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, cpu")
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
+    print(f"machine: {where}, torch {torch.__version__}")
     print(f"samples: {args.num_samples}, repeats: {args.repeats} (median)")
     print(f"MONAI bundle pipeline : {rate['monai']:8.1f} PNGs/s ({med['monai']:.2f} s)")
     print(f"mednist-gan generate  : {rate['ours']:8.1f} PNGs/s ({med['ours']:.2f} s)")

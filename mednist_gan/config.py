@@ -57,6 +57,7 @@ class ModelConfig:
     d_num_res_units: int = _f(1, "discriminator: residual units per layer")
     d_kernel_size: int = _f(5, "discriminator: convolution kernel size")
     d_dropout: float = _f(0.25, "discriminator dropout (MONAI's default)")
+    cpu_mask_dropout: bool = _f(True, "on CPU, draw dropout masks as rand >= p (same distribution, faster than PyTorch's CPU bernoulli; other masks)")
 
     def check(self) -> None:
         _require(self.latent_size >= 1, "model.latent_size", self.latent_size, "an integer >= 1")

@@ -23,8 +23,30 @@ def build_generator(cfg: ModelConfig, init: bool = True) -> Generator:
     return net
 
 
-def build_discriminator(cfg: ModelConfig, init: bool = True) -> Discriminator:
-    """The bundle's discriminator, returning logits (``last_act=None``) so the losses are autocast-safe."""
+class MaskDropout(torch.nn.Dropout):
+    """Dropout drawn as ``rand_like(x) >= p``: the same distribution as ``nn.Dropout``, about twice as
+    fast on CPU (PyTorch's CPU ``bernoulli_`` is slow), but other random masks than PyTorch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand_like(x) >= self.p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+def _use_mask_dropout(module: torch.nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) is torch.nn.Dropout:
+            setattr(module, name, MaskDropout(child.p))
+        else:
+            _use_mask_dropout(child)
+
+
+def build_discriminator(cfg: ModelConfig, init: bool = True, mask_dropout: bool = False) -> Discriminator:
+    """The bundle's discriminator, returning logits (``last_act=None``) so the losses are autocast-safe.
+
+    ``mask_dropout`` swaps its dropout layers for ``MaskDropout`` (no parameters: same state_dict).
+    """
     net = Discriminator(
         in_shape=list(cfg.image_shape),
         channels=list(cfg.d_channels),
@@ -36,4 +58,6 @@ def build_discriminator(cfg: ModelConfig, init: bool = True) -> Discriminator:
     )
     if init:
         net.apply(normal_init)
+    if mask_dropout:
+        _use_mask_dropout(net)
     return net

@@ -37,6 +37,9 @@ from .tracking import Tracking, setup_logging, write_run_info
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
 PREEMPTED_EXIT_CODE = 3
+# Model keys that change the networks' parameters: a checkpoint only resumes into the same ones.
+ARCHITECTURE_KEYS = ("latent_size", "start_shape", "g_channels", "g_strides", "image_shape", "d_channels",
+                     "d_strides", "d_num_res_units", "d_kernel_size")
 
 
 @dataclass
@@ -100,7 +103,8 @@ class Trainer:
         set_seed(cfg.train.seed)  # identical initial weights on every process
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         G = build_generator(cfg.model).to(memory_format=memory_format)
-        D = build_discriminator(cfg.model).to(memory_format=memory_format)
+        mask_dropout = cfg.model.cpu_mask_dropout and acc.device.type == "cpu"
+        D = build_discriminator(cfg.model, mask_dropout=mask_dropout).to(memory_format=memory_format)
         betas = tuple(cfg.optim.betas)
         opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.g_lr, betas=betas, foreach=cfg.optim.foreach)
         opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.d_lr, betas=betas, foreach=cfg.optim.foreach)
@@ -224,7 +228,7 @@ class Trainer:
         ckpt.verify_safe(path)
         saved_model = meta.get("config", {}).get("model", {})
         for key, value in asdict(self.cfg.model).items():
-            if key in saved_model and saved_model[key] != value:
+            if key in ARCHITECTURE_KEYS and key in saved_model and saved_model[key] != value:
                 raise CheckpointError(f"{path}: trained with model.{key}={saved_model[key]!r}, "
                                       f"but the config says {value!r}")
         try:
