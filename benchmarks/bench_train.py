@@ -140,15 +140,23 @@ def count_flops(data: Path) -> float:
 
 
 def matmul_peak_gflops() -> float:
+    """fp32 matmul rate of the training device (TF32 off: the reference for fp32 work)."""
     import torch
 
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    cuda = torch.cuda.is_available()
+    n = 8192 if cuda else 2048
+    device = "cuda" if cuda else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(10):
         a @ b
+    if cuda:
+        torch.cuda.synchronize()
     return 2 * n ** 3 * 10 / (time.perf_counter() - start) / 1e9
 
 

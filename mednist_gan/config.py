@@ -223,10 +223,17 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+# YAML 1.1 reads these words as booleans; on the command line they stay words (train.precision=no),
+# and boolean keys accept them as booleans.
+_YAML_BOOL_WORDS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}
+
+
 def _parse_override(arg: str) -> tuple[list[str], Any]:
     key, sep, raw = arg.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {arg!r} is not of the form key=value (e.g. train.epochs=5)")
+    if raw.lower() in _YAML_BOOL_WORDS:
+        return key.split("."), raw
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -244,6 +251,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and "no" in allowed:  # `precision: no` in a YAML file reads as False
+            value = {False: "no", True: "yes"}[value]
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed: expected one of {', '.join(map(str, allowed))}")
         return value
@@ -255,6 +264,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _YAML_BOOL_WORDS:
+            return _YAML_BOOL_WORDS[value.lower()]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

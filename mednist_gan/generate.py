@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,7 +106,8 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
     width = max(5, len(str(num_samples - 1)))
     paths = [output_dir / f"sample_{i:0{width}d}.png" for i in range(num_samples)]
     pictures, writes = [], []
-    with torch.inference_mode(), ThreadPoolExecutor(max_workers=4) as pool:  # PNG encoding releases the GIL
+    writers = max(2, os.cpu_count() or 2)
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=writers) as pool:  # PNG encoding releases the GIL
         for start in range(0, num_samples, batch_size):
             batch = to_uint8_pictures(net(latents[start:start + batch_size].to(device)))
             writes += [pool.submit(save_png, pic, path) for pic, path in zip(batch, paths[start:start + batch_size])]

@@ -68,6 +68,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
     return Accelerator(
         log_with=tracker,

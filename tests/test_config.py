@@ -108,3 +108,11 @@ def test_cli_bad_value_is_one_line_exit_2_without_traceback():
     assert "train.batch_size=0" in result.stderr and "Traceback" not in result.stderr
     debug = run_cli("train", "--config", str(CONFIGS / "debug.yaml"), "train.batch_size=0", "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_yaml_boolean_words_keep_their_meaning(tmp_path):
+    cfg = load_config(CONFIGS / "bundle.yaml", ["train.precision=no", "train.deterministic=yes", "data.augment=off"])
+    assert cfg.train.precision == "no" and cfg.train.deterministic is True and cfg.data.augment is False
+    unquoted = tmp_path / "u.yaml"
+    unquoted.write_text("train:\n  precision: no\n")
+    assert load_config(unquoted).train.precision == "no"
