@@ -287,7 +287,8 @@ class Trainer:
         last_saved = self.state.step if resume_from is not None else -1
         window_start, window_images = time.perf_counter(), 0
 
-        with torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly), stop_signals(self._on_signal):
+        with torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly), stop_signals(self._on_signal), \
+                peers_lost(self.run_dir, cfg.train.collective_timeout_s):
             while self.state.step < total and self.state.epoch < cfg.train.epochs:
                 # The prepared loader numbers its epochs itself; keep it on ours (it passes it to the sampler).
                 self.loader.set_epoch(self.state.epoch)
@@ -400,6 +401,22 @@ class Trainer:
         if stop and self._stop_signal is None:
             self._stop_signal = "a signal on another process"
         return stop
+
+
+@contextmanager
+def peers_lost(run_dir: Path, timeout_s: int):
+    """A collective that fails or times out (another process died or hangs) becomes one clear error."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo reports timeouts and closed peers as plain RuntimeErrors
+        text = str(exc)
+        if not (isinstance(exc, torch.distributed.DistError) or any(
+                marker in text for marker in ("gloo", "NCCL", "Timed out", "Connection closed", "Connection reset"))):
+            raise
+        latest = ckpt.find_latest(run_dir)
+        raise TrainingError(f"lost contact with another training process (no answer within train.collective_timeout_s="
+                            f"{timeout_s} s, or it died: {str(exc).strip().splitlines()[0][:160]}); "
+                            f"run the same command again to resume from {latest}") from exc
 
 
 def _write_failure(exc: Exception, folder: Path) -> str:

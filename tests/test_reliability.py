@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -152,6 +153,33 @@ def test_one_rank_dying_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_
                                env=dict(os.environ, **env))
     assert restarted.returncode == 0, restarted.stdout[-3000:] + restarted.stderr[-3000:]
     assert "resumed from" in restarted.stdout and ckpt.find_latest(run).name == "step_000010"
+
+
+@pytest.mark.slow
+def test_a_hung_rank_makes_the_other_give_up_after_the_collective_timeout(tmp_path, mednist_root):
+    """A process that stops answering (frozen, not dead: the launcher sees nothing) is given up on."""
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              "-m", "mednist_gan.train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
+              f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=30",
+              "train.max_steps=200", "checkpoint.every_steps=2", "export.at_end=false", "train.collective_timeout_s=15"]
+    proc = _start(launch, env={"OMP_NUM_THREADS": "1"})
+    _wait_for_line(proc, r"checkpoint saved: .*step_000002")
+    workers = subprocess.run(["pgrep", "-f", f"python.*-m mednist_gan.train.*run_dir={run}"], capture_output=True,
+                             text=True)
+    frozen = max(int(p) for p in workers.stdout.split())
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        out, _ = proc.communicate(timeout=180)
+        assert time.monotonic() - start < 150
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the launcher may have ended it already
+            os.kill(frozen, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "lost contact with another training process" in out and "train.collective_timeout_s=15" in out
+    ckpt.verify_safe(ckpt.find_latest(run))
 
 
 # ----------------------------------------------------------------------------- non-finite losses
