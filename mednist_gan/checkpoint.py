@@ -15,7 +15,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from .errors import CheckpointError
 

@@ -7,7 +7,6 @@ real and (detached) fake images; then fresh latents and one generator update.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil

@@ -42,6 +42,15 @@ def debug_overrides(tmp_path: Path, mednist_root: Path) -> list[str]:
     return [f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path.parent / 'cache'}"]
 
 
+def train_cmd(num_processes: int = 1) -> list[str]:
+    """The command that starts ``mednist_gan.train`` with this many processes, as users start it."""
+    if num_processes == 1:
+        return [sys.executable, "-m", "mednist_gan.train"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+            "-m", "mednist_gan.train"]
+
+
 def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600):
     """Run ``python -m mednist_gan ...`` in a fresh process and return the CompletedProcess."""
     import subprocess

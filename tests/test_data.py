@@ -17,7 +17,7 @@ import torch
 from monai.transforms import EnsureChannelFirst, Flip, LoadImage, RandFlip, RandRotate, RandZoom, Rotate, ScaleIntensity, Zoom
 
 from mednist_gan.config import DataConfig
-from mednist_gan.data import (AugmentParams, EpochShuffleSampler, apply_augment, flip, image_folder, list_images,
+from mednist_gan.data import (EpochShuffleSampler, apply_augment, flip, image_folder, list_images,
                               load_dataset, load_images, rotate, sample_augment_params, scale_intensity, zoom)
 from mednist_gan.errors import DataError
 

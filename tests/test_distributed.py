@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,18 +11,13 @@ from safetensors.torch import load_file
 
 from mednist_gan import checkpoint as ckpt
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, train_cmd
 
 pytestmark = pytest.mark.slow
 
 
 def _launch(num_processes: int, *overrides: str) -> subprocess.CompletedProcess:
-    if num_processes == 1:
-        cmd = [sys.executable, "-m", "mednist_gan.train"]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "0", "-m", "mednist_gan.train"]
+    cmd = train_cmd(num_processes)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([*cmd, "--config", str(CONFIGS / "debug.yaml"), *overrides], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)

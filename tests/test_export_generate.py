@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +181,18 @@ def test_generate_refuses_files_that_are_not_generators(trained_run, tmp_path, m
     assert result.returncode == 2, result.stderr
     assert str(model) in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_onnx_export_matches_the_torchscript_output(trained_run, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    out = export_checkpoint(ckpt.find_latest(trained_run), tmp_path / "exp", onnx=True)
+    record = json.loads((out / "export.json").read_text())
+    assert "mednist_gan.onnx" in record["files"]
+    session = ort.InferenceSession(str(out / "mednist_gan.onnx"))
+    z = torch.randn(7, 64, generator=torch.Generator().manual_seed(2))
+    onnx_images = session.run(None, {"latents": z.numpy()})[0]
+    with torch.no_grad():
+        ts_images = torch.jit.load(str(out / "mednist_gan.ts"))(z).numpy()
+    assert onnx_images.shape == (7, 1, 64, 64)
+    assert np.abs(onnx_images - ts_images).max() < 1e-5

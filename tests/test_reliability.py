@@ -22,9 +22,9 @@ from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import load_config
 from mednist_gan.data import list_images
 from mednist_gan.errors import TrainingError
-from mednist_gan.trainer import Trainer, train
+from mednist_gan.trainer import Trainer
 
-from conftest import CONFIGS, REPO, run_cli
+from conftest import CONFIGS, REPO, run_cli, train_cmd
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -132,9 +132,7 @@ def test_second_ctrl_c_exits_at_once_without_corrupting(tmp_path, mednist_root):
 @pytest.mark.slow
 def test_one_rank_dying_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_path, mednist_root):
     run = tmp_path / "run"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-              "-m", "mednist_gan.train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
+    launch = [*train_cmd(2), "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
               f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", *LONG,
               "train.collective_timeout_s=60"]
     env = {"OMP_NUM_THREADS": "1"}
@@ -159,9 +157,7 @@ def test_one_rank_dying_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_
 def test_a_hung_rank_makes_the_other_give_up_after_the_collective_timeout(tmp_path, mednist_root):
     """A process that stops answering (frozen, not dead: the launcher sees nothing) is given up on."""
     run = tmp_path / "run"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-              "-m", "mednist_gan.train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
+    launch = [*train_cmd(2), "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
               f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=30",
               "train.max_steps=200", "checkpoint.every_steps=2", "export.at_end=false", "train.collective_timeout_s=15"]
     proc = _start(launch, env={"OMP_NUM_THREADS": "1"})
@@ -297,9 +293,7 @@ def test_bad_image_is_named_in_one_line_or_skipped_and_counted(tmp_path, mednist
 
 
 def test_more_processes_than_images_is_refused(tmp_path, mednist_root):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-              "-m", "mednist_gan.train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={tmp_path / 'run'}",
+    launch = [*train_cmd(2), "--config", str(CONFIGS / "debug.yaml"), f"run_dir={tmp_path / 'run'}",
               f"data.root={mednist_root}", "data.limit=1", "train.batch_size=2", f"data.cache_dir={tmp_path / 'c'}"]
     result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -338,3 +332,15 @@ def test_pickle_with_code_as_model_is_refused_and_nothing_runs(tmp_path):
     result = run_cli("generate", "--model", str(bad), "--output-dir", str(tmp_path / "o"))
     assert result.returncode == 2 and str(bad) in result.stderr
     assert not marker.exists()
+
+
+def test_truncated_checkpoint_file_is_named_and_not_resumed(debug_overrides, tmp_path):
+    from mednist_gan.errors import CheckpointError
+    from mednist_gan.trainer import train
+
+    train(_cfg(debug_overrides, "train.max_steps=2", "export.at_end=false"))
+    latest = ckpt.find_latest(tmp_path / "run")
+    data = (latest / "optimizer.bin").read_bytes()
+    (latest / "optimizer.bin").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match=r"optimizer.bin: unreadable checkpoint file"):
+        Trainer(_cfg(debug_overrides)).fit()

@@ -98,15 +98,12 @@ def test_tensorboard_tracker_writes_event_files(debug_overrides, tmp_path):
 @pytest.mark.slow
 def test_two_processes_make_exactly_one_wandb_run(tmp_path, mednist_root):
     import subprocess
-    import sys
 
-    from conftest import REPO
+    from conftest import REPO, train_cmd
 
     run = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-         "-m", "mednist_gan.train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
+        [*train_cmd(2), "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
          f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "log.tracker=wandb", "log.mode=offline",
          "export.at_end=false"],
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
