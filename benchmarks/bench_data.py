@@ -22,6 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from _report import machine, verdict  # noqa: E402
+
 TARGET = 50.0
 
 
@@ -66,13 +68,10 @@ def main() -> int:
             times[name].append(time.perf_counter() - start)
     rate = {k: args.images / statistics.median(v) for k, v in times.items()}
     ratio = rate["ours"] / rate["monai"]
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"machine: {where}, torch {torch.__version__}; {args.images} images per pass, {args.repeats} passes (median)")
+    print(f"{machine()}; {args.images} images per pass, {args.repeats} passes (median)")
     print(f"MONAI per-sample RandRotated/RandFlipd/RandZoomd (1 process): {rate['monai']:10.0f} images/s")
     print(f"mednist-gan batched augment on {device.type:4s}                   : {rate['ours']:10.0f} images/s")
-    verdict = "PASS" if ratio >= TARGET else "FAIL"
-    print(f"ratio: {ratio:.1f}x (target >= {TARGET:.0f}x) {verdict}")
-    return 0 if verdict == "PASS" else 1
+    return verdict("ratio", ratio, TARGET)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import verdict  # noqa: E402
+
 TARGET = 1.15
 
 
@@ -61,9 +64,7 @@ def main() -> int:
     print(f"1 process  ({os.cpu_count()} threads): {m1:6.2f} s/iter  ({', '.join(f'{t:.2f}' for t in one)})")
     print(f"2 processes ({max((os.cpu_count() or 2) // 2, 1)} thread each, gloo): {m2:6.2f} s/iter  "
           f"({', '.join(f'{t:.2f}' for t in two)})")
-    verdict = "PASS" if ratio <= TARGET else "FAIL"
-    print(f"ratio (2 processes / 1 process per-iteration time): {ratio:.2f} (target <= {TARGET:.2f}) {verdict}")
-    return 0 if verdict == "PASS" else 1
+    return verdict("ratio (2 processes / 1 process per-iteration time)", ratio, TARGET, at_least=False, unit="")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _report import machine, verdict  # noqa: E402
 from mednist_gan.generate import generate  # noqa: E402
 
 TARGET = 20.0
@@ -83,14 +84,11 @@ def main() -> int:
     med = {k: float(np.median(v)) for k, v in times.items()}
     rate = {k: args.num_samples / v for k, v in med.items()}
     ratio = rate["ours"] / rate["monai"]
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
-    print(f"machine: {where}, torch {torch.__version__}")
+    print(machine())
     print(f"samples: {args.num_samples}, repeats: {args.repeats} (median)")
     print(f"MONAI bundle pipeline : {rate['monai']:8.1f} PNGs/s ({med['monai']:.2f} s)")
     print(f"mednist-gan generate  : {rate['ours']:8.1f} PNGs/s ({med['ours']:.2f} s)")
-    verdict = "PASS" if ratio >= TARGET else "FAIL"
-    print(f"ratio: {ratio:.1f}x (target >= {TARGET:.0f}x) {verdict}")
-    return 0 if verdict == "PASS" else 1
+    return verdict("ratio", ratio, TARGET)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from _report import verdict  # noqa: E402
+
 TARGET = 2.0
 BATCH = 600
 
@@ -218,10 +220,7 @@ def main() -> int:
           f"vs fp32 matmul peak {peak:.1f} GFLOP/s ({100 * achieved / peak:.0f}% of peak)")
     for n, r in ours.items():
         print(f"ratio (images/s, ours with {n} process(es) / MONAI): {med_ref / statistics.median(r['iter_s']):.2f}x")
-    ratio = med_ref / best
-    verdict = "PASS" if ratio >= TARGET else "FAIL"
-    print(f"best ratio: {ratio:.2f}x (target >= {TARGET:.0f}x) {verdict}")
-    return 0 if verdict == "PASS" else 1
+    return verdict("best ratio", med_ref / best, TARGET)
 
 
 if __name__ == "__main__":

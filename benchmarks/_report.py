@@ -1,0 +1,18 @@
+"""What every benchmark prints: the machine line and the verdict against its target."""
+
+from __future__ import annotations
+
+
+def machine() -> str:
+    import torch
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
+    return f"machine: {where}, torch {torch.__version__}"
+
+
+def verdict(label: str, value: float, target: float, at_least: bool = True, unit: str = "x") -> int:
+    """Print the ratio with PASS/FAIL; return the exit code (1 on FAIL)."""
+    ok = value >= target if at_least else value <= target
+    sign = ">=" if at_least else "<="
+    print(f"{label}: {value:.2f}{unit} (target {sign} {target:g}{unit}) {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
