@@ -212,7 +212,7 @@ def build_dataloader(images: torch.Tensor, global_batch_size: int, seed: int, pi
         num_workers=0,
         pin_memory=pin_memory,
         # A private generator keeps DataLoader start-up from drawing on the global RNG, which would
-        # make a resumed run's latents differ from an uninterrupted run's.
+        # make a resumed run's augmentation and dropout differ from an uninterrupted run's.
         generator=torch.Generator().manual_seed(seed),
     )
 
