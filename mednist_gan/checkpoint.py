@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -138,7 +138,7 @@ def verify_safe(checkpoint: Path) -> None:
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
                 f"{path}: refused, the file holds pickled objects other than tensors "
-                f"(weights_only loading: {str(exc).splitlines()[0][:120]})"
+                f"(weights_only loading: {first_line(exc, 120)})"
             ) from None
         except Exception as exc:
-            raise CheckpointError(f"{path}: unreadable checkpoint file ({type(exc).__name__}: {str(exc)[:120]})") from None
+            raise CheckpointError(f"{path}: unreadable checkpoint file ({type(exc).__name__}: {first_line(exc, 120)})") from None

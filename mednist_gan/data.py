@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def download_mednist(root: Path, url: str, md5: str) -> None:
     try:
         download_and_extract(url, filepath=archive, output_dir=root, hash_val=md5, hash_type="md5", progress=False)
     except Exception as exc:  # MONAI raises RuntimeError/URLError/ValueError with long messages
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc) or type(exc).__name__
         raise DataError(f"data.url={url}: download or verification failed: {reason}") from exc
 
 

@@ -23,3 +23,8 @@ class TrainingError(MednistGanError):
     """Training cannot go on (a non-finite loss, a lost process, a failed save); checkpoints are intact."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message, cut to ``limit`` characters ("" if none)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:limit]

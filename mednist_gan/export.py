@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .networks import build_generator
 
 MODEL_FILE = "model.pt"
@@ -73,7 +73,7 @@ def load_generator_weights(path: Path, model_cfg: Optional[ModelConfig] = None) 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: not loadable as generator weights ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+                              f"{first_line(exc, 160)})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # the bundle's training checkpoints wrap the weights as {"model": ...}
     if not isinstance(state, dict):

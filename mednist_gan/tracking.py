@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config
+from .errors import first_line
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -57,6 +58,11 @@ def setup_logging(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
 
 # ----------------------------------------------------------------------------- experiment tracking
 
+def tracker_dir(cfg: Config) -> Path:
+    """Where W&B and TensorBoard write: ``log.dir``, or ``<run_dir>/tracker``."""
+    return Path(cfg.log.dir) if cfg.log.dir else cfg.run_path / "tracker"
+
+
 class Tracking:
     """Experiment tracking on the main process: metrics, sample grids, config, artifacts.
 
@@ -95,13 +101,10 @@ class Tracking:
         walk(self.cfg.to_dict(), "")
         return flat
 
-    def _tracker_dir(self) -> Path:
-        return Path(self.cfg.log.dir) if self.cfg.log.dir else self.run_dir / "tracker"
-
     def _start_wandb(self) -> None:
         lc = self.cfg.log
         mode = os.environ.get("WANDB_MODE") or lc.mode
-        wandb_dir = Path(os.environ.get("WANDB_DIR") or self._tracker_dir())
+        wandb_dir = Path(os.environ.get("WANDB_DIR") or tracker_dir(self.cfg))
         run_id = self._wandb_run_id(wandb_dir)
         kwargs = {
             "entity": os.environ.get("WANDB_ENTITY") or lc.entity,
@@ -140,7 +143,7 @@ class Tracking:
 
     def _try_start(self, init_kwargs: dict, label: str, quiet: bool = False) -> bool:
         if self.is_main:
-            self._tracker_dir().mkdir(parents=True, exist_ok=True)
+            tracker_dir(self.cfg).mkdir(parents=True, exist_ok=True)
         project = os.environ.get("WANDB_PROJECT") if "wandb" in init_kwargs else None
         try:  # Accelerate creates the tracker on the main process only; every process makes this call
             self.acc.init_trackers(project or self.cfg.log.project, config=self._flat_config(),
@@ -151,7 +154,7 @@ class Tracking:
                 _wandb_teardown()
             if not quiet:
                 self.log.warning("%s tracking disabled: it failed to start (%s: %s)", label, type(exc).__name__,
-                                 str(exc).splitlines()[0][:200] if str(exc) else "")
+                                 first_line(exc))
             return False
         self.active = True
         return True
@@ -207,7 +210,7 @@ class Tracking:
             fn()
         except Exception as exc:  # noqa: BLE001 - a tracker must never stop training
             self.log.warning("tracker failed to %s (%s: %s); tracking switched off, training goes on", what,
-                             type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                             type(exc).__name__, first_line(exc))
             self.active = False
 
     # -- end

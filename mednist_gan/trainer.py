@@ -27,12 +27,12 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import Config
 from .data import augment, build_dataloader, load_dataset, scale_intensity
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError, first_line
 from .export import checkpoint_provenance, export_generator
 from .losses import discriminator_loss, generator_loss
 from .networks import build_discriminator, build_generator
 from .generate import to_uint8_pictures
-from .tracking import Tracking, setup_logging, write_run_info
+from .tracking import Tracking, setup_logging, tracker_dir, write_run_info
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
 PREEMPTED_EXIT_CODE = 3
@@ -72,7 +72,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
     return Accelerator(
         log_with=tracker,
-        project_dir=str(Path(cfg.log.dir) if cfg.log.dir else cfg.run_path / "tracker"),
+        project_dir=str(tracker_dir(cfg)),
         # Without a GPU, processes started by a launcher form a gloo group (Accelerate's MULTI_CPU).
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.precision,
@@ -235,7 +235,7 @@ class Trainer:
         try:
             self.acc.load_state(str(path))
         except RuntimeError as exc:  # shape/key mismatch from load_state_dict
-            raise CheckpointError(f"{path}: does not fit these networks: {str(exc).splitlines()[0][:200]}") from None
+            raise CheckpointError(f"{path}: does not fit these networks: {first_line(exc)}") from None
         self.latent_rng.set_state(torch.load(path / "latent_rng.pt", weights_only=True))
         self.state = TrainState(**meta["state"])
 
@@ -414,7 +414,7 @@ def peers_lost(run_dir: Path, timeout_s: int):
             raise
         latest = ckpt.find_latest(run_dir)
         raise TrainingError(f"lost contact with another training process (no answer within train.collective_timeout_s="
-                            f"{timeout_s} s, or it died: {str(exc).strip().splitlines()[0][:160]}); "
+                            f"{timeout_s} s, or it died: {first_line(exc, 160)}); "
                             f"run the same command again to resume from {latest}") from exc
 
 
