@@ -14,49 +14,27 @@ Prints s/iter for both, the ratio, and PASS/FAIL against the target (2 processes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import verdict  # noqa: E402
+from bench_train import run_ours  # noqa: E402  (the same launch, threads and timing as the training benchmark)
 
 TARGET = 1.15
 
 
-def _run(processes: int, args, run_dir: Path) -> list[float]:
-    cores = os.cpu_count() or 2
-    threads = max(cores // processes, 1)
-    common = ["--config", str(REPO / "configs" / "bundle.yaml"), f"run_dir={run_dir}", f"data.root={args.data}",
-              f"train.max_steps={args.steps}", "train.log_every=1", "export.at_end=false", "checkpoint.every_epochs=null",
-              f"train.num_threads={threads}", "log.sample_every=null"]
-    if processes == 1:
-        cmd = [sys.executable, "-m", "mednist_gan.train", *common]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               "-m", "mednist_gan.train", *common]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{processes}-process run failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [600 / r["images_per_s"] for r in rows[1:]]  # drop the warm-up window
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="iterations per side, the first one a warm-up")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mednist")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        one = _run(1, args, Path(tmp) / "one")
-        two = _run(2, args, Path(tmp) / "two")
+    # run_ours times iterations after one warm-up: --steps iterations in all, as before.
+    one = run_ours(args.data, args.steps - 1, 1, [])["iter_s"]
+    two = run_ours(args.data, args.steps - 1, 2, [])["iter_s"]
     m1, m2 = statistics.median(one), statistics.median(two)
     ratio = m2 / m1
     print(f"machine: cpu, {os.cpu_count()} cores; configs/bundle.yaml, global batch 600, fp32, "
