@@ -24,6 +24,8 @@ LATEST = "latest"
 META = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
+EMA_FILE = "ema.safetensors"  # the generator's moving-average weights (train.ema_decay), beside Accelerate's files
+
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS

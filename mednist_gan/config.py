@@ -77,11 +77,20 @@ class OptimConfig:
     d_lr: float = _f(2e-4, "discriminator Adam learning rate")
     betas: list[float] = _f([0.5, 0.999], "Adam betas for both optimizers")
     foreach: Optional[bool] = _f(None, "Adam's multi-tensor implementation; null = PyTorch's choice (same numerics)")
+    warmup_steps: int = _f(0, "learning rates rise linearly from lr/warmup_steps to lr over this many iterations; 0 = no warm-up")
+    decay: Literal["none", "linear", "cosine"] = _f("none", "learning-rate decay after the warm-up, down to lr * final_lr_ratio at the last iteration")
+    final_lr_ratio: float = _f(0.0, "with optim.decay: the last iteration's learning rate as a fraction of lr")
+
+    @property
+    def scheduled(self) -> bool:
+        return self.warmup_steps > 0 or self.decay != "none"
 
     def check(self) -> None:
         for key in ("g_lr", "d_lr"):
             value = getattr(self, key)
             _require(value > 0, f"optim.{key}", value, "a number > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(0.0 <= self.final_lr_ratio <= 1.0, "optim.final_lr_ratio", self.final_lr_ratio, "a number in [0, 1]")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
                  "two numbers in [0, 1)")
 
@@ -92,6 +101,14 @@ class TrainConfig:
     max_steps: Optional[int] = _f(None, "stop after this many iterations (one D phase + one G update); null = no limit")
     batch_size: int = _f(600, "global batch of real images per iteration, split across processes")
     d_train_steps: int = _f(5, "discriminator updates per iteration, all on the same real and fake batch")
+    g_train_steps: int = _f(1, "generator updates per iteration, each on fresh latents")
+    g_batch_size: Optional[int] = _f(None, "global latent batch of each generator update; null = train.batch_size")
+    loss: Literal["bce", "ns", "hinge"] = _f("bce", "GAN loss: 'bce' = the bundle's (mean of the real and fake BCE), 'ns' = non-saturating "
+                                             "logistic (softplus, summed as in StyleGAN), 'hinge'")
+    r1_gamma: float = _f(0.0, "R1 gradient penalty on real images, gamma/2 * E|grad_x D(x)|^2; 0 = off")
+    r1_every: int = _f(1, "apply R1 every N discriminator updates, scaled by N (lazy regularisation)")
+    ema_decay: Optional[float] = _f(None, "exponential moving average of the generator weights, updated after every generator "
+                                    "update; samples, evaluation and export use it; null = off")
     precision: Literal["no", "fp16", "bf16"] = _f("no", "mixed precision handed to Accelerate")
     seed: int = _f(0, "seed of weights, shuffling, latents; augmentation and dropout use seed + process index")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms: bitwise repeatable on the same machine")
@@ -108,6 +125,11 @@ class TrainConfig:
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "an integer >= 1 or null")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _require(self.d_train_steps >= 1, "train.d_train_steps", self.d_train_steps, "an integer >= 1")
+        _require(self.g_train_steps >= 1, "train.g_train_steps", self.g_train_steps, "an integer >= 1")
+        _require(self.g_batch_size is None or self.g_batch_size >= 1, "train.g_batch_size", self.g_batch_size, "an integer >= 1 or null")
+        _require(self.r1_gamma >= 0, "train.r1_gamma", self.r1_gamma, "a number >= 0")
+        _require(self.r1_every >= 1, "train.r1_every", self.r1_every, "an integer >= 1")
+        _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "train.ema_decay", self.ema_decay, "a number in (0, 1) or null")
         _require(self.num_threads is None or self.num_threads >= 1, "train.num_threads", self.num_threads, "an integer >= 1 or null")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _require(self.collective_timeout_s >= 1, "train.collective_timeout_s", self.collective_timeout_s, "an integer >= 1")
@@ -132,6 +154,24 @@ class ExportConfig:
 
     def check(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_epochs: Optional[int] = _f(None, "score the generator (FMD, KID, MS-SSIM diversity) every N epochs; null = never")
+    every_steps: Optional[int] = _f(None, "score the generator every N iterations; null = never")
+    num_samples: int = _f(1000, "generated and real (training) images per evaluation")
+    keep_best: bool = _f(True, "export the generator with the lowest FMD so far to <run_dir>/best")
+    classifier: Optional[str] = _f(None, "feature extractor weights; null = the classifier shipped in the package")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_epochs is not None or self.every_steps is not None
+
+    def check(self) -> None:
+        _require(self.every_epochs is None or self.every_epochs >= 1, "eval.every_epochs", self.every_epochs, "an integer >= 1 or null")
+        _require(self.every_steps is None or self.every_steps >= 1, "eval.every_steps", self.every_steps, "an integer >= 1 or null")
+        _require(self.num_samples >= 2, "eval.num_samples", self.num_samples, "an integer >= 2")
 
 
 @dataclass(frozen=True)
@@ -165,6 +205,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property

@@ -36,15 +36,20 @@ def generator_state_dict(generator: torch.nn.Module) -> "OrderedDict[str, torch.
 
 
 def load_checkpoint_generator(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
-    """The generator (with its sigmoid) and the metadata of a training checkpoint folder."""
+    """The generator (with its sigmoid) and the metadata of a training checkpoint folder.
+
+    With ``train.ema_decay`` the checkpoint holds the moving-average weights too, and those are used.
+    """
     from safetensors.torch import load_file
 
-    from .checkpoint import read_meta
+    from .checkpoint import EMA_FILE, read_meta
 
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)
     model_cfg = ModelConfig(**meta["config"]["model"])
-    weights = checkpoint / "model.safetensors"  # Accelerate saves prepared models in order: G first
+    weights = checkpoint / EMA_FILE
+    if not weights.is_file():
+        weights = checkpoint / "model.safetensors"  # Accelerate saves prepared models in order: G first
     if not weights.is_file():
         raise CheckpointError(f"{checkpoint}: no generator weights (model.safetensors) in this checkpoint")
     generator = build_generator(model_cfg, init=False)
@@ -252,5 +257,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, onnx: bool = False) -> Pa
 
 
 def checkpoint_provenance(checkpoint: Path, meta: dict) -> dict:
+    ema = meta["config"]["train"].get("ema_decay")
     return {"checkpoint": str(checkpoint.resolve()), "step": meta["state"]["step"],
+            "weights": f"exponential moving average (decay {ema})" if ema else "raw generator weights",
             "git_revision": meta.get("git_revision"), "config": meta["config"]}

@@ -1,18 +1,44 @@
-"""GAN losses on discriminator logits: the bundle's BCE formulation, computed stably and autocast-safe."""
+"""GAN losses on discriminator logits (computed in fp32, autocast-safe) and the R1 penalty.
+
+``bce`` is the seed bundle's formulation; ``ns`` the non-saturating logistic loss as StyleGAN writes
+it; ``hinge`` the hinge loss of SAGAN/BigGAN.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-
-def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Mean of BCE(D(real), 1) and BCE(D(fake), 0), as the bundle's ``discriminator_loss``."""
-    real = F.binary_cross_entropy_with_logits(real_logits.float(), torch.ones_like(real_logits, dtype=torch.float32))
-    fake = F.binary_cross_entropy_with_logits(fake_logits.float(), torch.zeros_like(fake_logits, dtype=torch.float32))
-    return (fake + real) / 2
+LOSSES = ("bce", "ns", "hinge")
 
 
-def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """BCE(D(G(z)), 1), as the bundle's ``generator_loss``."""
-    return F.binary_cross_entropy_with_logits(fake_logits.float(), torch.ones_like(fake_logits, dtype=torch.float32))
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    real, fake = real_logits.float(), fake_logits.float()
+    if kind == "bce":  # mean of BCE(D(real), 1) and BCE(D(fake), 0), as the bundle's discriminator_loss
+        return (F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+                + F.binary_cross_entropy_with_logits(real, torch.ones_like(real))) / 2
+    if kind == "ns":  # -log sigmoid(real) - log(1 - sigmoid(fake))
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    raise ValueError(f"unknown loss {kind!r}: expected one of {', '.join(LOSSES)}")
+
+
+def generator_loss(fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    fake = fake_logits.float()
+    if kind == "bce":  # BCE(D(G(z)), 1), as the bundle's generator_loss
+        return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+    if kind == "ns":  # -log sigmoid(D(G(z))): the same function as bce's, named as StyleGAN does
+        return F.softplus(-fake).mean()
+    if kind == "hinge":
+        return -fake.mean()
+    raise ValueError(f"unknown loss {kind!r}: expected one of {', '.join(LOSSES)}")
+
+
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """E[|grad_x D(x)|^2] over the batch, with a graph so that its gradient reaches D's parameters.
+
+    ``real`` must require grad and ``real_logits`` must be ``D(real)``.
+    """
+    (grad,) = torch.autograd.grad(real_logits.float().sum(), real, create_graph=True)
+    return grad.float().square().flatten(1).sum(1).mean()

@@ -2,11 +2,14 @@
 
 One iteration has the semantics of ``monai.engines.GanTrainer`` as the seed bundle uses it: for each
 real batch, one fake batch from fresh latents; ``d_train_steps`` discriminator updates on those same
-real and (detached) fake images; then fresh latents and one generator update.
+real and (detached) fake images; then fresh latents and one generator update (``g_train_steps``
+updates, each on fresh latents). Options beyond the bundle, all off in its recipe: loss variants, an
+R1 penalty, per-phase batch sizes, learning-rate warm-up/decay, an EMA of the generator's weights.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -24,18 +27,21 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
+from safetensors.torch import load_file, save_file
+
 from . import checkpoint as ckpt
 from .config import Config
 from .data import augment, build_dataloader, load_dataset, scale_intensity
 from .errors import CheckpointError, ConfigError, TrainingError, first_line
 from .export import checkpoint_provenance, export_generator
-from .losses import discriminator_loss, generator_loss
+from .losses import discriminator_loss, generator_loss, r1_penalty
 from .networks import build_discriminator, build_generator
 from .generate import to_uint8_pictures
 from .tracking import Tracking, setup_logging, tracker_dir, write_run_info
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
 PREEMPTED_EXIT_CODE = 3
+BEST_DIR = "best"  # the generator with the lowest FMD so far (eval.keep_best)
 # Model keys that change the networks' parameters: a checkpoint only resumes into the same ones.
 ARCHITECTURE_KEYS = ("latent_size", "start_shape", "g_channels", "g_strides", "image_shape", "d_channels",
                      "d_strides", "d_num_res_units", "d_kernel_size")
@@ -92,9 +98,12 @@ class Trainer:
         self.run_dir = cfg.run_path
         self.log = setup_logging(self.run_dir, acc.is_main_process)
         world = acc.num_processes
-        if cfg.train.batch_size % world:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of processes ({world})")
+        g_batch = cfg.train.g_batch_size or cfg.train.batch_size
+        for key, value in (("train.batch_size", cfg.train.batch_size), ("train.g_batch_size", g_batch)):
+            if value % world:
+                raise ConfigError(f"{key}={value} must be divisible by the number of processes ({world})")
         self.per_device_batch = cfg.train.batch_size // world
+        self.per_device_g_batch = g_batch // world
 
         with acc.main_process_first():  # the main process decodes and fills the cache; the others read it
             images = load_dataset(cfg.data, cfg.model.image_shape)
@@ -111,9 +120,23 @@ class Trainer:
         opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.d_lr, betas=betas, foreach=cfg.optim.foreach)
         loader = build_dataloader(images, cfg.train.batch_size, cfg.train.seed, pin_memory=acc.device.type == "cuda")
         self.sampler = loader.sampler
-        self.G, self.D, self.opt_g, self.opt_d, self.loader = acc.prepare(G, D, opt_g, opt_d, loader)
-        self.memory_format = memory_format
         self.num_images = len(images)
+        self.total_steps = math.ceil(self.num_images / cfg.train.batch_size) * cfg.train.epochs
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        # The moving average starts from the initial weights; one plain module, never wrapped by Accelerate.
+        self.ema = None
+        if cfg.train.ema_decay is not None:
+            self.ema = build_generator(cfg.model, init=False).to(acc.device).requires_grad_(False).eval()
+            self.ema.load_state_dict(G.state_dict())
+        self.schedulers = []
+        if cfg.optim.scheduled:
+            factor = lr_factor(cfg.optim, self.total_steps)
+            self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (opt_g, opt_d)]
+        self.G, self.D, self.opt_g, self.opt_d, self.loader, *self.schedulers = acc.prepare(
+            G, D, opt_g, opt_d, loader, *self.schedulers)
+        self.memory_format = memory_format
+        self.images = images
 
         # Latents come from one generator shared by all processes: each draws the global batch and
         # keeps its slice, so latents do not depend on the number of processes.
@@ -129,11 +152,13 @@ class Trainer:
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, metrics) not yet reduced
         self.skipped_updates = 0
         self.git_revision: Optional[str] = None
+        self.meter = None  # quality metrics, built on the main process at the first evaluation
+        self.best_fmd = read_best_fmd(self.run_dir / BEST_DIR) if cfg.eval.keep_best else math.inf
 
     # ------------------------------------------------------------------ one iteration
 
-    def sample_latents(self) -> torch.Tensor:
-        n, rank = self.per_device_batch, self.acc.process_index
+    def sample_latents(self, n: int) -> torch.Tensor:
+        rank = self.acc.process_index
         z = torch.randn(n * self.acc.num_processes, self.cfg.model.latent_size,
                         generator=self.latent_rng, device=self.acc.device)
         return z[rank * n:(rank + 1) * n]
@@ -147,37 +172,67 @@ class Trainer:
 
     def train_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         """One iteration on a batch of prepared real images; returns detached per-step metrics."""
-        acc, G, D = self.acc, self.G, self.D
+        acc, G, D, opts = self.acc, self.G, self.D, self.cfg.train
 
         # Discriminator phase: the fake batch needs no graph, D only ever sees it detached.
         with torch.no_grad():
-            fake = G(self.sample_latents())
-        d_losses = []
-        for _ in range(self.cfg.train.d_train_steps):
+            fake = G(self.sample_latents(self.per_device_batch))
+        d_losses, r1_values = [], []
+        for i in range(opts.d_train_steps):
             self.opt_d.zero_grad(set_to_none=True)
-            real_logits, fake_logits = D(real), D(fake)
-            loss_d = discriminator_loss(real_logits, fake_logits)
-            acc.backward(loss_d)
-            if self._skip_nonfinite(loss_d, self.opt_d):
+            d_update = self.state.step * opts.d_train_steps + i
+            with_r1 = opts.r1_gamma > 0 and d_update % opts.r1_every == 0
+            real_in = real.detach().requires_grad_(True) if with_r1 else real
+            real_logits, fake_logits = D(real_in), D(fake)
+            loss_d = total_d = discriminator_loss(real_logits, fake_logits, opts.loss)
+            if with_r1:
+                r1 = r1_penalty(real_logits, real_in)
+                total_d = loss_d + (opts.r1_gamma / 2 * opts.r1_every) * r1
+                r1_values.append(r1.detach())
+            acc.backward(total_d)
+            if self._skip_nonfinite(total_d, self.opt_d):
                 continue
             self.opt_d.step()
             d_losses.append(loss_d.detach())
 
         # Generator phase: D's parameters need no gradient, and D's DDP wrapper must not wait for one.
-        self.opt_g.zero_grad(set_to_none=True)
-        with frozen(D), acc.no_sync(D):
-            fake_logits_g = D(G(self.sample_latents()))
-            loss_g = generator_loss(fake_logits_g)
-        acc.backward(loss_g)
-        if not self._skip_nonfinite(loss_g, self.opt_g):
-            self.opt_g.step()
+        g_losses = []
+        for _ in range(opts.g_train_steps):
+            self.opt_g.zero_grad(set_to_none=True)
+            with frozen(D), acc.no_sync(D):
+                loss_g = generator_loss(D(G(self.sample_latents(self.per_device_g_batch))), opts.loss)
+            acc.backward(loss_g)
+            if not self._skip_nonfinite(loss_g, self.opt_g):
+                self.opt_g.step()
+                self.update_ema()
+            g_losses.append(loss_g.detach())
+        self.lr_used = (self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"])
+        for scheduler in self.schedulers:
+            scheduler.step()
 
-        return {
+        metrics = {
             "loss_d": torch.stack(d_losses).mean() if d_losses else loss_d.detach(),
-            "loss_g": loss_g.detach(),
+            "loss_g": torch.stack(g_losses).mean(),
             "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
             "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
         }
+        if opts.r1_gamma > 0:  # NaN on iterations without an R1 update would poison the average: 0 there
+            metrics["r1"] = torch.stack(r1_values).mean() if r1_values else torch.zeros((), device=acc.device)
+        return metrics
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema = decay * ema + (1 - decay) * weights, after every generator update; buffers are copied."""
+        if self.ema is None:
+            return
+        source = self.acc.unwrap_model(self.G)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(source.parameters()), 1.0 - self.cfg.train.ema_decay)
+        for mine, theirs in zip(self.ema.buffers(), source.buffers()):
+            mine.copy_(theirs)
+
+    def output_generator(self) -> torch.nn.Module:
+        """The generator that samples, evaluation and exports use: the moving average when enabled."""
+        return self.ema if self.ema is not None else self.acc.unwrap_model(self.G)
 
     def _skip_nonfinite(self, loss: torch.Tensor, optimizer) -> bool:
         """Under ``train.nonfinite=skip``: drop an update whose loss is NaN/Inf on any process (one sync)."""
@@ -207,6 +262,8 @@ class Trainer:
             acc.save_state(str(tmp))
             if acc.is_main_process:
                 torch.save(self.latent_rng.get_state(), tmp / "latent_rng.pt")
+                if self.ema is not None:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}, tmp / ckpt.EMA_FILE)
             _crash_point("save", step)
             acc.wait_for_everyone()
             if acc.is_main_process:
@@ -237,6 +294,11 @@ class Trainer:
         except RuntimeError as exc:  # shape/key mismatch from load_state_dict
             raise CheckpointError(f"{path}: does not fit these networks: {first_line(exc)}") from None
         self.latent_rng.set_state(torch.load(path / "latent_rng.pt", weights_only=True))
+        if self.ema is not None:
+            if not (path / ckpt.EMA_FILE).is_file():
+                raise CheckpointError(f"{path}: has no {ckpt.EMA_FILE}, but the config sets train.ema_decay: "
+                                      "resume with train.ema_decay=null, or start a new run")
+            self.ema.load_state_dict(load_file(str(path / ckpt.EMA_FILE), device=str(self.acc.device)))
         self.state = TrainState(**meta["state"])
 
     def resolve_resume(self) -> Optional[Path]:
@@ -268,10 +330,7 @@ class Trainer:
             log.info("resumed from %s (step %d, epoch %d, batch %d of the epoch)", resume_from,
                      self.state.step, self.state.epoch, self.state.batch_in_epoch)
 
-        steps_per_epoch = math.ceil(self.num_images / cfg.train.batch_size)
-        total = steps_per_epoch * cfg.train.epochs
-        if cfg.train.max_steps is not None:
-            total = min(total, cfg.train.max_steps)
+        total = self.total_steps
         if acc.num_processes > 1:  # which node each rank runs on, as the launcher arranged it
             from accelerate.utils import gather_object
 
@@ -303,8 +362,7 @@ class Trainer:
                         metrics = self._reduce_pending()
                         now = time.perf_counter()
                         metrics["images_per_s"] = window_images / (now - window_start)
-                        metrics["lr_g"] = self.opt_g.param_groups[0]["lr"]
-                        metrics["lr_d"] = self.opt_d.param_groups[0]["lr"]
+                        metrics["lr_g"], metrics["lr_d"] = self.lr_used  # of the last iteration
                         metrics["epoch"] = self.state.epoch
                         window_start, window_images = now, 0
                         self.tracking.log_metrics(metrics, self.state.step)
@@ -313,6 +371,8 @@ class Trainer:
                                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                     if cfg.log.sample_every and self.state.step % cfg.log.sample_every == 0:
                         self.log_samples()
+                    if cfg.eval.every_steps and self.state.step % cfg.eval.every_steps == 0:
+                        self.evaluate()
                     every = cfg.checkpoint.every_steps
                     if every and self.state.step % every == 0:
                         self.save_checkpoint()
@@ -322,6 +382,8 @@ class Trainer:
                 else:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
+                    if cfg.eval.every_epochs and self.state.epoch % cfg.eval.every_epochs == 0:
+                        self.evaluate()
                     every = cfg.checkpoint.every_epochs
                     if every and self.state.epoch % every == 0 and last_saved != self.state.step:
                         self.save_checkpoint()
@@ -345,16 +407,52 @@ class Trainer:
     def log_samples(self) -> None:
         """Main process: the generator's images for the fixed latents, to samples/ and the tracker."""
         if self.acc.is_main_process:
-            generator = self.acc.unwrap_model(self.G)
+            generator = self.output_generator()
             with torch.no_grad(), self.acc.autocast():
                 images = generator(self.fixed_latents.to(self.acc.device))
             self.tracking.log_samples(to_uint8_pictures(images), self.state.step)
 
+    def evaluate(self) -> Optional[dict]:
+        """Main process: FMD, KID and diversity of the output generator against training images, logged;
+        the best generator by FMD is exported to ``<run_dir>/best``. Returns the scores (main process)."""
+        result = None
+        if self.acc.is_main_process:
+            from .quality import QualityMeter, sample_images
+
+            cfg = self.cfg
+            n = min(cfg.eval.num_samples, self.num_images)
+            if self.meter is None:
+                pick = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(cfg.train.seed))[:n]
+                self.meter = QualityMeter(scale_intensity(self.images[pick]), cfg.eval.classifier,
+                                          seed=cfg.train.seed, device=self.acc.device)
+            generator = self.output_generator()
+            with self.acc.autocast():
+                images = sample_images(lambda z: generator(z.to(self.acc.device)), cfg.model.latent_size, n,
+                                       cfg.train.seed + 2_000_003, "normal")
+            scores = self.meter.score(images)
+            result = {"eval/fmd": scores.fmd, "eval/kid": scores.kid, "eval/diversity": scores.diversity,
+                      "eval/diversity_real": self.meter.real_diversity}
+            self.tracking.log_metrics(result, self.state.step)
+            self.log.info("evaluation at step %d: FMD %.3f KID %.5f diversity %.4f (real %.4f)", self.state.step,
+                          scores.fmd, scores.kid, scores.diversity, self.meter.real_diversity)
+            if cfg.eval.keep_best and scores.fmd < self.best_fmd:
+                self.best_fmd = scores.fmd
+                provenance = {"step": self.state.step, "epoch": self.state.epoch, "eval": {**result, "num_samples": n},
+                              "git_revision": self.git_revision, "config": cfg.to_dict()}
+                export_generator(self._generator_copy(), cfg.model, self.run_dir / BEST_DIR, provenance)
+                self.log.info("new best FMD %.3f: exported to %s", scores.fmd, self.run_dir / BEST_DIR)
+        self.acc.wait_for_everyone()
+        return result
+
+    def _generator_copy(self) -> torch.nn.Module:
+        generator = build_generator(self.cfg.model, init=False)
+        generator.load_state_dict(self.output_generator().state_dict())
+        return generator
+
     def export(self, out_dir: Path) -> None:
         """Main process: the trained generator's exports, from a fresh copy of its weights."""
         if self.acc.is_main_process:
-            generator = build_generator(self.cfg.model, init=False)
-            generator.load_state_dict(self.acc.unwrap_model(self.G).state_dict())
+            generator = self._generator_copy()
             meta = ckpt.read_meta(self.final_checkpoint)
             export_generator(generator, self.cfg.model, out_dir,
                              checkpoint_provenance(self.final_checkpoint, meta), onnx=self.cfg.export.onnx)
@@ -400,6 +498,31 @@ class Trainer:
         if stop and self._stop_signal is None:
             self._stop_signal = "a signal on another process"
         return stop
+
+
+def read_best_fmd(best_dir: Path) -> float:
+    """The FMD of the generator kept in ``best_dir`` by an earlier (resumed) run; inf when there is none."""
+    try:
+        return float(json.loads((best_dir / "export.json").read_text())["eval"]["eval/fmd"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def lr_factor(optim, total_steps: int):
+    """Learning-rate multiplier per iteration: linear warm-up, then none/linear/cosine decay to final_lr_ratio."""
+    warmup, final = optim.warmup_steps, optim.final_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if optim.decay == "none":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
+        if optim.decay == "linear":
+            return 1.0 - (1.0 - final) * progress
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 @contextmanager
