@@ -3,6 +3,8 @@
     mednist-gan train --config configs/debug.yaml [key=value ...] [--dry-run] [--debug]
     mednist-gan export --checkpoint runs/debug/checkpoints/step_000008 --out exported/
     mednist-gan generate --model runs/debug/export/mednist_gan.ts --num-samples 16 --output-dir outputs
+    mednist-gan evaluate --model runs/debug/export/model.pt --real-dir /data/MedNIST/Hand [--baseline seed.pt]
+    mednist-gan train-classifier --data-root /data/MedNIST   # the feature extractor behind FMD
     mednist-gan config-help                      # every config key with its default and meaning
 
 Errors caused by input (config, data, checkpoints, arguments) print one line and exit with 2;
@@ -45,9 +47,31 @@ def _parser() -> argparse.ArgumentParser:
                      help="latent distribution: normal (how mednist-gan trains) or uniform (the seed bundle's inference)")
     gen.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
 
+    ev = sub.add_parser("evaluate", help="FMD, KID and MS-SSIM diversity of generators against real images")
+    ev.add_argument("--model", type=Path, action="append", default=[], required=True,
+                    help="mednist_gan.ts, model.pt or a checkpoint folder; repeat to compare several")
+    ev.add_argument("--baseline", type=Path, action="append", default=[],
+                    help="a reference generator (e.g. the seed bundle's model.pt), scored with both latent distributions")
+    ev.add_argument("--real-dir", type=Path, default=None,
+                    help="folder of real images (e.g. MedNIST/Hand); default: the package's 200-image sample")
+    ev.add_argument("--num-samples", type=int, default=None,
+                    help="N generated and N real images per comparison (default: min(5000, real images / 2))")
+    ev.add_argument("--latent", choices=("normal", "uniform", "both"), default="normal")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--classifier", type=Path, default=None, help="feature extractor weights (default: the shipped one)")
+    ev.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where the JSON result goes")
+
+    tc = sub.add_parser("train-classifier", help="train the MedNIST classifier whose features FMD uses")
+    tc.add_argument("--data-root", type=Path, required=True, help="MedNIST folder with the six class folders")
+    tc.add_argument("--out", type=Path, default=None, help="weights file (default: the package's shipped file)")
+    tc.add_argument("--epochs", type=int, default=3)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, so the run is reproducible)")
+    tc.add_argument("--limit-per-class", type=int, default=None, help="use only the first N images of each class")
+
     sub.add_parser("config-help", help="list every config key with its default and meaning")
 
-    for p in (parser, train, export, gen):
+    for p in (parser, train, export, gen, ev, tc):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -86,6 +110,43 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .data import SAMPLE_ROOT
+    from .errors import MednistGanError
+    from .quality import evaluate, format_table, write_json
+
+    if args.num_samples is not None and args.num_samples < 2:
+        raise MednistGanError(f"--num-samples {args.num_samples}: expected an integer >= 2")
+    real_dir = args.real_dir or SAMPLE_ROOT / "Hand"
+    if not real_dir.is_dir():
+        raise MednistGanError(f"--real-dir {real_dir}: no such folder")
+    latents = ("normal", "uniform") if args.latent == "both" else (args.latent,)
+    models = [(str(m), m) for m in args.model]
+    result = evaluate(models, real_dir, args.num_samples, latents, args.seed, args.classifier)
+    if args.baseline:
+        baseline = evaluate([(f"baseline {b}", b) for b in args.baseline], real_dir, args.num_samples,
+                            ("normal", "uniform"), args.seed, args.classifier)
+        result["rows"] += baseline["rows"][1:]
+    print(format_table(result))
+    write_json(result, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .classifier import WEIGHTS_FILE, train_classifier
+
+    command = "mednist-gan " + " ".join(shlex.quote(a) for a in args.argv)
+    card = train_classifier(args.data_root, args.out or WEIGHTS_FILE, epochs=args.epochs, seed=args.seed,
+                            threads=args.threads, limit_per_class=args.limit_per_class, command=command)
+    r = card["results"]
+    print(f"held-out accuracy {r['test_accuracy']:.4%} on {r['test_images']} images; "
+          f"wrote {args.out or WEIGHTS_FILE} (sha256 {card['sha256'][:12]})")
+    return 0
+
+
 def _config_help(args: argparse.Namespace) -> int:
     from .config import describe_fields
 
@@ -93,12 +154,14 @@ def _config_help(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "export": _export, "generate": _generate, "config-help": _config_help}
+COMMANDS = {"train": _train, "export": _export, "generate": _generate, "evaluate": _evaluate,
+            "train-classifier": _train_classifier, "config-help": _config_help}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except MednistGanError as exc:

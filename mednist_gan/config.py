@@ -109,6 +109,8 @@ class TrainConfig:
     r1_every: int = _f(1, "apply R1 every N discriminator updates, scaled by N (lazy regularisation)")
     ema_decay: Optional[float] = _f(None, "exponential moving average of the generator weights, updated after every generator "
                                     "update; samples, evaluation and export use it; null = off")
+    ema_warmup: bool = _f(False, "EMA decay min(ema_decay, (1 + t) / (10 + t)) at the t-th generator update, so that "
+                          "early averages do not drag the initial weights along")
     precision: Literal["no", "fp16", "bf16"] = _f("no", "mixed precision handed to Accelerate")
     seed: int = _f(0, "seed of weights, shuffling, latents; augmentation and dropout use seed + process index")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms: bitwise repeatable on the same machine")

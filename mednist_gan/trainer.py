@@ -197,14 +197,14 @@ class Trainer:
 
         # Generator phase: D's parameters need no gradient, and D's DDP wrapper must not wait for one.
         g_losses = []
-        for _ in range(opts.g_train_steps):
+        for j in range(opts.g_train_steps):
             self.opt_g.zero_grad(set_to_none=True)
             with frozen(D), acc.no_sync(D):
                 loss_g = generator_loss(D(G(self.sample_latents(self.per_device_g_batch))), opts.loss)
             acc.backward(loss_g)
             if not self._skip_nonfinite(loss_g, self.opt_g):
                 self.opt_g.step()
-                self.update_ema()
+                self.update_ema(self.state.step * opts.g_train_steps + j)
             g_losses.append(loss_g.detach())
         self.lr_used = (self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"])
         for scheduler in self.schedulers:
@@ -221,12 +221,15 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        """ema = decay * ema + (1 - decay) * weights, after every generator update; buffers are copied."""
+    def update_ema(self, t: int) -> None:
+        """ema = decay * ema + (1 - decay) * weights after the t-th generator update (t from 0); buffers are copied."""
         if self.ema is None:
             return
+        decay = self.cfg.train.ema_decay
+        if self.cfg.train.ema_warmup:
+            decay = min(decay, (1 + t) / (10 + t))
         source = self.acc.unwrap_model(self.G)
-        torch._foreach_lerp_(list(self.ema.parameters()), list(source.parameters()), 1.0 - self.cfg.train.ema_decay)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(source.parameters()), 1.0 - decay)
         for mine, theirs in zip(self.ema.buffers(), source.buffers()):
             mine.copy_(theirs)
 

@@ -131,6 +131,32 @@ def test_ema_equals_the_formula_and_is_exported(tmp_path, mednist_root):
     assert "moving average" in json.loads((tmp_path / "export" / "export.json").read_text())["weights"]
 
 
+def test_ema_warmup_uses_the_ramped_decay(tmp_path, mednist_root):
+    decay, steps = 0.99, 3
+    trainer = _trainer(tmp_path, mednist_root, f"train.ema_decay={decay}", "train.ema_warmup=true",
+                       f"train.max_steps={steps}", "train.epochs=5", "train.d_train_steps=1", "export.at_end=false")
+    G = trainer.acc.unwrap_model(trainer.G)
+    expected = [p.detach().clone() for p in G.parameters()]
+    step = trainer.opt_g.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        t = len(recorded)
+        d = min(decay, (1 + t) / (10 + t))  # 0.1, 0.1818..., 0.25: far below 0.99 early on
+        for e, p in zip(expected, G.parameters()):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+        recorded.append(d)
+        return out
+
+    recorded: list = []
+    trainer.opt_g.step = recording_step
+    trainer.fit()
+    trainer.tracking.finish()
+    assert recorded == pytest.approx([0.1, 2 / 11, 0.25])
+    for ema, want in zip(trainer.ema.parameters(), expected):
+        assert torch.allclose(ema, want, rtol=1e-5, atol=1e-7)
+
+
 def test_update_ratio_and_phase_batch_sizes(tmp_path, mednist_root):
     trainer = _trainer(tmp_path, mednist_root, "train.d_train_steps=3", "train.g_train_steps=2",
                        "train.g_batch_size=4")

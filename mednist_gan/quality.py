@@ -1,0 +1,172 @@
+"""Sample-quality numbers that need no internet: FMD, KID and MS-SSIM diversity.
+
+- **FMD** (Frechet MedNIST Distance): ``monai.metrics.FIDMetric`` on the shipped MedNIST classifier's
+  features (see ``classifier.py``) of N generated and N real images.
+- **KID**: the unbiased squared MMD with the cubic polynomial kernel (Binkowski et al., 2018) on the
+  same features, averaged over subsets; unbiased, so it can go slightly below 0 for equal distributions.
+- **Diversity**: mean MS-SSIM (``monai.metrics.MultiScaleSSIMMetric``) over random pairs of distinct
+  images; a collapsed generator scores much higher than the real images do.
+
+Every comparison has a floor: the same numbers between two disjoint halves of the real images.
+Images are compared as users get them: MONAI orientation, truncated to uint8 levels like a saved PNG.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .classifier import load_classifier, to_evaluation_pixels
+from .data import list_images, load_images, scale_intensity
+from .errors import MednistGanError
+
+# 3 scales so that a 7-pixel window still fits the coarsest (16x16) scale of a 64x64 image;
+# MS-SSIM's first three weights (Wang et al., 2003), renormalised.
+MS_SSIM_WEIGHTS = (0.0448 / 0.6305, 0.2856 / 0.6305, 0.3001 / 0.6305)
+MS_SSIM_KERNEL = 7
+
+
+@dataclass
+class Scores:
+    fmd: float
+    kid: float
+    diversity: float  # mean pairwise MS-SSIM of the evaluated images (lower = more diverse)
+
+    def row(self) -> str:
+        return f"{self.fmd:10.3f} {self.kid * 1000:10.3f} {self.diversity:10.4f}"
+
+
+class QualityMeter:
+    """Real reference features computed once; then scores for any batch of images in [0, 1]."""
+
+    def __init__(self, real: torch.Tensor, classifier: Optional[Path] = None, seed: int = 0,
+                 pairs: int = 1000, batch_size: int = 500, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.net = load_classifier(classifier).to(self.device)
+        self.seed, self.pairs, self.batch_size = seed, pairs, batch_size
+        self.real = to_evaluation_pixels(real)
+        self.real_features = self.features(self.real)
+        self.real_diversity = diversity(self.real, pairs, seed, self.device)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        out = [self.net.features(to_evaluation_pixels(images[i:i + self.batch_size]).to(self.device)).double().cpu()
+               for i in range(0, len(images), self.batch_size)]
+        return torch.cat(out)
+
+    def score(self, images: torch.Tensor) -> Scores:
+        feats = self.features(images)
+        return Scores(fmd=fmd(feats, self.real_features), kid=kid(feats, self.real_features, seed=self.seed),
+                      diversity=diversity(to_evaluation_pixels(images), self.pairs, self.seed, self.device))
+
+
+def fmd(features: torch.Tensor, real_features: torch.Tensor) -> float:
+    from monai.metrics import FIDMetric
+
+    return float(FIDMetric()(features.double(), real_features.double()))
+
+
+def kid(features: torch.Tensor, real_features: torch.Tensor, subsets: int = 50, subset_size: int = 1000,
+        seed: int = 0) -> float:
+    """Kernel Inception Distance's estimator on these features: k(x, y) = (x.y / d + 1)^3."""
+    x, y = features.double(), real_features.double()
+    m = min(subset_size, len(x), len(y))
+    if m < 2:
+        raise MednistGanError(f"KID needs at least 2 images on each side, got {len(x)} and {len(y)}")
+    d = x.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        a = x[torch.randperm(len(x), generator=g)[:m]]
+        b = y[torch.randperm(len(y), generator=g)[:m]]
+        kaa, kbb, kab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
+        off = 1 - torch.eye(m, dtype=torch.float64)
+        values.append(((kaa * off).sum() + (kbb * off).sum()) / (m * (m - 1)) - 2 * kab.mean())
+    return float(torch.stack(values).mean())
+
+
+@torch.no_grad()
+def diversity(images: torch.Tensor, pairs: int = 1000, seed: int = 0, device: str | torch.device = "cpu") -> float:
+    """Mean MS-SSIM over ``pairs`` random pairs of distinct images (N, 1, H, W) in [0, 1]."""
+    from monai.metrics import MultiScaleSSIMMetric
+
+    n = len(images)
+    if n < 2:
+        raise MednistGanError(f"diversity needs at least 2 images, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, n, (pairs,), generator=g)
+    second = (first + torch.randint(1, n, (pairs,), generator=g)) % n  # never the same image
+    metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=MS_SSIM_KERNEL, weights=MS_SSIM_WEIGHTS)
+    values = metric(images[first].float().to(device), images[second].float().to(device))
+    return float(values.mean())
+
+
+# ----------------------------------------------------------------------------- the evaluate command
+
+def load_real_images(real_dir: Path, cache_dir: Optional[str] = "~/.cache/mednist_gan") -> torch.Tensor:
+    """A folder of real 64x64 images, scaled to [0, 1] as training scales them (MONAI orientation)."""
+    return scale_intensity(load_images(list_images(Path(real_dir)), (64, 64), cache_dir))
+
+
+def split_halves(real: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint, seeded halves of ``n`` images each."""
+    order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
+    return real[order[:n]], real[order[n:2 * n]]
+
+
+def sample_images(model: Callable[[torch.Tensor], torch.Tensor], latent_size: int, n: int, seed: int,
+                  latent: str, batch_size: int = 500) -> torch.Tensor:
+    from .generate import make_latents
+
+    z = make_latents(n, latent_size, seed, latent)
+    with torch.inference_mode():
+        return torch.cat([model(z[i:i + batch_size]).float() for i in range(0, n, batch_size)])
+
+
+def evaluate(models: list[tuple[str, Path]], real_dir: Path, num_samples: Optional[int] = None,
+             latents: tuple[str, ...] = ("normal",), seed: int = 0, classifier: Optional[Path] = None,
+             pairs: int = 1000) -> dict:
+    """Scores of each model (for each latent distribution) and of the real-vs-real floor, as a dict."""
+    from .generate import load_model
+
+    real = load_real_images(real_dir)
+    if len(real) < 4:
+        raise MednistGanError(f"--real-dir {real_dir}: {len(real)} images; the real-vs-real floor needs at least 4")
+    n = num_samples or min(5000, len(real) // 2)
+    if 2 * n > len(real):
+        raise MednistGanError(f"--num-samples {n}: the real-vs-real floor needs 2 x {n} real images, "
+                              f"but --real-dir {real_dir} has {len(real)}")
+    half_a, half_b = split_halves(real, n, seed)
+    meter = QualityMeter(half_a, classifier, seed=seed, pairs=pairs)
+    rows = [{"name": "real vs real (floor)", "model": str(real_dir), "latent": None,
+             **asdict(meter.score(half_b))}]
+    for name, path in models:
+        net, latent_size = load_model(path)
+        for latent in latents:
+            images = sample_images(net, latent_size, n, seed + 1, latent)
+            rows.append({"name": name, "model": str(path), "latent": latent, **asdict(meter.score(images))})
+    return {"num_samples": n, "real_dir": str(real_dir), "real_images": len(real), "seed": seed,
+            "real_diversity": meter.real_diversity, "feature_size": int(meter.real_features.shape[1]),
+            "classifier": str(classifier or "shipped"), "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"N = {result['num_samples']} generated vs {result['num_samples']} real images "
+             f"({result['real_dir']}); real images' own diversity {result['real_diversity']:.4f}",
+             f"{'':34} {'latent':8} {'FMD':>10} {'KID x1e3':>10} {'MS-SSIM':>10}"]
+    for row in result["rows"]:
+        scores = Scores(row["fmd"], row["kid"], row["diversity"])
+        lines.append(f"{row['name'][:34]:34} {row['latent'] or '-':8} {scores.row()}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,120 @@
+"""Quality metrics: the shipped classifier, FMD/KID/diversity sanity on real images, evaluate, in-training eval."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from monai.transforms import GaussianSmooth
+
+from mednist_gan.classifier import CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split, train_classifier
+from mednist_gan.config import load_config
+from mednist_gan.quality import QualityMeter, diversity, load_real_images, split_halves
+from mednist_gan.trainer import train
+
+from conftest import CONFIGS, run_cli
+
+N = 1000  # images per side in the sanity checks
+
+
+def test_shipped_classifier_matches_its_card_and_accuracy(mednist_root):
+    card = json.loads(CARD_JSON.read_text())
+    assert hashlib.sha256(WEIGHTS_FILE.read_bytes()).hexdigest() == card["sha256"]
+    assert card["command"].startswith("mednist-gan train-classifier --data-root ")
+    holdout = float(card["split"].split("%")[0].split()[-1]) / 100
+    split = load_split(mednist_root, holdout, card["training"]["seed"])
+    got = accuracy(load_classifier(), *split["test"])
+    assert got >= 0.99
+    assert got == pytest.approx(card["results"]["test_accuracy"], abs=1e-9)  # the held-out split it reports
+
+
+def test_classifier_training_is_reproducible(tmp_path, mednist_root):
+    # the same file name in two folders: torch.save writes the name into the archive
+    runs = [train_classifier(mednist_root, tmp_path / f"run{i}" / "c.pt", epochs=1, limit_per_class=40,
+                             log=lambda _: None) for i in range(2)]
+    assert runs[0]["sha256"] == runs[1]["sha256"]
+    assert json.loads((tmp_path / "run0" / "c.json").read_text())["results"]["test_images"] == 24
+
+
+@pytest.fixture(scope="module")
+def hands(mednist_root):
+    real = load_real_images(mednist_root / "Hand")
+    return split_halves(real, N, seed=0)
+
+
+@pytest.fixture(scope="module")
+def meter(hands):
+    return QualityMeter(hands[0])
+
+
+def test_fmd_and_kid_rank_damaged_real_images_behind_the_floor(hands, meter):
+    """Upside-down, transposed and blurred real hands score clearly worse than real ones; noise worst."""
+    other = hands[1]
+    floor = meter.score(other)
+    damaged = {
+        "upside_down": other.flip(-1),  # MONAI orientation: the picture's rows run along the last axis
+        "transposed": other.transpose(-1, -2),
+        "blurred": GaussianSmooth(sigma=1.5)(other),
+        "noise": torch.rand_like(other),
+    }
+    scores = {name: meter.score(images) for name, images in damaged.items()}
+    for name in ("upside_down", "transposed", "blurred"):
+        assert scores[name].fmd > 5 * floor.fmd + 1, (name, scores[name], floor)
+        assert scores[name].kid > 5 * abs(floor.kid) + 1e-3, (name, scores[name], floor)
+    assert scores["noise"].fmd > 5 * max(s.fmd for n, s in scores.items() if n != "noise")
+    assert floor.fmd >= 0 and math.isfinite(floor.fmd)
+
+
+def test_diversity_separates_real_images_from_a_collapsed_generator(hands, meter):
+    real = meter.real_diversity
+    assert 0.0 < real < 0.5
+    assert diversity(hands[1]) == pytest.approx(real, abs=0.05)  # two halves of the same data agree
+    collapsed = hands[1][:1].repeat(200, 1, 1, 1) + 0.01 * torch.rand(200, 1, 64, 64)
+    assert diversity(collapsed.clamp(0, 1)) > 0.9 > 2 * real
+
+
+def test_evaluate_command_table_and_json(tmp_path, mednist_root, upstream_weights):
+    out = tmp_path / "eval.json"
+    result = run_cli("evaluate", "--model", str(upstream_weights), "--real-dir", str(mednist_root / "Hand"),
+                     "--num-samples", "300", "--latent", "both", "--baseline", str(upstream_weights), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "real vs real (floor)" in result.stdout and "FMD" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["num_samples"] == 300 and data["feature_size"] == 320
+    names = [(r["name"], r["latent"]) for r in data["rows"]]
+    assert names[0] == ("real vs real (floor)", None)
+    assert [latent for _, latent in names[1:]] == ["normal", "uniform", "normal", "uniform"]
+    floor, normal, uniform = (data["rows"][i]["fmd"] for i in range(3))
+    assert floor < normal < uniform  # the seed's own training latents beat the uniform ones it samples with
+    assert data["rows"][1]["fmd"] == data["rows"][3]["fmd"]  # the same weights and seed: the same numbers
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--real-dir", "/nonexistent"], "--real-dir /nonexistent: no such folder"),
+    (["--num-samples", "1000"], "needs 2 x 1000 real images"),
+    (["--num-samples", "1"], "expected an integer >= 2"),
+])
+def test_evaluate_bad_input_is_one_line(tmp_path, upstream_weights, args, message):
+    result = run_cli("evaluate", "--model", str(upstream_weights), "--out", str(tmp_path / "e.json"), *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_in_training_evaluation_logs_and_keeps_the_best(tmp_path, mednist_root, debug_overrides):
+    cfg = load_config(CONFIGS / "debug.yaml", [*debug_overrides, "eval.every_steps=2", "eval.num_samples=32",
+                                               "train.ema_decay=0.5", "log.sample_every=null"])
+    train(cfg)
+    logged = [json.loads(line) for line in (cfg.run_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in logged if "eval/fmd" in row]
+    assert [row["step"] for row in evals] == [2, 4]
+    assert all(math.isfinite(row["eval/fmd"]) and 0 < row["eval/diversity"] < 1 for row in evals)
+    best = json.loads((cfg.run_path / "best" / "export.json").read_text())
+    best_fmd = min(row["eval/fmd"] for row in evals)
+    assert best["eval"]["eval/fmd"] == pytest.approx(best_fmd)
+    assert best["step"] == next(row["step"] for row in evals if row["eval/fmd"] == best_fmd)
+    assert (cfg.run_path / "best" / "model.pt").is_file() and (cfg.run_path / "best" / "mednist_gan.ts").is_file()
