@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--onnx", action="store_true", help="also write mednist_gan.onnx (needs onnx)")
 
     gen = sub.add_parser("generate", help="write sample PNGs from an exported generator or a checkpoint")
-    gen.add_argument("--model", type=Path, required=True, help="mednist_gan.ts, model.pt, or a checkpoint folder")
+    gen.add_argument("--model", type=Path, default=None,
+                     help="mednist_gan.ts, model.pt, or a checkpoint folder; default: the generator shipped in the package")
     gen.add_argument("--num-samples", type=int, default=16)
     gen.add_argument("--output-dir", type=Path, default=Path("outputs"))
     gen.add_argument("--seed", type=int, default=0)
@@ -102,9 +103,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from .generate import SHIPPED_MODEL, generate
 
-    paths = generate(args.model, args.num_samples, args.output_dir, seed=args.seed, batch_size=args.batch_size,
+    paths = generate(args.model or SHIPPED_MODEL, args.num_samples, args.output_dir, seed=args.seed, batch_size=args.batch_size,
                      grid=args.grid, latent=args.latent, device=args.device)
     print(f"wrote {len(paths)} PNGs to {args.output_dir}" + (f" and a grid to {args.grid}" if args.grid else ""))
     return 0

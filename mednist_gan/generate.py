@@ -16,6 +16,8 @@ from PIL import Image
 from .errors import CheckpointError, MednistGanError
 
 LATENTS = ("normal", "uniform")
+# The generator trained with configs/quality.yaml (see its MODEL_CARD.md), used when no --model is given.
+SHIPPED_MODEL = Path(__file__).parent / "assets" / "generator" / "mednist_gan.ts"
 
 
 def load_model(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:

@@ -230,3 +230,14 @@ def test_resume_with_ema_and_schedule_is_bitwise(tmp_path, mednist_root):
         assert torch.equal(a, b), k
     G_a, G_b = (t.acc.unwrap_model(t.G).state_dict() for t in (straight, resumed))
     assert all(torch.equal(G_a[k], G_b[k]) for k in G_a)
+
+
+def test_resume_into_ema_from_a_run_without_it_is_refused(tmp_path, mednist_root):
+    from mednist_gan.errors import CheckpointError
+
+    common = [f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
+              "log.sample_every=null", "export.at_end=false"]
+    train(load_config(CONFIGS / "debug.yaml", [*common, "train.max_steps=2"]))
+    _reset_accelerate()
+    with pytest.raises(CheckpointError, match="has no ema.safetensors, but the config sets train.ema_decay"):
+        train(load_config(CONFIGS / "debug.yaml", [*common, "train.ema_decay=0.9"]))

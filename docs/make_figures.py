@@ -1,0 +1,46 @@
+"""The README's sample grids: the shipped generator, the seed bundle's weights and real Hand images.
+
+    python docs/make_figures.py [--data ../shared/data/mednist] [--seed-weights ../shared/upstream/mednist_gan_bundle_model.pt]
+
+Each grid holds 64 images: generated ones from latents of seed 0 (the shipped model and the seed's
+weights each with the latent distribution that scores best for it), real ones drawn with seed 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from mednist_gan.generate import SHIPPED_MODEL, image_grid, load_model, make_latents, save_png, to_uint8_pictures
+from mednist_gan.quality import load_real_images
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def grid_of(model: Path, latent: str, out: Path) -> None:
+    net, size = load_model(model)
+    with torch.inference_mode():
+        save_png(image_grid(to_uint8_pictures(net(make_latents(64, size, 0, latent))), columns=8), out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mednist")
+    parser.add_argument("--seed-weights", type=Path,
+                        default=REPO.parent / "shared" / "upstream" / "mednist_gan_bundle_model.pt")
+    args = parser.parse_args()
+    out = HERE / "images"
+    out.mkdir(exist_ok=True)
+    grid_of(SHIPPED_MODEL, "normal", out / "shipped_grid.png")
+    grid_of(args.seed_weights, "normal", out / "seed_grid.png")
+    real = load_real_images(args.data / "Hand")
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:64]
+    save_png(image_grid(to_uint8_pictures(real[pick]), columns=8), out / "real_grid.png")
+    print(f"wrote {out}/shipped_grid.png, seed_grid.png, real_grid.png")
+
+
+if __name__ == "__main__":
+    main()
