@@ -28,6 +28,16 @@ from _report import machine, verdict  # noqa: E402
 HAND_IMAGES = 10_000
 
 
+class _NoModules:
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def measure(config: Path, data: Path, iters: int) -> dict:
     import torch
     from accelerate.state import AcceleratorState, GradientState
@@ -47,7 +57,10 @@ def measure(config: Path, data: Path, iters: int) -> dict:
         real = trainer.prepare_reals(next(iter(trainer.loader)))
         trainer.train_step(real)  # warm-up
         window = max(1, cfg.train.r1_every if cfg.train.r1_gamma > 0 else 1)
-        with FlopCounterMode(display=False) as counter:
+        counter = FlopCounterMode(display=False)
+        # Its per-module tracker hooks break autograd.grad (R1); totals need no module breakdown.
+        counter.mod_tracker = _NoModules()
+        with counter:
             for _ in range(window):
                 trainer.train_step(real)
                 trainer.state.step += 1
