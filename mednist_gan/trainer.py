@@ -25,9 +25,8 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
-from tqdm import tqdm
-
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config
