@@ -122,12 +122,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not real_dir.is_dir():
         raise MednistGanError(f"--real-dir {real_dir}: no such folder")
     latents = ("normal", "uniform") if args.latent == "both" else (args.latent,)
-    models = [(str(m), m) for m in args.model]
-    result = evaluate(models, real_dir, args.num_samples, latents, args.seed, args.classifier)
-    if args.baseline:
-        baseline = evaluate([(f"baseline {b}", b) for b in args.baseline], real_dir, args.num_samples,
-                            ("normal", "uniform"), args.seed, args.classifier)
-        result["rows"] += baseline["rows"][1:]
+    models = [(str(m), m, latents) for m in args.model]
+    models += [(f"baseline {b}", b, ("normal", "uniform")) for b in args.baseline]
+    result = evaluate(models, real_dir, args.num_samples, args.seed, args.classifier)
     print(format_table(result))
     write_json(result, args.out)
     print(f"wrote {args.out}")

@@ -48,20 +48,22 @@ class QualityMeter:
         self.device = torch.device(device)
         self.net = load_classifier(classifier).to(self.device)
         self.seed, self.pairs, self.batch_size = seed, pairs, batch_size
-        self.real = to_evaluation_pixels(real)
-        self.real_features = self.features(self.real)
-        self.real_diversity = diversity(self.real, pairs, seed, self.device)
+        pixels = to_evaluation_pixels(real)
+        self.real_features = self.features(pixels)
+        self.real_diversity = diversity(pixels, pairs, seed, self.device)
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        out = [self.net.features(to_evaluation_pixels(images[i:i + self.batch_size]).to(self.device)).double().cpu()
-               for i in range(0, len(images), self.batch_size)]
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Classifier features of images already quantised by ``to_evaluation_pixels``."""
+        out = [self.net.features(pixels[i:i + self.batch_size].to(self.device)).double().cpu()
+               for i in range(0, len(pixels), self.batch_size)]
         return torch.cat(out)
 
     def score(self, images: torch.Tensor) -> Scores:
-        feats = self.features(images)
+        pixels = to_evaluation_pixels(images)
+        feats = self.features(pixels)
         return Scores(fmd=fmd(feats, self.real_features), kid=kid(feats, self.real_features, seed=self.seed),
-                      diversity=diversity(to_evaluation_pixels(images), self.pairs, self.seed, self.device))
+                      diversity=diversity(pixels, self.pairs, self.seed, self.device))
 
 
 def fmd(features: torch.Tensor, real_features: torch.Tensor) -> float:
@@ -127,10 +129,12 @@ def sample_images(model: Callable[[torch.Tensor], torch.Tensor], latent_size: in
         return torch.cat([model(z[i:i + batch_size]).float() for i in range(0, n, batch_size)])
 
 
-def evaluate(models: list[tuple[str, Path]], real_dir: Path, num_samples: Optional[int] = None,
-             latents: tuple[str, ...] = ("normal",), seed: int = 0, classifier: Optional[Path] = None,
-             pairs: int = 1000) -> dict:
-    """Scores of each model (for each latent distribution) and of the real-vs-real floor, as a dict."""
+def evaluate(models: list[tuple[str, Path, tuple[str, ...]]], real_dir: Path, num_samples: Optional[int] = None,
+             seed: int = 0, classifier: Optional[Path] = None, pairs: int = 1000) -> dict:
+    """Scores of each (name, model, latent distributions) and of the real-vs-real floor, as a dict.
+
+    The real images, their features and their diversity are computed once for all models.
+    """
     from .generate import load_model
 
     real = load_real_images(real_dir)
@@ -144,7 +148,7 @@ def evaluate(models: list[tuple[str, Path]], real_dir: Path, num_samples: Option
     meter = QualityMeter(half_a, classifier, seed=seed, pairs=pairs)
     rows = [{"name": "real vs real (floor)", "model": str(real_dir), "latent": None,
              **asdict(meter.score(half_b))}]
-    for name, path in models:
+    for name, path, latents in models:
         net, latent_size = load_model(path)
         for latent in latents:
             images = sample_images(net, latent_size, n, seed + 1, latent)
