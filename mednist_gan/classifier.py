@@ -21,6 +21,7 @@ from torch import nn
 
 from .data import list_images, load_images, scale_intensity
 from .errors import CheckpointError, DataError, first_line
+from .generate import to_uint8
 
 CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 ASSETS = Path(__file__).parent / "assets"
@@ -76,7 +77,7 @@ def load_classifier(path: Optional[Path] = None) -> MedNISTClassifier:
 
 def to_evaluation_pixels(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] -> what a user gets from a saved PNG: truncated to uint8 levels, back in [0, 1]."""
-    return (images.float().clamp(0, 1) * 255).to(torch.uint8).float() / 255
+    return to_uint8(images).float() / 255
 
 
 def load_split(data_root: Path, holdout: float, seed: int, cache_dir: Optional[str] = "~/.cache/mednist_gan",

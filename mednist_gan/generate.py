@@ -65,14 +65,18 @@ def make_latents(n: int, size: int, seed: int, distribution: str = "normal") -> 
     raise MednistGanError(f"--latent {distribution!r}: expected one of {', '.join(LATENTS)}")
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> uint8 levels as ``SaveImaged(scale=255, output_dtype=uint8)`` writes them (truncated)."""
+    return (images.float().clamp(0, 1) * 255).to(torch.uint8)
+
+
 def to_uint8_pictures(images: torch.Tensor) -> np.ndarray:
     """(N, 1, H, W) in [0, 1], MONAI orientation -> (N, W, H) uint8 pictures standing upright.
 
     Same conversion as the bundle's ``SaveImaged(scale=255, output_dtype=uint8)``: transpose back to the
     JPEG's row order, multiply by 255, truncate.
     """
-    pixels = (images[:, 0].float().clamp(0, 1) * 255).to(torch.uint8)
-    return pixels.transpose(1, 2).contiguous().cpu().numpy()
+    return to_uint8(images)[:, 0].transpose(1, 2).contiguous().cpu().numpy()
 
 
 def image_grid(pictures: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
