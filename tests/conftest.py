@@ -60,11 +60,15 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int 
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; tests that build several trainers need a clean one each."""
-    yield
+def reset_accelerate() -> None:
+    """Accelerate keeps one process-wide state; each new trainer in this process needs a clean one."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate()

@@ -20,7 +20,7 @@ from mednist_gan.export import export_checkpoint
 from mednist_gan.generate import generate
 from mednist_gan.trainer import train
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, reset_accelerate, run_cli
 
 BUNDLE_ARGS = dict(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8, 1], strides=[2, 2, 2, 1])
 
@@ -30,10 +30,7 @@ def trained_run(tmp_path_factory, mednist_root):
     run = tmp_path_factory.mktemp("trained") / "run"
     train(load_config(CONFIGS / "debug.yaml", [f"run_dir={run}", f"data.root={mednist_root}",
                                                f"data.cache_dir={run.parent / 'cache'}"]))
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     return run
 
 

@@ -15,7 +15,7 @@ from mednist_gan.export import load_generator_weights
 from mednist_gan.losses import discriminator_loss, generator_loss, r1_penalty
 from mednist_gan.trainer import Trainer, lr_factor, train
 
-from conftest import CONFIGS
+from conftest import CONFIGS, reset_accelerate
 
 REAL = torch.tensor([[0.5], [-1.0], [2.5]])
 FAKE = torch.tensor([[2.0], [0.3], [-4.0]])
@@ -203,26 +203,19 @@ def test_bundle_recipe_keeps_every_option_off():
     assert not cfg.optim.scheduled and not cfg.eval.enabled
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def test_resume_with_ema_and_schedule_is_bitwise(tmp_path, mednist_root):
     """Stopped after 2 of 4 iterations and resumed == 4 iterations straight: weights, EMA, learning rates."""
     common = [f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "train.ema_decay=0.9",
               "train.r1_gamma=1", "train.loss=hinge", "optim.warmup_steps=3", "optim.decay=cosine",
               "train.max_steps=4", "log.sample_every=null", "export.at_end=false"]
     straight = train(load_config(CONFIGS / "debug.yaml", [f"run_dir={tmp_path / 'a'}", *common]))
-    _reset_accelerate()
+    reset_accelerate()
     interrupted = Trainer(load_config(CONFIGS / "debug.yaml", [f"run_dir={tmp_path / 'b'}", *common]))
     interrupted._should_stop = lambda: interrupted.state.step >= 2  # as if preempted after iteration 2
     interrupted.fit()
     interrupted.tracking.finish()
     assert interrupted.state.step == 2
-    _reset_accelerate()
+    reset_accelerate()
     resumed = train(load_config(CONFIGS / "debug.yaml", [f"run_dir={tmp_path / 'b'}", *common]))
     assert resumed.state.step == straight.state.step == 4
     assert resumed.lr_used == straight.lr_used
@@ -238,6 +231,6 @@ def test_resume_into_ema_from_a_run_without_it_is_refused(tmp_path, mednist_root
     common = [f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
               "log.sample_every=null", "export.at_end=false"]
     train(load_config(CONFIGS / "debug.yaml", [*common, "train.max_steps=2"]))
-    _reset_accelerate()
+    reset_accelerate()
     with pytest.raises(CheckpointError, match="has no ema.safetensors, but the config sets train.ema_decay"):
         train(load_config(CONFIGS / "debug.yaml", [*common, "train.ema_decay=0.9"]))
