@@ -17,7 +17,7 @@ from PIL import Image
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import load_config
 from mednist_gan.export import export_checkpoint
-from mednist_gan.generate import generate
+from mednist_gan.generate import encode_png, generate
 from mednist_gan.trainer import train
 
 from conftest import CONFIGS, reset_accelerate, run_cli
@@ -128,6 +128,20 @@ def test_generate_writes_upright_8bit_pngs_and_is_seeded(trained_run, tmp_path):
     e = generate(ckpt.find_latest(trained_run), 10, tmp_path / "e", seed=3)
     for x, y, w in zip(arrays(a), arrays(d), arrays(e)):
         assert np.abs(x.astype(int) - y).max() <= 1 and np.abs(x.astype(int) - w).max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (3, 130), (131, 1)])
+def test_png_encoder_round_trips_through_pillow(shape, tmp_path):
+    rng = np.random.default_rng(sum(shape))
+    for array in (rng.integers(0, 256, shape, dtype=np.uint8), np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)):
+        path = tmp_path / "x.png"
+        path.write_bytes(encode_png(array))
+        image = Image.open(path)
+        image.load()  # Pillow checks every chunk's CRC and the zlib stream while decoding
+        assert image.mode == "L" and image.size == shape[::-1]
+        assert np.array_equal(np.asarray(image), array)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        encode_png(np.zeros((2, 2), np.float32))
 
 
 def test_seed_weights_give_the_bundle_pipelines_picture(upstream_weights, tmp_path):
