@@ -60,6 +60,17 @@ def find_latest(run_dir: Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
+def resolve(path: Path) -> Path:
+    """A checkpoint folder as given, or a run directory's newest complete checkpoint."""
+    path = Path(path)
+    if not (path / META).is_file() and checkpoints_dir(path).is_dir():
+        latest = find_latest(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: a run directory without a complete checkpoint")
+        return latest
+    return path
+
+
 def read_meta(checkpoint: Path) -> dict:
     path = Path(checkpoint) / META
     try:

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
     export = sub.add_parser("export", help="write generator-only files from a training checkpoint")
-    export.add_argument("--checkpoint", type=Path, required=True, help="a checkpoints/step_* folder")
+    export.add_argument("--checkpoint", type=Path, required=True, help="a checkpoints/step_* folder, or a run directory (its newest checkpoint)")
     export.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
     export.add_argument("--onnx", action="store_true", help="also write mednist_gan.onnx (needs onnx)")
 

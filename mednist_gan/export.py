@@ -42,9 +42,9 @@ def load_checkpoint_generator(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
     """
     from safetensors.torch import load_file
 
-    from .checkpoint import EMA_FILE, read_meta
+    from .checkpoint import EMA_FILE, read_meta, resolve
 
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve(checkpoint)
     meta = read_meta(checkpoint)
     model_cfg = ModelConfig(**meta["config"]["model"])
     weights = checkpoint / EMA_FILE
@@ -251,9 +251,12 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, onnx: bool = False) -> Path:
     """``mednist-gan export``: the generator of a training checkpoint, with its provenance."""
-    generator, meta = load_checkpoint_generator(Path(checkpoint))
+    from .checkpoint import resolve
+
+    checkpoint = resolve(checkpoint)
+    generator, meta = load_checkpoint_generator(checkpoint)
     return export_generator(generator, ModelConfig(**meta["config"]["model"]), out_dir,
-                            checkpoint_provenance(Path(checkpoint), meta), onnx=onnx)
+                            checkpoint_provenance(checkpoint, meta), onnx=onnx)
 
 
 def checkpoint_provenance(checkpoint: Path, meta: dict) -> dict:

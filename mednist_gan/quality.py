@@ -121,19 +121,21 @@ def split_halves(real: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, t
 
 
 def sample_images(model: Callable[[torch.Tensor], torch.Tensor], latent_size: int, n: int, seed: int,
-                  latent: str, batch_size: int = 500) -> torch.Tensor:
+                  latent: str, batch_size: int = 500, device: str | torch.device = "cpu") -> torch.Tensor:
     from .generate import make_latents
 
     z = make_latents(n, latent_size, seed, latent)
     with torch.inference_mode():
-        return torch.cat([model(z[i:i + batch_size]).float() for i in range(0, n, batch_size)])
+        return torch.cat([model(z[i:i + batch_size].to(device)).float().cpu() for i in range(0, n, batch_size)])
 
 
 def evaluate(models: list[tuple[str, Path, tuple[str, ...]]], real_dir: Path, num_samples: Optional[int] = None,
-             seed: int = 0, classifier: Optional[Path] = None, pairs: int = 1000) -> dict:
+             seed: int = 0, classifier: Optional[Path] = None, pairs: int = 1000,
+             device: Optional[str] = None) -> dict:
     """Scores of each (name, model, latent distributions) and of the real-vs-real floor, as a dict.
 
-    The real images, their features and their diversity are computed once for all models.
+    The real images, their features and their diversity are computed once for all models; on the GPU
+    when there is one (``device`` overrides).
     """
     from .generate import load_model
 
@@ -145,13 +147,15 @@ def evaluate(models: list[tuple[str, Path, tuple[str, ...]]], real_dir: Path, nu
         raise MednistGanError(f"--num-samples {n}: the real-vs-real floor needs 2 x {n} real images, "
                               f"but --real-dir {real_dir} has {len(real)}")
     half_a, half_b = split_halves(real, n, seed)
-    meter = QualityMeter(half_a, classifier, seed=seed, pairs=pairs)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meter = QualityMeter(half_a, classifier, seed=seed, pairs=pairs, device=device)
     rows = [{"name": "real vs real (floor)", "model": str(real_dir), "latent": None,
              **asdict(meter.score(half_b))}]
     for name, path, latents in models:
         net, latent_size = load_model(path)
+        net = net.to(device)
         for latent in latents:
-            images = sample_images(net, latent_size, n, seed + 1, latent)
+            images = sample_images(net, latent_size, n, seed + 1, latent, device=device)
             rows.append({"name": name, "model": str(path), "latent": latent, **asdict(meter.score(images))})
     return {"num_samples": n, "real_dir": str(real_dir), "real_images": len(real), "seed": seed,
             "real_diversity": meter.real_diversity, "feature_size": int(meter.real_features.shape[1]),

@@ -429,8 +429,8 @@ class Trainer:
                                           seed=cfg.train.seed, device=self.acc.device)
             generator = self.output_generator()
             with self.acc.autocast():
-                images = sample_images(lambda z: generator(z.to(self.acc.device)), cfg.model.latent_size, n,
-                                       cfg.train.seed + 2_000_003, "normal")
+                images = sample_images(generator, cfg.model.latent_size, n, cfg.train.seed + 2_000_003, "normal",
+                                       device=self.acc.device)
             scores = self.meter.score(images)
             result = {"eval/fmd": scores.fmd, "eval/kid": scores.kid, "eval/diversity": scores.diversity,
                       "eval/diversity_real": self.meter.real_diversity}

@@ -109,6 +109,13 @@ def test_export_command_from_a_checkpoint(trained_run, tmp_path):
     # Exporting again over it replaces it atomically and leaves no temporary folders behind.
     export_checkpoint(latest, tmp_path / "exp")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    # The run directory stands for its newest checkpoint; one without a checkpoint is a one-line error.
+    result = run_cli("export", "--checkpoint", str(trained_run), "--out", str(tmp_path / "from_run"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "from_run" / "export.json").read_text())["checkpoint"] == str(latest.resolve())
+    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
+    result = run_cli("export", "--checkpoint", str(tmp_path / "empty_run"), "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "a run directory without a complete checkpoint" in result.stderr
 
 
 def test_generate_writes_upright_8bit_pngs_and_is_seeded(trained_run, tmp_path):
