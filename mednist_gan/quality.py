@@ -1,6 +1,6 @@
 """Sample-quality numbers that need no internet: FMD, KID and MS-SSIM diversity.
 
-- **FMD** (Frechet MedNIST Distance): ``monai.metrics.FIDMetric`` on the shipped MedNIST classifier's
+- **FMD** (Frechet MedNIST Distance): the Frechet distance of ``monai.metrics.FIDMetric`` on the shipped MedNIST classifier's
   features (see ``classifier.py``) of N generated and N real images.
 - **KID**: the unbiased squared MMD with the cubic polynomial kernel (Binkowski et al., 2018) on the
   same features, averaged over subsets; unbiased, so it can go slightly below 0 for equal distributions.
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .classifier import load_classifier, to_evaluation_pixels
@@ -67,9 +68,25 @@ class QualityMeter:
 
 
 def fmd(features: torch.Tensor, real_features: torch.Tensor) -> float:
-    from monai.metrics import FIDMetric
+    """Frechet distance between Gaussians fitted to the two feature sets: ``monai.metrics.FIDMetric``'s formula.
 
-    return float(FIDMetric()(features.double(), real_features.double()))
+    Written out because MONAI 1.6's ``FIDMetric`` calls ``scipy.linalg.sqrtm(..., disp=False)``, which newer
+    SciPy releases no longer accept (a test keeps the two equal where both run).
+    """
+    import scipy.linalg
+
+    x, y = features.double().numpy(), real_features.double().numpy()
+    diff = x.mean(0) - y.mean(0)
+    sigma_x, sigma_y = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
+    covmean = scipy.linalg.sqrtm(sigma_x @ sigma_y)
+    if not np.isfinite(covmean).all():  # a nearly singular product, handled as FIDMetric does
+        offset = np.eye(len(sigma_x)) * 1e-6
+        covmean = scipy.linalg.sqrtm((sigma_x + offset) @ (sigma_y + offset))
+    if np.iscomplexobj(covmean):  # numerical error can leave a tiny imaginary part
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise MednistGanError(f"FMD: imaginary component {np.abs(covmean.imag).max():.3g} too large")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma_x) + np.trace(sigma_y) - 2 * np.trace(covmean))
 
 
 def kid(features: torch.Tensor, real_features: torch.Tensor, subsets: int = 50, subset_size: int = 1000,

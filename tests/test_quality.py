@@ -12,7 +12,7 @@ from monai.transforms import GaussianSmooth
 
 from mednist_gan.classifier import CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split, train_classifier
 from mednist_gan.config import load_config
-from mednist_gan.quality import QualityMeter, diversity, load_real_images, split_halves
+from mednist_gan.quality import QualityMeter, diversity, fmd, load_real_images, split_halves
 from mednist_gan.trainer import train
 
 from conftest import CONFIGS, run_cli
@@ -48,6 +48,21 @@ def hands(mednist_root):
 @pytest.fixture(scope="module")
 def meter(hands):
     return QualityMeter(hands[0])
+
+
+def test_fmd_is_monais_frechet_distance():
+    from monai.metrics import FIDMetric
+
+    g = torch.Generator().manual_seed(0)
+    for n, d in [(400, 320), (50, 320), (300, 4)]:  # 50 x 320: a singular covariance
+        a = torch.randn(n, d, generator=g, dtype=torch.float64)
+        b = torch.randn(n, d, generator=g, dtype=torch.float64) * 1.2 + 0.3
+        try:
+            expected = float(FIDMetric()(a, b))
+        except TypeError as exc:  # MONAI 1.6 passes scipy.linalg.sqrtm a keyword newer SciPy dropped
+            pytest.skip(f"monai's FIDMetric does not run with this SciPy: {exc}")
+        assert fmd(a, b) == pytest.approx(expected, rel=1e-7)
+    assert fmd(a, a) == pytest.approx(0, abs=1e-6)
 
 
 def test_fmd_and_kid_rank_damaged_real_images_behind_the_floor(hands, meter):
