@@ -168,12 +168,13 @@ def test_shipped_generator_is_a_bundle_generator_and_its_files_agree():
 
 
 def test_shipped_generator_beats_the_seed_bundle(mednist_root, upstream_weights):
-    """The shipped weights keep their lead over the seed's (both latent distributions), at N = 2000."""
+    """The shipped weights meet the recipe's targets against the seed's (both latent distributions), at N = 2000:
+    at most half the seed's FMD, diversity within 10% of the real images' (measured 0.42x and +8.6%)."""
     from mednist_gan.quality import evaluate
 
     result = evaluate([("shipped", SHIPPED / "model.pt", ("normal",)),
                        ("seed", upstream_weights, ("normal", "uniform"))], mednist_root / "Hand", 2000)
     shipped, *seed = result["rows"][1:]
     best_seed = min(row["fmd"] for row in seed)
-    assert shipped["fmd"] < 0.65 * best_seed, (shipped, seed)
-    assert abs(shipped["diversity"] / result["real_diversity"] - 1) < 0.2  # no collapse (1000 pairs: about +-3%)
+    assert shipped["fmd"] <= 0.5 * best_seed, (shipped, seed)
+    assert abs(shipped["diversity"] / result["real_diversity"] - 1) <= 0.1, (shipped, result["real_diversity"])
