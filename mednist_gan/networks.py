@@ -30,8 +30,8 @@ class MaskDropout(torch.nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = torch.rand_like(x) >= self.p
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        # One float mask holding 0 or 1/(1-p), built in place: no bool tensor, no conversion copy.
+        return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
 
 
 def _use_mask_dropout(module: torch.nn.Module) -> None:
