@@ -81,7 +81,8 @@ def read_meta(checkpoint: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({exc})") from None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a hidden temporary file, fsync, then rename: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -113,14 +114,14 @@ def begin_save(run_dir: Path, step: int) -> Path:
 
 def publish(run_dir: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
     """Main process: write metadata, make the checkpoint visible, move ``latest``, then rotate old ones."""
-    _write_text_atomic(tmp / META, json.dumps(meta, indent=2))
+    write_text_atomic(tmp / META, json.dumps(meta, indent=2))
     _fsync_tree(tmp)
     final = tmp.parent / step_dir_name(step)
     if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
         shutil.rmtree(tmp)
     else:
         os.rename(tmp, final)
-    _write_text_atomic(tmp.parent / LATEST, final.name + "\n")
+    write_text_atomic(tmp.parent / LATEST, final.name + "\n")
     for old in complete_checkpoints(run_dir)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .checkpoint import write_text_atomic
 from .classifier import load_classifier, to_evaluation_pixels
 from .data import list_images, load_images, scale_intensity
 from .errors import MednistGanError
@@ -98,12 +99,12 @@ def kid(features: torch.Tensor, real_features: torch.Tensor, subsets: int = 50, 
         raise MednistGanError(f"KID needs at least 2 images on each side, got {len(x)} and {len(y)}")
     d = x.shape[1]
     g = torch.Generator().manual_seed(seed)
+    off = 1 - torch.eye(m, dtype=torch.float64)  # drops the diagonal (k(x, x)) from the within-set sums
     values = []
     for _ in range(subsets):
         a = x[torch.randperm(len(x), generator=g)[:m]]
         b = y[torch.randperm(len(y), generator=g)[:m]]
         kaa, kbb, kab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
-        off = 1 - torch.eye(m, dtype=torch.float64)
         values.append(((kaa * off).sum() + (kbb * off).sum()) / (m * (m - 1)) - 2 * kab.mean())
     return float(torch.stack(values).mean())
 
@@ -192,6 +193,4 @@ def format_table(result: dict) -> str:
 def write_json(result: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
