@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from . import __version__
+from .checkpoint import EMA_FILE, read_meta, resolve
 from .config import ModelConfig
 from .errors import CheckpointError, first_line
 from .networks import build_generator
@@ -36,13 +37,11 @@ def generator_state_dict(generator: torch.nn.Module) -> "OrderedDict[str, torch.
 
 
 def load_checkpoint_generator(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
-    """The generator (with its sigmoid) and the metadata of a training checkpoint folder.
+    """The generator (with its sigmoid) and the metadata of a training checkpoint folder (or a run directory's newest).
 
     With ``train.ema_decay`` the checkpoint holds the moving-average weights too, and those are used.
     """
     from safetensors.torch import load_file
-
-    from .checkpoint import EMA_FILE, read_meta, resolve
 
     checkpoint = resolve(checkpoint)
     meta = read_meta(checkpoint)
@@ -251,9 +250,7 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, onnx: bool = False) -> Path:
     """``mednist-gan export``: the generator of a training checkpoint, with its provenance."""
-    from .checkpoint import resolve
-
-    checkpoint = resolve(checkpoint)
+    checkpoint = resolve(checkpoint)  # the provenance names the checkpoint folder itself
     generator, meta = load_checkpoint_generator(checkpoint)
     return export_generator(generator, ModelConfig(**meta["config"]["model"]), out_dir,
                             checkpoint_provenance(checkpoint, meta), onnx=onnx)
