@@ -104,7 +104,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from .generate import SHIPPED_MODEL, generate
+    from .hostmem import keep_freed_host_memory
 
+    keep_freed_host_memory()  # a process of its own: large batches reuse their pages instead of faulting them in
     paths = generate(args.model or SHIPPED_MODEL, args.num_samples, args.output_dir, seed=args.seed, batch_size=args.batch_size,
                      grid=args.grid, latent=args.latent, device=args.device)
     print(f"wrote {len(paths)} PNGs to {args.output_dir}" + (f" and a grid to {args.grid}" if args.grid else ""))
@@ -114,6 +116,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import SAMPLE_ROOT
     from .errors import MednistGanError
+    from .hostmem import keep_freed_host_memory
     from .quality import evaluate, format_table, write_json
 
     if args.num_samples is not None and args.num_samples < 2:
@@ -121,6 +124,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     real_dir = args.real_dir or SAMPLE_ROOT / "Hand"
     if not real_dir.is_dir():
         raise MednistGanError(f"--real-dir {real_dir}: no such folder")
+    keep_freed_host_memory()
     latents = ("normal", "uniform") if args.latent == "both" else (args.latent,)
     models = [(str(m), m, latents) for m in args.model]
     models += [(f"baseline {b}", b, ("normal", "uniform")) for b in args.baseline]

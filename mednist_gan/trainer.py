@@ -36,6 +36,7 @@ from .export import checkpoint_provenance, export_generator
 from .losses import discriminator_loss, generator_loss, r1_penalty
 from .networks import build_discriminator, build_generator
 from .generate import to_uint8_pictures
+from .hostmem import keep_freed_host_memory
 from .tracking import Tracking, setup_logging, tracker_dir, write_run_info
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
@@ -69,6 +70,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError("train.precision='fp16' needs a CUDA GPU, and none is visible: use 'bf16' or 'no' on CPU")
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.keep_host_memory:
+        keep_freed_host_memory()
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

@@ -1,0 +1,64 @@
+"""Freed host memory stays in the process: a repeated large allocation stops page-faulting."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIGS, REPO
+
+# Ten rounds of what a training step does with its activations: allocate and fill two large tensors
+# (64 and 32 MiB, above glibc's largest mmap threshold), keep a small result, free the large ones.
+# Prints the minor page faults of the last three rounds (glibc needs a few rounds to settle on reusable
+# free blocks).
+PROBE = """
+import resource, sys, torch
+mode = sys.argv[1]
+if mode == "direct":
+    from mednist_gan.hostmem import keep_freed_host_memory
+    print("applied", keep_freed_host_memory())
+elif mode.startswith("config"):
+    from mednist_gan.config import load_config
+    from mednist_gan.trainer import make_accelerator
+    keep = mode == "config-on"
+    make_accelerator(load_config(sys.argv[2], [f"train.keep_host_memory={keep}", "log.tracker=none"]))
+for i in range(10):
+    if i == 7:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a, b = torch.empty(16 * 2**20).fill_(1.0), torch.empty(8 * 2**20).fill_(1.0)
+    kept = a[:100] + b[:100]
+    del a, b
+print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+PAGES_PER_ROUND = 96 * 2**20 // 4096
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="mallopt tuning applies to glibc only")
+
+
+def _faults(*args: str) -> tuple[int, str]:
+    out = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split("faults")[-1]), out.stdout
+
+
+def test_default_malloc_faults_a_large_tensor_back_in_every_time():
+    faults, _ = _faults("none")
+    assert faults >= 3 * PAGES_PER_ROUND * 0.9
+
+
+def test_keep_freed_host_memory_reuses_the_pages():
+    faults, out = _faults("direct")
+    assert "applied True" in out
+    assert faults < 0.05 * PAGES_PER_ROUND
+
+
+def test_training_setup_applies_it_unless_the_config_turns_it_off():
+    on, _ = _faults("config-on", str(CONFIGS / "debug.yaml"))
+    off, _ = _faults("config-off", str(CONFIGS / "debug.yaml"))
+    assert on < 0.05 * PAGES_PER_ROUND
+    assert off >= 3 * PAGES_PER_ROUND * 0.9
