@@ -58,6 +58,8 @@ class ModelConfig:
     d_kernel_size: int = _f(5, "discriminator: convolution kernel size")
     d_dropout: float = _f(0.25, "discriminator dropout (MONAI's default)")
     cpu_mask_dropout: bool = _f(True, "on CPU, draw dropout masks as rand >= p (same distribution, faster than PyTorch's CPU bernoulli; other masks)")
+    cpu_phase_split: bool = _f(True, "on CPU, the discriminator's stride-2 convolutions of <= 8 input channels compute their input "
+                               "gradient as a stride-1 convolution + pixel shuffle (faster than oneDNN's; same values up to rounding)")
 
     def check(self) -> None:
         _require(self.latent_size >= 1, "model.latent_size", self.latent_size, "an integer >= 1")

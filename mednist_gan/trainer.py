@@ -115,8 +115,9 @@ class Trainer:
         set_seed(cfg.train.seed)  # identical initial weights on every process
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         G = build_generator(cfg.model).to(memory_format=memory_format)
-        mask_dropout = cfg.model.cpu_mask_dropout and acc.device.type == "cpu"
-        D = build_discriminator(cfg.model, mask_dropout=mask_dropout).to(memory_format=memory_format)
+        on_cpu = acc.device.type == "cpu"
+        D = build_discriminator(cfg.model, mask_dropout=cfg.model.cpu_mask_dropout and on_cpu,
+                                phase_split=cfg.model.cpu_phase_split and on_cpu).to(memory_format=memory_format)
         betas = tuple(cfg.optim.betas)
         opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.g_lr, betas=betas, foreach=cfg.optim.foreach)
         opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.d_lr, betas=betas, foreach=cfg.optim.foreach)
