@@ -26,10 +26,11 @@ def load_model(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]
 
     Returns a function from latents to images in [0, 1] (MONAI orientation) and the latent size.
     """
-    from .export import load_checkpoint_generator, load_generator_weights
-
+    # The export module brings MONAI (seconds to import): only the formats that need its Generator load it.
     path = Path(path)
     if path.is_dir():
+        from .export import load_checkpoint_generator
+
         generator, _ = load_checkpoint_generator(path)
         return generator, int(generator.latent_shape[0])
     if not path.is_file():
@@ -41,6 +42,8 @@ def load_model(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]
             raise CheckpointError(f"--model {path}: not a loadable TorchScript file ({type(exc).__name__})") from None
         latent = _torchscript_latent_size(module)
         return module, latent
+    from .export import load_generator_weights
+
     generator = load_generator_weights(path)
     return generator, int(generator.latent_shape[0])
 

@@ -214,3 +214,17 @@ def test_onnx_export_matches_the_torchscript_output(trained_run, tmp_path):
         ts_images = torch.jit.load(str(out / "mednist_gan.ts"))(z).numpy()
     assert onnx_images.shape == (7, 1, 64, 64)
     assert np.abs(onnx_images - ts_images).max() < 1e-5
+
+
+def test_generating_from_torchscript_does_not_import_monai(tmp_path):
+    """The default model is the shipped TorchScript: generating from it skips MONAI's seconds-long import."""
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from mednist_gan.generate import SHIPPED_MODEL, generate
+        paths = generate(SHIPPED_MODEL, 3, Path({str(tmp_path / 'out')!r}))
+        print(len(paths), "monai" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "False"]
