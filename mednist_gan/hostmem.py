@@ -35,7 +35,7 @@ def keep_freed_host_memory() -> bool:
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return False
-    # mallopt returns 1 on success. Big requests from non-main threads still get mmap when their arena
-    # cannot grow (glibc falls back to it), so this cannot make an allocation fail.
+    # mallopt returns 1 on success. Where a heap cannot grow (brk refused, a thread arena at its size
+    # limit), glibc still falls back to mmap, so this cannot make an allocation fail.
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
