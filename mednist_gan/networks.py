@@ -72,9 +72,14 @@ class _PhaseSplitConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # cast as autocast casts conv2d, and save what the backward needs
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.padding, ctx.has_bias = padding, bias is not None
-        return F.conv2d(x, weight, bias, 2, padding)
+        with torch.autocast(device, enabled=False):
+            return F.conv2d(x, weight, bias, 2, padding)
 
     @staticmethod
     def backward(ctx, grad):

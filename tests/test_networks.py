@@ -90,3 +90,22 @@ def test_phase_split_keeps_the_discriminator_state_dict_and_odd_sizes_take_the_p
     images = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fast.eval()(images), plain.eval()(images))
+
+
+def test_phase_split_conv_under_bf16_autocast_matches_conv2d():
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(8, 16, 5, 2, 2)
+    fast = PhaseSplitConv2d(8, 16, 5, 2, 2)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.rand(4, 8, 16, 16)
+    results = []
+    for conv in (plain, fast):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(xi)
+        out.float().square().sum().backward()
+        results.append((out.dtype, out.float(), xi.grad, conv.weight.grad, conv.bias.grad))
+    assert results[0][0] == results[1][0] == torch.bfloat16
+    for a, b in zip(results[0][1:], results[1][1:]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * a.abs().max().item())
