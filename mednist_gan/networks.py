@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +38,18 @@ class MaskDropout(torch.nn.Dropout):
         return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
 
 
-def _use_mask_dropout(module: torch.nn.Module) -> None:
+def _replace_modules(module: torch.nn.Module, replacement: Callable[[torch.nn.Module], Optional[torch.nn.Module]]) -> None:
+    """Swap each descendant for which ``replacement`` returns a module; look inside the others."""
     for name, child in module.named_children():
-        if type(child) is torch.nn.Dropout:
-            setattr(module, name, MaskDropout(child.p))
+        new = replacement(child)
+        if new is not None:
+            setattr(module, name, new)
         else:
-            _use_mask_dropout(child)
+            _replace_modules(child, replacement)
+
+
+def _as_mask_dropout(module: torch.nn.Module) -> Optional[MaskDropout]:
+    return MaskDropout(module.p) if type(module) is torch.nn.Dropout else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,17 +121,18 @@ class PhaseSplitConv2d(torch.nn.Conv2d):
         return _PhaseSplitConv.apply(x, self.weight, self.bias, self.padding[0])
 
 
-def _use_phase_split(module: torch.nn.Module, max_in_channels: int) -> None:
-    for name, child in module.named_children():
-        k = child.kernel_size[0] if type(child) is torch.nn.Conv2d else 0
-        if (k % 2 and child.kernel_size == (k, k) and child.stride == (2, 2) and child.padding == (k // 2, k // 2)
-                and child.dilation == (1, 1) and child.groups == 1 and child.padding_mode == "zeros"
-                and child.in_channels <= max_in_channels):
-            fast = PhaseSplitConv2d(child.in_channels, child.out_channels, k, 2, k // 2, bias=child.bias is not None)
-            fast.load_state_dict(child.state_dict())
-            setattr(module, name, fast)
-        else:
-            _use_phase_split(child, max_in_channels)
+def _as_phase_split(module: torch.nn.Module, max_in_channels: int = 8) -> Optional[PhaseSplitConv2d]:
+    """The ``PhaseSplitConv2d`` twin of a stride-2, odd-square-kernel, 'same'-padded ``Conv2d`` with few inputs."""
+    if type(module) is not torch.nn.Conv2d:
+        return None
+    k = module.kernel_size[0]
+    if not (k % 2 and module.kernel_size == (k, k) and module.stride == (2, 2) and module.padding == (k // 2, k // 2)
+            and module.dilation == (1, 1) and module.groups == 1 and module.padding_mode == "zeros"
+            and module.in_channels <= max_in_channels):
+        return None
+    fast = PhaseSplitConv2d(module.in_channels, module.out_channels, k, 2, k // 2, bias=module.bias is not None)
+    fast.load_state_dict(module.state_dict())
+    return fast
 
 
 def build_discriminator(cfg: ModelConfig, init: bool = True, mask_dropout: bool = False,
@@ -147,7 +155,7 @@ def build_discriminator(cfg: ModelConfig, init: bool = True, mask_dropout: bool 
     if init:
         net.apply(normal_init)
     if mask_dropout:
-        _use_mask_dropout(net)
+        _replace_modules(net, _as_mask_dropout)
     if phase_split:
-        _use_phase_split(net, max_in_channels=8)
+        _replace_modules(net, _as_phase_split)
     return net
