@@ -14,7 +14,7 @@ from mednist_gan.config import load_config
 from mednist_gan.data import list_images, load_images, scale_intensity
 from mednist_gan.trainer import Trainer
 
-from conftest import CONFIGS
+from conftest import CONFIGS, assert_close_up_to_adam_round_off
 
 
 def _bundle_losses():
@@ -70,19 +70,25 @@ def test_one_iteration_matches_monai_gan_trainer(tmp_path, mednist_root, d_train
     trainer.latent_rng = torch.default_generator  # draw latents exactly as GanTrainer does
     trainer.train_step(real)
 
-    # Convolution biases directly followed by instance norm have a zero true gradient (the norm
-    # cancels them), so Adam turns their round-off-level gradients into +-lr steps on either side:
-    # they are compared through the networks' outputs, which they cannot change.
-    for name, (a, b) in {"G": (G, ref_G), "D": (D, ref_D)}.items():
-        for (key, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
-            if key.endswith("conv.bias"):
-                continue
-            assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), f"{name}.{key} differs from MONAI's GanTrainer"
+    # The same computation in other kernels (our D outputs logits and uses BCE-with-logits, MONAI's a
+    # Sigmoid head and BCELoss; oneDNN picks its kernels by CPU): equal up to round-off, which Adam amplifies
+    # to a full +-lr step wherever a gradient is at round-off level. That includes every convolution bias
+    # directly followed by instance norm (zero true gradient: the norm cancels it), and, depending on the CPU,
+    # a rare element whose gradient happens to be near zero. So: allclose for all but a sliver of elements,
+    # none further apart than Adam can move them, and the networks' outputs allclose (below).
+    for name, a, b, lr, updates in (("G", G, ref_G, cfg.optim.g_lr, 1), ("D", D, ref_D, cfg.optim.d_lr, d_train_steps)):
+        assert_close_up_to_adam_round_off(a.state_dict(), b.state_dict(), lr=lr, betas=tuple(cfg.optim.betas),
+                                          updates=updates, what=f"{name} vs MONAI's GanTrainer")
     G.eval(), ref_G.eval(), D.eval(), ref_D.eval()
     with torch.no_grad():
         z = torch.randn(4, 64, generator=torch.Generator().manual_seed(7))
-        assert torch.allclose(G(z), ref_G(z), atol=1e-5)
-        assert torch.allclose(torch.sigmoid(D(real)), ref_D(real), atol=1e-5)
+        g_apart = (G(z) - ref_G(z)).abs()
+        d_apart = (torch.sigmoid(D(real)) - ref_D(real)).abs()
+    # Round-off, flipped elements included, left the outputs within 2e-5 (measured with oneDNN's SSE4.1,
+    # AVX2 and AVX-512 kernels, 1 and 2 threads); a semantic difference (one discriminator step fewer,
+    # other latents) moved them by 2e-3 or more.
+    assert g_apart.max() < 2e-4 and g_apart.mean() < 1e-5, (g_apart.max(), g_apart.mean())
+    assert d_apart.max() < 2e-4, d_apart.max()
     # The update really happened (the comparison is not between untouched initial weights).
     assert not torch.allclose(G.state_dict()["linear.weight"], trainer_initial_linear(cfg), atol=1e-5)
 
