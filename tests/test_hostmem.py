@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import platform
 import subprocess
 import sys
@@ -13,9 +14,11 @@ from conftest import CONFIGS, REPO
 # Ten rounds of what a training step does with its activations: allocate and fill two large tensors
 # (64 and 32 MiB, above glibc's largest mmap threshold), keep a small result, free the large ones.
 # Prints the minor page faults of the last three rounds (glibc needs a few rounds to settle on reusable
-# free blocks).
+# free blocks). Transparent huge pages off for the probe (prctl PR_SET_THP_DISABLE): where a machine sets them
+# to "always", one fault maps 2 MiB and the counts would say nothing about the allocator.
 PROBE = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
+ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0)
 mode = sys.argv[1]
 if mode == "direct":
     from mednist_gan.hostmem import keep_freed_host_memory
@@ -34,7 +37,7 @@ for i in range(10):
 print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 """
 
-PAGES_PER_ROUND = 96 * 2**20 // 4096
+PAGES_PER_ROUND = 96 * 2**20 // mmap.PAGESIZE
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="mallopt tuning applies to glibc only")
