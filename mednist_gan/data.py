@@ -229,10 +229,15 @@ class AugmentParams:
     zoom: torch.Tensor  # bool: zoom applied
     factor: torch.Tensor  # zoom factor, used where zoom
 
+    def __getitem__(self, index: slice) -> "AugmentParams":
+        """The parameters of samples ``index`` (e.g. one process's slice of the global batch)."""
+        return AugmentParams(**{k: v[index] for k, v in vars(self).items()})
 
-def sample_augment_params(n: int, device: torch.device | str) -> AugmentParams:
-    """Draw from the same distributions as RandRotated / RandFlipd / RandZoomd (global torch RNG)."""
-    u = torch.rand(5, n, device=device)
+
+def sample_augment_params(n: int, device: torch.device | str,
+                          generator: Optional[torch.Generator] = None) -> AugmentParams:
+    """Draw from the same distributions as RandRotated / RandFlipd / RandZoomd (``generator``, or the global RNG)."""
+    u = torch.rand(5, n, device=device, generator=generator)
     return AugmentParams(
         rotate=u[0] < ROTATE_PROB,
         angle=(u[1] * 2 - 1) * ROTATE_RANGE,
@@ -249,6 +254,8 @@ def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """MONAI ``Rotate(angle, keep_size=True)`` per sample: bilinear, border padding, one ``grid_sample``."""
+    if x.shape[0] == 0:  # affine_grid refuses an empty batch
+        return x
     cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
     # Output coordinates (normalised, align_corners=False) map to input coordinates; grid x is the last axis.
     theta = torch.stack([torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1)], -2)
@@ -289,5 +296,5 @@ def apply_augment(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     return zoom(x, torch.where(p.zoom, p.factor, torch.ones_like(p.factor)))
 
 
-def augment(x: torch.Tensor) -> torch.Tensor:
-    return apply_augment(x, sample_augment_params(x.shape[0], x.device))
+def augment(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    return apply_augment(x, sample_augment_params(x.shape[0], x.device, generator))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data import augment, build_dataloader, load_dataset, scale_intensity
+from .data import apply_augment, build_dataloader, load_dataset, sample_augment_params, scale_intensity
 from .errors import CheckpointError, ConfigError, TrainingError, first_line
 from .export import checkpoint_provenance, export_generator
 from .losses import discriminator_loss, generator_loss, r1_penalty
@@ -42,6 +42,8 @@ from .tracking import Tracking, setup_logging, tracker_dir, write_run_info
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
 PREEMPTED_EXIT_CODE = 3
 BEST_DIR = "best"  # the generator with the lowest FMD so far (eval.keep_best)
+LATENT_RNG_FILE, AUGMENT_RNG_FILE = "latent_rng.pt", "augment_rng.pt"  # shared streams, saved by the main process
+AUGMENT_SEED_OFFSET = 3_000_017
 # Model keys that change the networks' parameters: a checkpoint only resumes into the same ones.
 ARCHITECTURE_KEYS = ("latent_size", "start_shape", "g_channels", "g_strides", "image_shape", "d_channels",
                      "d_strides", "d_num_res_units", "d_kernel_size")
@@ -141,10 +143,11 @@ class Trainer:
         self.memory_format = memory_format
         self.images = images
 
-        # Latents come from one generator shared by all processes: each draws the global batch and
-        # keeps its slice, so latents do not depend on the number of processes.
+        # Latents and augmentation parameters come from generators shared by all processes: each
+        # draws for the global batch and keeps its slice, so neither depends on the number of processes.
         self.latent_rng = torch.Generator(device=acc.device).manual_seed(cfg.train.seed)
-        # Augmentation and dropout use the global RNG, different on every process.
+        self.augment_rng = torch.Generator(device=acc.device).manual_seed(cfg.train.seed + AUGMENT_SEED_OFFSET)
+        # Dropout uses the global RNG, different on every process.
         set_seed(cfg.train.seed, device_specific=True)
         self.state = TrainState()
         self.tracking = Tracking(cfg, acc, self.run_dir, self.log)
@@ -160,17 +163,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ one iteration
 
+    def my_slice(self, n: int) -> slice:
+        """This process's ``n`` samples of a global batch of ``n`` per process (Accelerate's split_batches order)."""
+        return slice(self.acc.process_index * n, (self.acc.process_index + 1) * n)
+
     def sample_latents(self, n: int) -> torch.Tensor:
-        rank = self.acc.process_index
         z = torch.randn(n * self.acc.num_processes, self.cfg.model.latent_size,
                         generator=self.latent_rng, device=self.acc.device)
-        return z[rank * n:(rank + 1) * n]
+        return z[self.my_slice(n)]
 
     def prepare_reals(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             real = scale_intensity(batch)
             if self.cfg.data.augment:
-                real = augment(real)
+                n = real.shape[0]
+                params = sample_augment_params(n * self.acc.num_processes, real.device, self.augment_rng)
+                real = apply_augment(real, params[self.my_slice(n)])
         return real.contiguous(memory_format=self.memory_format)
 
     def train_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -267,7 +275,8 @@ class Trainer:
             acc.wait_for_everyone()
             acc.save_state(str(tmp))
             if acc.is_main_process:
-                torch.save(self.latent_rng.get_state(), tmp / "latent_rng.pt")
+                torch.save(self.latent_rng.get_state(), tmp / LATENT_RNG_FILE)
+                torch.save(self.augment_rng.get_state(), tmp / AUGMENT_RNG_FILE)
                 if self.ema is not None:
                     save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}, tmp / ckpt.EMA_FILE)
             _crash_point("save", step)
@@ -287,7 +296,8 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path) -> Optional[int]:
+        """Restore the full training state; returns the number of processes that wrote the checkpoint."""
         meta = ckpt.read_meta(path)
         ckpt.verify_safe(path)
         saved_model = meta.get("config", {}).get("model", {})
@@ -299,13 +309,19 @@ class Trainer:
             self.acc.load_state(str(path))
         except RuntimeError as exc:  # shape/key mismatch from load_state_dict
             raise CheckpointError(f"{path}: does not fit these networks: {first_line(exc)}") from None
-        self.latent_rng.set_state(torch.load(path / "latent_rng.pt", weights_only=True))
+        self.latent_rng.set_state(torch.load(path / LATENT_RNG_FILE, weights_only=True))
+        if (path / AUGMENT_RNG_FILE).is_file():
+            self.augment_rng.set_state(torch.load(path / AUGMENT_RNG_FILE, weights_only=True))
+        elif self.cfg.data.augment:
+            self.log.warning("%s: written before augmentation had its own random stream (no %s); the stream "
+                             "starts again from the seed", path, AUGMENT_RNG_FILE)
         if self.ema is not None:
             if not (path / ckpt.EMA_FILE).is_file():
                 raise CheckpointError(f"{path}: has no {ckpt.EMA_FILE}, but the config sets train.ema_decay: "
                                       "resume with train.ema_decay=null, or start a new run")
             self.ema.load_state_dict(load_file(str(path / ckpt.EMA_FILE), device=str(self.acc.device)))
         self.state = TrainState(**meta["state"])
+        return meta.get("num_processes")
 
     def resolve_resume(self) -> Optional[Path]:
         choice = self.cfg.train.resume
@@ -332,9 +348,14 @@ class Trainer:
         self.tracking.start()
         resume_from = self.resolve_resume()
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
+            saved_processes = self.load_checkpoint(resume_from)
             log.info("resumed from %s (step %d, epoch %d, batch %d of the epoch)", resume_from,
                      self.state.step, self.state.epoch, self.state.batch_in_epoch)
+            if saved_processes not in (None, acc.num_processes):
+                log.info("the checkpoint was written by %d process(es), this run has %d: data order, latents and "
+                         "augmentation continue as they would have; dropout's per-process RNG continues for ranks "
+                         "below %d and starts from seed + rank for the others", saved_processes, acc.num_processes,
+                         min(saved_processes, acc.num_processes))
 
         total = self.total_steps
         if acc.num_processes > 1:  # which node each rank runs on, as the launcher arranged it

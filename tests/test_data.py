@@ -17,7 +17,7 @@ import torch
 from monai.transforms import EnsureChannelFirst, Flip, LoadImage, RandFlip, RandRotate, RandZoom, Rotate, ScaleIntensity, Zoom
 
 from mednist_gan.config import DataConfig
-from mednist_gan.data import (EpochShuffleSampler, apply_augment, flip, image_folder, list_images,
+from mednist_gan.data import (AugmentParams, EpochShuffleSampler, apply_augment, flip, image_folder, list_images,
                               load_dataset, load_images, rotate, sample_augment_params, scale_intensity, zoom)
 from mednist_gan.errors import DataError
 
@@ -93,6 +93,42 @@ def test_batched_augment_equals_monai_compose_per_sample(hands):
         assert torch.allclose(out[i], torch.as_tensor(xi), atol=1e-5), f"sample {i}"
     untouched = ~(p.rotate | p.flip | p.zoom)
     assert torch.equal(out[untouched], x[untouched])
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("selected", ["none", "one", "all"])
+def test_augment_handles_empty_single_and_full_selections(hands, batch, selected):
+    """Small per-device batches often select no sample (or every sample) for a transform: no crash, right output."""
+    _, x = hands
+    x = x[:batch]
+    mask = {"none": torch.zeros(batch, dtype=torch.bool), "all": torch.ones(batch, dtype=torch.bool),
+            "one": torch.arange(batch) == 0}[selected]
+    angle, factor = torch.full((batch,), 0.2), torch.full((batch,), 0.9)
+    assert torch.equal(rotate(x[:0], angle[:0]), x[:0]) and torch.equal(zoom(x[:0], factor[:0]), x[:0])
+    for transform in ("rotate", "flip", "zoom"):
+        p = AugmentParams(rotate=mask & (transform == "rotate"), angle=angle, flip=mask & (transform == "flip"),
+                          zoom=mask & (transform == "zoom"), factor=factor)
+        out = apply_augment(x, p)
+        assert out.shape == x.shape
+        assert torch.equal(out[~mask], x[~mask]), transform  # unselected samples untouched
+        changed = (out[mask] - x[mask]).flatten(1).abs().amax(1)
+        assert bool((changed > 0).all()), transform  # selected samples transformed
+
+
+def test_parameters_drawn_for_the_global_batch_slice_like_the_batch():
+    """Each process's slice of the global draw is what one process with the whole batch uses for those images."""
+    whole = sample_augment_params(8, "cpu", torch.Generator().manual_seed(5))
+    halves = sample_augment_params(8, "cpu", torch.Generator().manual_seed(5))
+    for rank in range(2):
+        part = halves[rank * 4:(rank + 1) * 4]
+        for key, value in vars(part).items():
+            assert torch.equal(value, getattr(whole, key)[rank * 4:(rank + 1) * 4]), key
+    # A generator makes the draw independent of the global RNG.
+    torch.manual_seed(0)
+    a = sample_augment_params(8, "cpu", torch.Generator().manual_seed(5))
+    torch.rand(3)
+    b = sample_augment_params(8, "cpu", torch.Generator().manual_seed(5))
+    assert torch.equal(a.angle, b.angle)
 
 
 def _ks_statistic(a: np.ndarray, b: np.ndarray) -> float:

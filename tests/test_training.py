@@ -77,6 +77,16 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, mednist_
         assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
+def test_checkpoint_from_before_the_augmentation_stream_still_resumes(debug_overrides, tmp_path):
+    """Checkpoints written before augmentation had its own generator (no augment_rng.pt) resume, and say so."""
+    train(_cfg(debug_overrides, "export.at_end=false", "train.max_steps=2"))
+    latest = ckpt.find_latest(tmp_path / "run")
+    (latest / "augment_rng.pt").unlink()
+    trainer = train(_cfg(debug_overrides, "export.at_end=false"))
+    assert trainer.state.step == 4
+    assert "no augment_rng.pt); the stream starts again from the seed" in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_rerunning_a_finished_run_trains_nothing_more(debug_overrides, tmp_path):
     train(_cfg(debug_overrides, "export.at_end=false"))
     before = _weights(ckpt.find_latest(tmp_path / "run"))
