@@ -9,7 +9,9 @@ Saving and loading of the tensors themselves goes through the caller's ``save_fn
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -17,7 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import CheckpointError, first_line
+from .errors import CheckpointError, first_line, output_error
+
+log = logging.getLogger("mednist_gan")
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -25,6 +29,7 @@ META = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 EMA_FILE = "ema.safetensors"  # the generator's moving-average weights (train.ema_decay), beside Accelerate's files
+DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint moved aside for a person to inspect (never deleted)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -52,33 +57,159 @@ def find_latest(run_dir: Path) -> Optional[Path]:
     """The checkpoint the ``latest`` pointer names, or the newest complete one if the pointer is stale."""
     root = checkpoints_dir(run_dir)
     pointer = root / LATEST
-    if pointer.is_file():
+    try:
         candidate = root / pointer.read_text().strip()
         if _STEP_DIR.match(candidate.name) and (candidate / META).is_file():
             return candidate
+    except (OSError, ValueError):  # missing, unreadable or garbage: the newest complete checkpoint decides
+        pass
     complete = complete_checkpoints(run_dir)
     return complete[-1] if complete else None
 
 
+def newest_intact(run_dir: Path) -> tuple[Optional[Path], list[tuple[Path, CheckpointError]]]:
+    """The newest checkpoint that passes ``verify``, and the newer ones that failed it (newest first)."""
+    candidates = complete_checkpoints(run_dir)[::-1]
+    latest = find_latest(run_dir)
+    if latest in candidates:  # the pointer wins over names (they agree unless a save was interrupted)
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    damaged = []
+    for candidate in candidates:
+        try:
+            verify(candidate)
+            return candidate, damaged
+        except CheckpointError as exc:
+            damaged.append((candidate, exc))
+    return None, damaged
+
+
+def no_intact_error(run_dir: Path, damaged: list[tuple[Path, CheckpointError]]) -> CheckpointError:
+    return CheckpointError(f"{run_dir}: no intact checkpoint ({len(damaged)} damaged, newest: {damaged[0][1]}); "
+                           "restore it from a copy, or move the damaged checkpoints away to start afresh")
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Main process: rename a damaged checkpoint to ``damaged-step_N`` (never resumed from, never deleted)."""
+    target = checkpoint.with_name(DAMAGED_PREFIX + checkpoint.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"{DAMAGED_PREFIX}{checkpoint.name}.{n}")
+    os.rename(checkpoint, target)
+    return target
+
+
 def resolve(path: Path) -> Path:
-    """A checkpoint folder as given, or a run directory's newest complete checkpoint."""
+    """A checkpoint folder as given, or a run directory's newest intact checkpoint; verified either way.
+
+    Read-only: damaged checkpoints of a run directory are skipped (with a warning), not moved.
+    """
     path = Path(path)
     if not (path / META).is_file() and checkpoints_dir(path).is_dir():
-        latest = find_latest(path)
-        if latest is None:
+        intact, damaged = newest_intact(path)
+        if intact is None:
+            if damaged:
+                raise no_intact_error(path, damaged)
             raise CheckpointError(f"{path}: a run directory without a complete checkpoint")
-        return latest
+        for bad, reason in damaged:
+            log.warning("skipping damaged checkpoint %s (%s); using %s", bad, reason, intact)
+        return intact
+    verify(path)
     return path
 
 
 def read_meta(checkpoint: Path) -> dict:
     path = Path(checkpoint) / META
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{checkpoint}: not a complete checkpoint (no {META})") from None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({exc})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({first_line(exc, 120)})") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("state"), dict) and isinstance(meta.get("config"), dict)):
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata (no state and config)")
+    return meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under ``folder`` (relative POSIX paths), as a checkpoint records them."""
+    return {child.relative_to(folder).as_posix(): {"size": child.stat().st_size, "sha256": _sha256(child)}
+            for child in sorted(folder.rglob("*")) if child.is_file() and child.name != META}
+
+
+def verify_recorded_sha256(path: Path, expected: Optional[str], record: Path) -> None:
+    """A file against the sha256 that ``record`` (an export.json or model card) lists for it."""
+    if expected is not None and _sha256(path) != expected:
+        raise CheckpointError(f"{path}: damaged or replaced (its sha256 differs from the one in {record}); "
+                              "re-export it, or reinstall the package for a shipped file")
+
+
+def verify(checkpoint: Path) -> dict:
+    """Check that a checkpoint is as it was written; returns its metadata, or raises naming the damaged file.
+
+    Checkpoints record each file's size and sha256 in their metadata when published. Those written
+    before that are checked by loading every file instead (safetensors headers and tensors, and
+    pickles with ``weights_only``).
+    """
+    checkpoint = Path(checkpoint)
+    meta = read_meta(checkpoint)
+    records = meta.get("files")
+    if records is None:
+        _load_every_file(checkpoint)
+        return meta
+    for name, record in records.items():
+        path = checkpoint / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise CheckpointError(f"{path}: missing from the checkpoint") from None
+        if size != record["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, {record['size']} when written (cut short or overwritten)")
+        try:
+            digest = _sha256(path)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: unreadable ({first_line(exc, 120)})") from None
+        if digest != record["sha256"]:
+            raise CheckpointError(f"{path}: content changed since it was written (sha256 differs)")
+    return meta
+
+
+def _load_every_file(checkpoint: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix == ".safetensors":
+            try:
+                load_file(str(path))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{path}: unreadable checkpoint file ({first_line(exc, 120)})") from None
+    verify_safe(checkpoint)
+
+
+def ensure_writable_folder(folder: Path, what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written there; else one line naming ``what`` and the path.
+
+    Commands call this before long work whose result goes there, so a bad destination fails at once.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise output_error(what, folder, exc) from None
+    return folder
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -113,9 +244,10 @@ def begin_save(run_dir: Path, step: int) -> Path:
 
 
 def publish(run_dir: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
-    """Main process: write metadata, make the checkpoint visible, move ``latest``, then rotate old ones."""
-    write_text_atomic(tmp / META, json.dumps(meta, indent=2))
+    """Main process: record every file's size and checksum in the metadata, write it, make the checkpoint
+    visible, move ``latest``, then rotate old ones."""
     _fsync_tree(tmp)
+    write_text_atomic(tmp / META, json.dumps({**meta, "files": file_records(tmp)}, indent=2))
     final = tmp.parent / step_dir_name(step)
     if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
         shutil.rmtree(tmp)

@@ -66,6 +66,10 @@ def load_classifier(path: Optional[Path] = None) -> MedNISTClassifier:
     if not path.is_file():
         raise CheckpointError(f"classifier weights {path}: no such file "
                               "(train them with `mednist-gan train-classifier --data-root <MedNIST>`)")
+    if path == WEIGHTS_FILE:  # the shipped weights must be the ones their card describes
+        from .checkpoint import verify_recorded_sha256
+
+        verify_recorded_sha256(path, json.loads(CARD_JSON.read_text())["sha256"], CARD_JSON)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net = MedNISTClassifier()

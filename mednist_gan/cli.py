@@ -117,6 +117,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .data import SAMPLE_ROOT
     from .errors import MednistGanError
     from .hostmem import keep_freed_host_memory
+    from .checkpoint import ensure_writable_folder
     from .quality import evaluate, format_table, write_json
 
     if args.num_samples is not None and args.num_samples < 2:
@@ -124,6 +125,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     real_dir = args.real_dir or SAMPLE_ROOT / "Hand"
     if not real_dir.is_dir():
         raise MednistGanError(f"--real-dir {real_dir}: no such folder")
+    ensure_writable_folder(args.out.resolve().parent, "--out")  # before minutes of scoring, not after
     keep_freed_host_memory()
     latents = ("normal", "uniform") if args.latent == "both" else (args.latent,)
     models = [(str(m), m, latents) for m in args.model]
@@ -138,8 +140,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _train_classifier(args: argparse.Namespace) -> int:
     import shlex
 
+    from .checkpoint import ensure_writable_folder
     from .classifier import WEIGHTS_FILE, train_classifier
 
+    ensure_writable_folder((args.out or WEIGHTS_FILE).resolve().parent, "--out")
     command = "mednist-gan " + " ".join(shlex.quote(a) for a in args.argv)
     card = train_classifier(args.data_root, args.out or WEIGHTS_FILE, epochs=args.epochs, seed=args.seed,
                             threads=args.threads, limit_per_class=args.limit_per_class, command=command)

@@ -19,6 +19,16 @@ class CheckpointError(MednistGanError):
     """A checkpoint or exported model cannot be loaded."""
 
 
+class OutputError(MednistGanError):
+    """A destination (run directory, export folder, output file) cannot be created or written."""
+
+
+def output_error(what: str, path, exc: OSError) -> OutputError:
+    """``<what> <path>: cannot be written (<reason>)`` for an OSError raised while writing there."""
+    reason = exc.strerror or first_line(exc, 120) or type(exc).__name__
+    return OutputError(f"{what} {path}: cannot be created or written ({reason})")
+
+
 class TrainingError(MednistGanError):
     """Training cannot go on (a non-finite loss, a lost process, a failed save); checkpoints are intact."""
 

@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .checkpoint import EMA_FILE, read_meta, resolve
 from .config import ModelConfig
-from .errors import CheckpointError, first_line
+from .errors import CheckpointError, first_line, output_error
 from .networks import build_generator
 
 MODEL_FILE = "model.pt"
@@ -43,7 +43,7 @@ def load_checkpoint_generator(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
     """
     from safetensors.torch import load_file
 
-    checkpoint = resolve(checkpoint)
+    checkpoint = resolve(checkpoint)  # verified: each file as it was written
     meta = read_meta(checkpoint)
     model_cfg = ModelConfig(**meta["config"]["model"])
     weights = checkpoint / EMA_FILE
@@ -52,7 +52,11 @@ def load_checkpoint_generator(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
     if not weights.is_file():
         raise CheckpointError(f"{checkpoint}: no generator weights (model.safetensors) in this checkpoint")
     generator = build_generator(model_cfg, init=False)
-    _load_strict(generator, load_file(str(weights)), weights)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:
+        raise CheckpointError(f"{weights}: unreadable checkpoint file ({type(exc).__name__}: {first_line(exc, 120)})") from None
+    _load_strict(generator, state, weights)
     return generator.eval(), meta
 
 
@@ -91,9 +95,13 @@ def load_generator_weights(path: Path, model_cfg: Optional[ModelConfig] = None) 
 
 def _model_config_beside(path: Path) -> ModelConfig:
     provenance = path.parent / PROVENANCE_FILE
-    if provenance.is_file():
+    if not provenance.exists():
+        return ModelConfig()  # the seed bundle's architecture
+    try:
         return ModelConfig(**json.loads(provenance.read_text())["config"]["model"])
-    return ModelConfig()  # the seed bundle's architecture
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{provenance}: unreadable export provenance, needed for the architecture of {path.name} "
+                              f"({type(exc).__name__}: {first_line(exc, 120)})") from None
 
 
 class _Standalone(torch.nn.Module):
@@ -216,9 +224,12 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"--out {out_dir}: exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise output_error("export folder", out_dir, exc) from None
     generator = generator.to("cpu").eval()
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         torch.save(generator_state_dict(generator), staging / MODEL_FILE)
         write_torchscript(generator, staging / TORCHSCRIPT_FILE)
@@ -242,8 +253,10 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):  # e.g. a full disk; an earlier export in out_dir is untouched
+            raise output_error("export folder", out_dir, exc) from None
         raise
     return out_dir
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -14,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .errors import CheckpointError, MednistGanError
+from .errors import CheckpointError, MednistGanError, output_error
 
 LATENTS = ("normal", "uniform")
 # The generator trained with configs/quality.yaml (see its MODEL_CARD.md), used when no --model is given.
@@ -35,6 +36,7 @@ def load_model(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]
         return generator, int(generator.latent_shape[0])
     if not path.is_file():
         raise CheckpointError(f"--model {path}: no such file or folder")
+    _verify_against_export_record(path)
     if zipfile.is_zipfile(path) and _is_torchscript(path):
         try:
             module = torch.jit.load(str(path), map_location="cpu").eval()
@@ -46,6 +48,20 @@ def load_model(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]
 
     generator = load_generator_weights(path)
     return generator, int(generator.latent_shape[0])
+
+
+def _verify_against_export_record(path: Path) -> None:
+    """An exported file is checked against the sha256 its ``export.json`` records (when it sits beside one)."""
+    from .checkpoint import verify_recorded_sha256
+
+    record = path.parent / "export.json"
+    if not record.exists():
+        return
+    try:
+        expected = json.loads(record.read_text())["files"].get(path.name, {}).get("sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{record}: unreadable export record ({type(exc).__name__}: {exc})"[:300]) from None
+    verify_recorded_sha256(path, expected, record)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -138,7 +154,12 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device)
     latents = make_latents(num_samples, latent_size, seed, latent)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    for folder, what in ((output_dir, "--output-dir"), (Path(grid).parent if grid is not None else None, "--grid")):
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(what, grid if what == "--grid" else folder, exc) from None
     width = max(5, len(str(num_samples - 1)))
     paths = [output_dir / f"sample_{i:0{width}d}.png" for i in range(num_samples)]
     pictures, writes = [], []
@@ -151,9 +172,14 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
                        for i in range(0, len(batch), chunk)]
             if start < 64:
                 pictures.append(batch[: 64 - start])
-        for write in writes:
-            write.result()  # re-raise the first failed write
+        try:
+            for write in writes:
+                write.result()  # re-raise the first failed write
+        except OSError as exc:
+            raise output_error("--output-dir", output_dir, exc) from None
     if grid is not None:
-        Path(grid).parent.mkdir(parents=True, exist_ok=True)
-        save_png(image_grid(np.concatenate(pictures)), Path(grid))
+        try:
+            save_png(image_grid(np.concatenate(pictures)), Path(grid))
+        except OSError as exc:
+            raise output_error("--grid", grid, exc) from None
     return paths

@@ -24,7 +24,7 @@ import torch
 from .checkpoint import write_text_atomic
 from .classifier import load_classifier, to_evaluation_pixels
 from .data import list_images, load_images, scale_intensity
-from .errors import MednistGanError
+from .errors import MednistGanError, output_error
 
 # 3 scales so that a 7-pixel window still fits the coarsest (16x16) scale of a 64x64 image;
 # MS-SSIM's first three weights (Wang et al., 2003), renormalised.
@@ -192,5 +192,8 @@ def format_table(result: dict) -> str:
 
 def write_json(result: dict, path: Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    except OSError as exc:
+        raise output_error("--out", path, exc) from None

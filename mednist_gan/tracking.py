@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
 from .config import Config
-from .errors import first_line
+from .errors import first_line, output_error
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def git_revision(cwd: Optional[Path] = None) -> Optional[str]:
@@ -32,10 +34,14 @@ def git_revision(cwd: Optional[Path] = None) -> Optional[str]:
 
 def write_run_info(run_dir: Path, cfg: Config) -> Optional[str]:
     """Main process: the resolved config and git revision, written before training starts."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    from .checkpoint import write_text_atomic
+
     revision = git_revision()
-    (run_dir / "git_revision.txt").write_text((revision or "unknown (not a git checkout)") + "\n")
+    try:
+        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        write_text_atomic(run_dir / "git_revision.txt", (revision or "unknown (not a git checkout)") + "\n")
+    except OSError as exc:
+        raise output_error("run_dir", run_dir, exc) from None
     return revision
 
 
@@ -49,8 +55,13 @@ def setup_logging(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
     console.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     logger.addHandler(console)
     if is_main and run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(run_dir / "train.log")
+        from .checkpoint import ensure_writable_folder
+
+        ensure_writable_folder(run_dir, "run_dir")
+        try:
+            file_handler = logging.FileHandler(run_dir / "train.log")
+        except OSError as exc:
+            raise output_error("run_dir", run_dir, exc) from None
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         logger.addHandler(file_handler)
     return logger
@@ -76,6 +87,7 @@ class Tracking:
         self.cfg, self.acc, self.run_dir, self.log = cfg, accelerator, run_dir, logger
         self.is_main = accelerator.is_main_process
         self.active = False
+        self._warned: set[str] = set()
 
     # -- start
 
@@ -131,13 +143,21 @@ class Tracking:
         id_file = self.run_dir / "wandb_run_id.txt"
         if not self.is_main:
             return None
-        if id_file.is_file():
-            return id_file.read_text().strip()
+        if id_file.exists():
+            try:
+                run_id = id_file.read_text().strip()
+                if _WANDB_ID.fullmatch(run_id):
+                    return run_id
+                reason = f"not a W&B run id: {run_id[:40]!r}"
+            except (OSError, ValueError) as exc:
+                reason = f"{type(exc).__name__}: {first_line(exc, 80)}"
+            self.log.warning("%s is unreadable (%s): this run logs to a new W&B run", id_file, reason)
         import secrets
 
+        from .checkpoint import write_text_atomic
+
         run_id = secrets.token_hex(4)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id + "\n")
+        write_text_atomic(id_file, run_id + "\n")
         wandb_dir.mkdir(parents=True, exist_ok=True)
         return run_id
 
@@ -164,8 +184,11 @@ class Tracking:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        def append() -> None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+        self._local(append, "metrics.jsonl")
         if self.active:
             self._guard(lambda: self.acc.log(metrics, step=step), "log metrics")
 
@@ -175,8 +198,12 @@ class Tracking:
 
         grid = image_grid(pictures)
         path = self.run_dir / "samples" / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(grid, path)
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_png(grid, path)
+
+        self._local(write, "samples/")
         if self.active:
             self._guard(lambda: self._tracker_image(grid, step), "log sample grid")
         return path
@@ -205,6 +232,17 @@ class Tracking:
 
         self._guard(upload, "upload the exported generator")
 
+    def _local(self, fn, what: str) -> None:
+        """A file of the run directory's own records: a failed write (full disk, ...) is a warning, once per
+        file; checkpoints, which do stop the run when they cannot be written, are what a resume needs."""
+        try:
+            fn()
+        except OSError as exc:
+            if what not in self._warned:
+                self._warned.add(what)
+                self.log.warning("could not write %s in %s (%s); training goes on", what, self.run_dir,
+                                 exc.strerror or first_line(exc))
+
     def _guard(self, fn, what: str) -> None:
         try:
             fn()
@@ -220,7 +258,8 @@ class Tracking:
             self._guard(self.acc.end_training, "finish")
             self.active = False
         if self.is_main:
-            plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png")
+            self._local(lambda: plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png"),
+                        "loss_curves.png")
 
 
 def _wandb_teardown() -> None:
@@ -243,7 +282,14 @@ def plot_loss_curves(metrics_file: Path, out: Path) -> Optional[Path]:
     """The losses and D outputs over steps, as a PNG for people who do not use W&B."""
     if not metrics_file.is_file():
         return None
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in metrics_file.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a killed process
+            continue
+        if isinstance(row, dict) and "loss_d" in row and "step" in row:
+            rows.append(row)
     if not rows:
         return None
     import matplotlib

@@ -159,7 +159,9 @@ class Trainer:
         self.skipped_updates = 0
         self.git_revision: Optional[str] = None
         self.meter = None  # quality metrics, built on the main process at the first evaluation
-        self.best_fmd = read_best_fmd(self.run_dir / BEST_DIR) if cfg.eval.keep_best else math.inf
+        self.best_fmd = math.inf
+        if cfg.eval.keep_best and acc.is_main_process:  # only the main process evaluates and exports best/
+            self.best_fmd = read_best_fmd(self.run_dir / BEST_DIR, self.log)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -298,28 +300,31 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> Optional[int]:
         """Restore the full training state; returns the number of processes that wrote the checkpoint."""
-        meta = ckpt.read_meta(path)
+        meta = ckpt.read_meta(path)  # verified by resolve_resume
         ckpt.verify_safe(path)
         saved_model = meta.get("config", {}).get("model", {})
         for key, value in asdict(self.cfg.model).items():
             if key in ARCHITECTURE_KEYS and key in saved_model and saved_model[key] != value:
                 raise CheckpointError(f"{path}: trained with model.{key}={saved_model[key]!r}, "
                                       f"but the config says {value!r}")
+        if self.ema is not None and not (path / ckpt.EMA_FILE).is_file():
+            raise CheckpointError(f"{path}: has no {ckpt.EMA_FILE}, but the config sets train.ema_decay: "
+                                  "resume with train.ema_decay=null, or start a new run")
         try:
             self.acc.load_state(str(path))
         except RuntimeError as exc:  # shape/key mismatch from load_state_dict
             raise CheckpointError(f"{path}: does not fit these networks: {first_line(exc)}") from None
-        self.latent_rng.set_state(torch.load(path / LATENT_RNG_FILE, weights_only=True))
-        if (path / AUGMENT_RNG_FILE).is_file():
-            self.augment_rng.set_state(torch.load(path / AUGMENT_RNG_FILE, weights_only=True))
-        elif self.cfg.data.augment:
-            self.log.warning("%s: written before augmentation had its own random stream (no %s); the stream "
-                             "starts again from the seed", path, AUGMENT_RNG_FILE)
-        if self.ema is not None:
-            if not (path / ckpt.EMA_FILE).is_file():
-                raise CheckpointError(f"{path}: has no {ckpt.EMA_FILE}, but the config sets train.ema_decay: "
-                                      "resume with train.ema_decay=null, or start a new run")
-            self.ema.load_state_dict(load_file(str(path / ckpt.EMA_FILE), device=str(self.acc.device)))
+        try:
+            self.latent_rng.set_state(torch.load(path / LATENT_RNG_FILE, weights_only=True))
+            if (path / AUGMENT_RNG_FILE).is_file():
+                self.augment_rng.set_state(torch.load(path / AUGMENT_RNG_FILE, weights_only=True))
+            elif self.cfg.data.augment:
+                self.log.warning("%s: written before augmentation had its own random stream (no %s); the stream "
+                                 "starts again from the seed", path, AUGMENT_RNG_FILE)
+            if self.ema is not None:
+                self.ema.load_state_dict(load_file(str(path / ckpt.EMA_FILE), device=str(self.acc.device)))
+        except Exception as exc:  # verify() passed, so only a checkpoint of another kind gets here
+            raise CheckpointError(f"{path}: unreadable checkpoint file ({type(exc).__name__}: {first_line(exc, 120)})") from None
         self.state = TrainState(**meta["state"])
         return meta.get("num_processes")
 
@@ -331,11 +336,27 @@ class Trainer:
                                   "earlier run: choose another run_dir, or resume with train.resume=auto")
             return None
         if choice == "auto":
-            return ckpt.find_latest(self.run_dir)
+            return self._newest_intact_checkpoint()
         path = Path(choice)
         if not path.is_dir():
             raise ConfigError(f"train.resume={choice!r}: no such checkpoint folder")
+        ckpt.verify(path)  # the one the user named: damage is an error, not a fallback
         return path
+
+    def _newest_intact_checkpoint(self) -> Optional[Path]:
+        """The newest checkpoint that is as it was written; newer damaged ones are moved aside, and said so."""
+        intact, damaged = ckpt.newest_intact(self.run_dir)  # every process decides alike, before anything moves
+        if damaged and intact is None:
+            raise ckpt.no_intact_error(self.run_dir, damaged)
+        self.acc.wait_for_everyone()
+        if damaged and self.acc.is_main_process:
+            for bad, reason in damaged:
+                moved = ckpt.set_aside(bad)
+                self.log.warning("checkpoint %s is damaged (%s): moved to %s for inspection; resuming from %s",
+                                 bad.name, reason, moved, intact)
+            ckpt.write_text_atomic(ckpt.checkpoints_dir(self.run_dir) / ckpt.LATEST, intact.name + "\n")
+        self.acc.wait_for_everyone()
+        return intact
 
     # ------------------------------------------------------------------ the loop
 
@@ -527,11 +548,19 @@ class Trainer:
         return stop
 
 
-def read_best_fmd(best_dir: Path) -> float:
-    """The FMD of the generator kept in ``best_dir`` by an earlier (resumed) run; inf when there is none."""
+def read_best_fmd(best_dir: Path, log) -> float:
+    """The FMD of the generator kept in ``best_dir`` by an earlier (resumed) run; inf when there is none.
+
+    A ``best_dir`` whose record cannot be read is moved aside (``best.damaged``), never overwritten.
+    """
+    if not best_dir.exists():
+        return math.inf
     try:
         return float(json.loads((best_dir / "export.json").read_text())["eval"]["eval/fmd"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        moved = ckpt.set_aside(best_dir)
+        log.warning("%s/export.json is unreadable (%s: %s): moved %s to %s; the next evaluation starts a new best",
+                    best_dir, type(exc).__name__, first_line(exc, 80), best_dir.name, moved)
         return math.inf
 
 

@@ -15,7 +15,7 @@ from mednist_gan.config import load_config
 from mednist_gan.errors import CheckpointError, ConfigError
 from mednist_gan.trainer import Trainer, train
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, forget_file_records, run_cli
 
 
 def _cfg(overrides, *extra):
@@ -82,6 +82,7 @@ def test_checkpoint_from_before_the_augmentation_stream_still_resumes(debug_over
     train(_cfg(debug_overrides, "export.at_end=false", "train.max_steps=2"))
     latest = ckpt.find_latest(tmp_path / "run")
     (latest / "augment_rng.pt").unlink()
+    forget_file_records(latest)  # such checkpoints recorded no sizes and checksums either
     trainer = train(_cfg(debug_overrides, "export.at_end=false"))
     assert trainer.state.step == 4
     assert "no augment_rng.pt); the stream starts again from the seed" in (tmp_path / "run" / "train.log").read_text()
@@ -130,6 +131,9 @@ def test_checkpoint_with_pickled_code_is_refused_and_nothing_runs(debug_override
     marker = tmp_path / "pwned"
     with open(latest / "random_states_0.pkl", "wb") as f:
         pickle.dump({"evil": _Exploit(marker)}, f)
+    # With its recorded checksum the file is simply damaged; a checkpoint written before checksums were
+    # recorded is opened file by file, and weights_only loading must refuse the code.
+    forget_file_records(latest)
     with pytest.raises(CheckpointError, match="random_states_0.pkl: refused"):
         Trainer(_cfg(debug_overrides, "export.at_end=false")).fit()
     assert not marker.exists(), "code inside the checkpoint was executed"
