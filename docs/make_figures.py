@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mednist_gan.generate import SHIPPED_MODEL, image_grid, load_model, make_latents, save_png, to_uint8_pictures
+from mednist_gan.generate import SHIPPED_MODEL, load_model, make_latents
+from mednist_gan.images import image_grid, save_png, to_uint8_pictures
 from mednist_gan.quality import load_real_images
 
 HERE = Path(__file__).resolve().parent

@@ -21,7 +21,7 @@ from torch import nn
 
 from .data import list_images, load_images, scale_intensity
 from .errors import CheckpointError, DataError, first_line
-from .generate import to_uint8
+from .images import to_uint8
 
 CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 ASSETS = Path(__file__).parent / "assets"

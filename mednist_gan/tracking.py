@@ -194,7 +194,7 @@ class Tracking:
 
     def log_samples(self, pictures, step: int) -> Path:
         """Main process: a grid of upright uint8 pictures, as PNG in samples/ and to the tracker."""
-        from .generate import image_grid, save_png
+        from .images import image_grid, save_png
 
         grid = image_grid(pictures)
         path = self.run_dir / "samples" / f"step_{step:06d}.png"

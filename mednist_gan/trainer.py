@@ -35,7 +35,7 @@ from .errors import CheckpointError, ConfigError, TrainingError, first_line
 from .export import checkpoint_provenance, export_generator
 from .losses import discriminator_loss, generator_loss, r1_penalty
 from .networks import build_discriminator, build_generator
-from .generate import to_uint8_pictures
+from .images import to_uint8_pictures
 from .hostmem import keep_freed_host_memory
 from .tracking import Tracking, setup_logging, tracker_dir, write_run_info
 

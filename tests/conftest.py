@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-SHARED = REPO.parent / "shared"
-MEDNIST_ROOT = Path(os.environ.get("MEDNIST_ROOT", SHARED / "data" / "mednist"))
-UPSTREAM_WEIGHTS = Path(os.environ.get("MEDNIST_GAN_UPSTREAM", SHARED / "upstream" / "mednist_gan_bundle_model.pt"))
+from helpers import MEDNIST_ROOT, UPSTREAM_WEIGHTS, reset_accelerate
 
 
 def _missing(reason: str):
@@ -42,83 +37,7 @@ def debug_overrides(tmp_path: Path, mednist_root: Path) -> list[str]:
     return [f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path.parent / 'cache'}"]
 
 
-def train_cmd(num_processes: int = 1) -> list[str]:
-    """The command that starts ``mednist_gan.train`` with this many processes, as users start it."""
-    if num_processes == 1:
-        return [sys.executable, "-m", "mednist_gan.train"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-            "-m", "mednist_gan.train"]
-
-
-def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600):
-    """Run ``python -m mednist_gan ...`` in a fresh process and return the CompletedProcess."""
-    import subprocess
-
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "mednist_gan", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def reset_accelerate() -> None:
-    """Accelerate keeps one process-wide state; each new trainer in this process needs a clean one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     yield
     reset_accelerate()
-
-
-def adam_max_step(lr: float, betas: tuple[float, float], t: int) -> float:
-    """The most torch.optim.Adam (no weight decay) can move one element at its t-th step, whatever the gradients.
-
-    The step is lr * m_hat / (sqrt(v_hat) + eps) with m_hat = sum(w_i g_i), v_hat = sum(u_i g_i^2) (weights of
-    the bias-corrected averages); by Cauchy-Schwarz |m_hat| / sqrt(v_hat) <= sqrt(sum(w_i^2 / u_i)): 1 at t = 1.
-    """
-    b1, b2 = betas
-    w = [(1 - b1) * b1 ** (t - i) / (1 - b1 ** t) for i in range(1, t + 1)]
-    u = [(1 - b2) * b2 ** (t - i) / (1 - b2 ** t) for i in range(1, t + 1)]
-    return lr * sum(x * x / y for x, y in zip(w, u)) ** 0.5
-
-
-def assert_close_up_to_adam_round_off(a: dict, b: dict, *, lr: float, betas: tuple[float, float], updates: int,
-                                      rtol: float = 1e-4, atol: float = 1e-5, max_share: float = 0.01,
-                                      what: str = "") -> None:
-    """Two state dicts that the same ``updates`` Adam steps produced from the same start, up to round-off.
-
-    Adam divides each gradient by its own running RMS, so an element whose gradient is at round-off level
-    (a different kernel, summation order or CPU) moves by up to a full step either way, however small the
-    difference that decided its sign. So: allclose for all but ``max_share`` of the elements, and no element
-    further apart than two such trajectories can end (twice Adam's largest possible move over ``updates``).
-    A real semantic difference (another batch, other latents, a missing update) moves most elements apart.
-    """
-    import torch
-
-    # 1.001: float32 rounding of the step itself.
-    bound = 2 * sum(adam_max_step(lr, betas, t) for t in range(1, updates + 1)) * 1.001
-    total = mismatched = 0
-    assert a.keys() == b.keys(), f"{what}: different parameters"
-    for key in a:
-        p, q = a[key].double(), b[key].double()
-        close = torch.isclose(p, q, rtol=rtol, atol=atol)
-        total += close.numel()
-        mismatched += int((~close).sum())
-        worst = float((p - q).abs().max()) if p.numel() else 0.0
-        assert worst <= bound, f"{what}.{key}: an element {worst:.3g} apart, more than Adam can move it ({bound:.3g})"
-    assert mismatched <= max_share * total, f"{what}: {mismatched} of {total} elements not allclose (> {max_share:.1%})"
-
-
-def forget_file_records(checkpoint: Path) -> None:
-    """Make a checkpoint look like one written before sizes and checksums were recorded in its metadata."""
-    import json
-
-    from mednist_gan.checkpoint import META
-
-    meta = json.loads((checkpoint / META).read_text())
-    del meta["files"]
-    (checkpoint / META).write_text(json.dumps(meta))

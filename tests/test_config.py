@@ -7,7 +7,7 @@ import pytest
 from mednist_gan.config import Config, describe_fields, load_config
 from mednist_gan.errors import ConfigError
 
-from conftest import CONFIGS, run_cli
+from helpers import CONFIGS, run_cli
 
 ALL_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 

@@ -21,7 +21,7 @@ from mednist_gan.config import load_config
 from mednist_gan.errors import CheckpointError
 from mednist_gan.trainer import train
 
-from conftest import CONFIGS, forget_file_records, reset_accelerate, run_cli
+from helpers import CONFIGS, forget_file_records, reset_accelerate, run_cli
 
 UNWRITABLE = Path("/proc/mednist-gan-test/x")  # /proc refuses new entries, even to root
 

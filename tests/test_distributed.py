@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from mednist_gan import checkpoint as ckpt
 
-from conftest import CONFIGS, REPO, assert_close_up_to_adam_round_off, train_cmd
+from helpers import CONFIGS, REPO, assert_close_up_to_adam_round_off, train_cmd
 
 pytestmark = pytest.mark.slow
 

@@ -17,10 +17,11 @@ from PIL import Image
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import load_config
 from mednist_gan.export import export_checkpoint
-from mednist_gan.generate import encode_png, generate
+from mednist_gan.generate import generate
+from mednist_gan.images import encode_png
 from mednist_gan.trainer import train
 
-from conftest import CONFIGS, reset_accelerate, run_cli
+from helpers import CONFIGS, reset_accelerate, run_cli
 
 BUNDLE_ARGS = dict(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8, 1], strides=[2, 2, 2, 1])
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import CONFIGS, REPO
+from helpers import CONFIGS, REPO
 
 # Ten rounds of what a training step does with its activations: allocate and fill two large tensors
 # (64 and 32 MiB, above glibc's largest mmap threshold), keep a small result, free the large ones.

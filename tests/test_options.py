@@ -15,7 +15,7 @@ from mednist_gan.export import load_generator_weights
 from mednist_gan.losses import discriminator_loss, generator_loss, r1_penalty
 from mednist_gan.trainer import Trainer, lr_factor, train
 
-from conftest import CONFIGS, reset_accelerate
+from helpers import CONFIGS, reset_accelerate
 
 REAL = torch.tensor([[0.5], [-1.0], [2.5]])
 FAKE = torch.tensor([[2.0], [0.3], [-4.0]])

@@ -15,7 +15,7 @@ from mednist_gan.config import load_config
 from mednist_gan.quality import QualityMeter, diversity, fmd, load_real_images, split_halves
 from mednist_gan.trainer import train
 
-from conftest import CONFIGS, run_cli
+from helpers import CONFIGS, run_cli
 
 N = 1000  # images per side in the sanity checks
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import REPO, CONFIGS
+from helpers import REPO, CONFIGS
 
 
 def _bash_blocks() -> list[str]:

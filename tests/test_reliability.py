@@ -24,7 +24,7 @@ from mednist_gan.data import list_images
 from mednist_gan.errors import TrainingError
 from mednist_gan.trainer import Trainer
 
-from conftest import CONFIGS, REPO, run_cli, train_cmd
+from helpers import CONFIGS, REPO, run_cli, train_cmd
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mednist_gan import checkpoint as ckpt
 
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SLURM_CONF = Path(os.environ.get("SLURM_CONF", "/tmp/mednist-gan-slurm/slurm.conf"))

@@ -12,7 +12,7 @@ import pytest
 from mednist_gan.config import load_config
 from mednist_gan.trainer import Trainer, train
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 from wandb_records import config as wandb_config
 from wandb_records import history, read_records
 
@@ -99,7 +99,7 @@ def test_tensorboard_tracker_writes_event_files(debug_overrides, tmp_path):
 def test_two_processes_make_exactly_one_wandb_run(tmp_path, mednist_root):
     import subprocess
 
-    from conftest import REPO, train_cmd
+    from helpers import REPO, train_cmd
 
     run = tmp_path / "run"
     result = subprocess.run(

@@ -14,7 +14,7 @@ from mednist_gan.config import load_config
 from mednist_gan.data import list_images, load_images, scale_intensity
 from mednist_gan.trainer import Trainer
 
-from conftest import CONFIGS, assert_close_up_to_adam_round_off
+from helpers import CONFIGS, assert_close_up_to_adam_round_off
 
 
 def _bundle_losses():

@@ -15,7 +15,7 @@ from mednist_gan.config import load_config
 from mednist_gan.errors import CheckpointError, ConfigError
 from mednist_gan.trainer import Trainer, train
 
-from conftest import CONFIGS, forget_file_records, run_cli
+from helpers import CONFIGS, forget_file_records, run_cli
 
 
 def _cfg(overrides, *extra):
