@@ -182,14 +182,17 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    tracker: Literal["none", "wandb", "tensorboard"] = _f("none", "experiment tracker (Accelerate's trackers), main process only")
-    project: str = _f("mednist-gan", "W&B project / TensorBoard run group; WANDB_PROJECT overrides")
+    tracker: Literal["none", "wandb", "tensorboard", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio"] = _f(
+        "none", "experiment tracker (any of Accelerate's), main process only; sample grids go to those that log images; "
+        "a tracker that is not installed is an error (pip install \"mednist-gan[<tracker>]\"); MLflow writes to "
+        "<log.dir>/mlflow.db unless MLFLOW_TRACKING_URI says otherwise")
+    project: str = _f("mednist-gan", "W&B project / TensorBoard run group / MLflow experiment; WANDB_PROJECT overrides")
     entity: Optional[str] = _f(None, "W&B entity (team or user); WANDB_ENTITY overrides")
     run_name: Optional[str] = _f(None, "tracker run name; null = the config's name")
     group: Optional[str] = _f(None, "W&B group, e.g. to gather the runs of a sweep")
     tags: list[str] = _f([], "W&B tags")
     mode: Literal["online", "offline", "disabled"] = _f("offline", "W&B mode; WANDB_MODE overrides; sync offline runs later with `wandb sync`")
-    dir: Optional[str] = _f(None, "where W&B / TensorBoard write; null = <run_dir>/tracker; WANDB_DIR overrides for W&B")
+    dir: Optional[str] = _f(None, "where the tracker writes; null = <run_dir>/tracker; WANDB_DIR overrides for W&B")
     online_timeout: int = _f(30, "seconds W&B may take to start online before falling back to offline")
     sample_every: Optional[int] = _f(50, "log a grid of samples from a fixed latent batch every N iterations (and at the end); null = only at the end")
     num_samples: int = _f(64, "images in each sample grid")

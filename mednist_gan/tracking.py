@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -12,10 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config
-from .errors import first_line, output_error
+from .errors import ConfigError, first_line, output_error
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 _WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+WANDB_STEP_FILE = "wandb_step.txt"  # "<W&B run id> <highest W&B step sent>", next to wandb_run_id.txt
 
 
 def git_revision(cwd: Optional[Path] = None) -> Optional[str]:
@@ -74,31 +76,128 @@ def tracker_dir(cfg: Config) -> Path:
     return Path(cfg.log.dir) if cfg.log.dir else cfg.run_path / "tracker"
 
 
+# Accelerate's trackers (accelerate.utils.LoggerType less "all"): the modules each one imports (any one of
+# a tuple's alternatives will do) and the pip command that installs them.
+TRACKERS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "wandb": (("wandb",),),
+    "tensorboard": (("torch.utils.tensorboard", "tensorboardX"),),
+    "mlflow": (("mlflow",),),
+    "aim": (("aim",),),
+    "comet_ml": (("comet_ml",),),
+    "clearml": (("clearml",),),
+    "dvclive": (("dvclive",),),
+    "swanlab": (("swanlab",),),
+    "trackio": (("trackio",),),
+}
+# The local MLflow store (used unless MLFLOW_TRACKING_URI says otherwise) is a SQLite database.
+_MLFLOW_LOCAL_STORE = (("sqlalchemy",), ("alembic",))
+
+
+def tracker_install_hint(kind: str) -> str:
+    return "pip install wandb" if kind == "wandb" else f'pip install "mednist-gan[{kind}]"'
+
+
+def check_tracker_installed(kind: str) -> None:
+    """A one-line ConfigError when ``log.tracker`` names a tracker whose package cannot be imported, or that
+    Accelerate would leave out (it drops an unavailable tracker silently): call before training starts."""
+    if kind == "none":
+        return
+    needs = TRACKERS[kind]
+    if kind == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+        needs = needs + _MLFLOW_LOCAL_STORE
+    import importlib
+
+    for alternatives in needs:
+        failure = None
+        for module in alternatives:
+            try:
+                importlib.import_module(module)
+                failure = None
+                break
+            except Exception as exc:  # noqa: BLE001 - ImportError, or a package broken on import
+                failure = failure or f"{type(exc).__name__}: {first_line(exc, 100)}"
+        if failure is not None:
+            raise ConfigError(f"log.tracker={kind}: {' or '.join(alternatives)} cannot be imported ({failure}); "
+                              f"install it with `{tracker_install_hint(kind)}`, or set log.tracker=none")
+    import accelerate.utils
+
+    if not getattr(accelerate.utils, f"is_{kind}_available")():
+        raise ConfigError(f"log.tracker={kind}: Accelerate does not find a version of {kind} it supports; "
+                          f"reinstall it with `{tracker_install_hint(kind)}`, or set log.tracker=none")
+
+
 class Tracking:
     """Experiment tracking on the main process: metrics, sample grids, config, artifacts.
 
-    Goes through Accelerate's trackers (W&B or TensorBoard, created by the main process only) and
+    Goes through Accelerate's trackers (any of ``TRACKERS``, created by the main process only) and
     also writes ``metrics.jsonl``, ``samples/step_*.png`` and a final ``loss_curves.png`` into the run
-    directory for people who use neither. A tracker that fails to start or to log is reported once and
-    switched off: tracking never stops training.
+    directory for people who use none. A configured tracker that is not installed is a ConfigError when
+    this object is made; one that fails to start or to log is reported once and switched off: tracking
+    never stops training.
+
+    A resumed run logs the steps after its checkpoint again: ``metrics.jsonl`` keeps one line per step
+    (the re-run's), and W&B, whose steps must increase, gets its own step counter that only grows across
+    restarts (its high-water mark in ``wandb_step.txt``), with the training step as the x-axis metric
+    ``train/step``.
     """
 
     def __init__(self, cfg: Config, accelerator, run_dir: Path, logger: logging.Logger):
+        check_tracker_installed(cfg.log.tracker)
         self.cfg, self.acc, self.run_dir, self.log = cfg, accelerator, run_dir, logger
         self.is_main = accelerator.is_main_process
         self.active = False
         self._warned: set[str] = set()
+        self._wandb_offset = 0  # W&B step = training step + offset
+        self._wandb_high = 0  # the highest W&B step this W&B run may have received
+        self._wandb_id: Optional[str] = None
 
     # -- start
 
-    def start(self) -> None:
+    def start(self, resumed_step: Optional[int] = None) -> None:
+        """``resumed_step``: the step of the checkpoint this run resumed from, 0 for a fresh run: the records of
+        later steps, which this run logs again, are dropped. None (unknown) keeps every record."""
+        local_high = self._local_high_step() if self.is_main else 0
+        if self.is_main and resumed_step is not None:
+            self._local(lambda: self._forget_metrics_after(resumed_step), "metrics.jsonl")
         kind = self.cfg.log.tracker
         if kind == "none":
             return
         if kind == "wandb":
-            self._start_wandb()
+            self._start_wandb(resumed_step, local_high)
         else:
-            self._try_start({"tensorboard": {}}, "TensorBoard")
+            self._try_start({kind: self._init_kwargs(kind)}, kind)
+
+    def _forget_metrics_after(self, step: int) -> None:
+        dropped = keep_metrics_up_to(self.run_dir / "metrics.jsonl", step)
+        if dropped:
+            self.log.info("metrics.jsonl: dropped %d line(s) after step %d (or cut short), which this run logs again",
+                          dropped, step)
+
+    def _local_high_step(self) -> int:
+        """The highest step of metrics.jsonl and samples/: what an earlier run sent to its tracker, at most."""
+        high = 0
+        try:
+            for row in read_metrics(self.run_dir / "metrics.jsonl"):
+                high = max(high, row["step"])
+            for png in (self.run_dir / "samples").glob("step_*.png"):
+                if png.stem[5:].isdigit():
+                    high = max(high, int(png.stem[5:]))
+        except OSError:
+            pass
+        return high
+
+    def _init_kwargs(self, kind: str) -> dict:
+        """Where each tracker writes by default: under ``tracker_dir`` (Aim and TensorBoard get it from Accelerate)."""
+        lc, where = self.cfg.log, tracker_dir(self.cfg)
+        if kind == "mlflow":
+            if self.is_main and not os.environ.get("MLFLOW_TRACKING_URI"):
+                import mlflow
+
+                mlflow.set_tracking_uri(f"sqlite:///{(where / 'mlflow.db').resolve()}")
+            return {"run_name": lc.run_name or self.cfg.name, "logging_dir": str((where / "mlflow").resolve())}
+        if kind == "dvclive":
+            return {"dir": str(where / "dvclive")}
+        return {}
 
     def _flat_config(self) -> dict:
         flat = {}
@@ -113,7 +212,7 @@ class Tracking:
         walk(self.cfg.to_dict(), "")
         return flat
 
-    def _start_wandb(self) -> None:
+    def _start_wandb(self, resumed_step: Optional[int], local_high: int) -> None:
         lc = self.cfg.log
         mode = os.environ.get("WANDB_MODE") or lc.mode
         wandb_dir = Path(os.environ.get("WANDB_DIR") or tracker_dir(self.cfg))
@@ -130,13 +229,41 @@ class Tracking:
         if self._try_start({"wandb": dict(kwargs, mode=mode, settings=_wandb_settings(lc.online_timeout))}, "W&B",
                            quiet=mode == "online"):
             self.log.info("W&B run %s (%s) in %s", run_id, mode, wandb_dir)
-            return
-        if mode == "online":
+        elif mode == "online":
             self.log.warning("W&B could not start online within %ds (no network or no login): falling back to "
                              "offline; upload later with `wandb sync %s/wandb/offline-run-*`",
                              lc.online_timeout, wandb_dir)
-            if self._try_start({"wandb": dict(kwargs, mode="offline")}, "W&B"):
+            if self._try_start({"wandb": dict(kwargs, mode="offline", settings=_wandb_settings())}, "W&B"):
                 self.log.info("W&B run %s (offline) in %s", run_id, wandb_dir)
+        if self.active and self.is_main:
+            self._guard(lambda: self._wandb_steps(run_id, resumed_step, local_high), "set up its step axis")
+
+    def _wandb_steps(self, run_id: str, resumed_step: Optional[int], local_high: int) -> None:
+        """W&B drops a step lower than one it has: continue above the highest step any earlier run of this
+        run directory may have sent, and plot everything against the training step ``train/step``."""
+        run = self.acc.get_tracker("wandb", unwrap=True)
+        high = max(self._wandb_high_mark(run_id, local_high), int(getattr(run, "step", 0) or 0))
+        self._wandb_id, self._wandb_high = run_id, high
+        self._wandb_offset = high - (resumed_step if resumed_step is not None else 0)
+        run.define_metric("train/step")
+        run.define_metric("*", step_metric="train/step")
+        if high:
+            self.log.info("W&B steps continue above %d (training step + %d); x-axis: train/step", high,
+                          self._wandb_offset)
+
+    def _wandb_high_mark(self, run_id: str, local_high: int) -> int:
+        path = self.run_dir / WANDB_STEP_FILE
+        if not path.exists():  # a run directory from before the high-water mark: W&B step = training step
+            return local_high
+        try:
+            recorded_id, high = path.read_text().split()
+            if int(high) < 0:
+                raise ValueError(f"negative step {high}")
+            return int(high) if recorded_id == run_id else 0  # another id: this is a new W&B run
+        except (OSError, ValueError) as exc:
+            self.log.warning("%s is unreadable (%s: %s): W&B steps continue above step %d of the run directory's "
+                             "records", path, type(exc).__name__, first_line(exc, 80), local_high)
+            return local_high
 
     def _wandb_run_id(self, wandb_dir: Path) -> Optional[str]:
         """One W&B run id per run directory, so a resumed run continues the same W&B run."""
@@ -190,7 +317,20 @@ class Tracking:
 
         self._local(append, "metrics.jsonl")
         if self.active:
-            self._guard(lambda: self.acc.log(metrics, step=step), "log metrics")
+            self._guard(lambda: self.acc.log(*self._tracker_step(metrics, step)), "log metrics")
+
+    def _tracker_step(self, values: dict, step: int) -> tuple[dict, int]:
+        """The values and step for the tracker: W&B gets its own increasing step and ``train/step``."""
+        if self.cfg.log.tracker != "wandb":
+            return values, step
+        wandb_step = step + self._wandb_offset
+        if wandb_step > self._wandb_high:  # recorded before W&B can have it: an upper bound after any kill
+            from .checkpoint import write_text_atomic
+
+            self._wandb_high = wandb_step
+            self._local(lambda: write_text_atomic(self.run_dir / WANDB_STEP_FILE, f"{self._wandb_id} {wandb_step}\n"),
+                        WANDB_STEP_FILE)
+        return {**values, "train/step": step}, wandb_step
 
     def log_samples(self, pictures, step: int) -> Path:
         """Main process: a grid of upright uint8 pictures, as PNG in samples/ and to the tracker."""
@@ -209,13 +349,16 @@ class Tracking:
         return path
 
     def _tracker_image(self, grid, step: int) -> None:
-        if self.cfg.log.tracker == "wandb":
+        kind = self.cfg.log.tracker
+        if kind == "wandb":
             import wandb
 
-            self.acc.get_tracker("wandb", unwrap=True).log({"samples": wandb.Image(grid, caption=f"step {step}")},
-                                                           step=step)
-        else:
-            self.acc.get_tracker("tensorboard", unwrap=True).add_image("samples", grid[None], step, dataformats="CHW")
+            values, wandb_step = self._tracker_step({"samples": wandb.Image(grid, caption=f"step {step}")}, step)
+            self.acc.get_tracker("wandb", unwrap=True).log(values, step=wandb_step)
+            return
+        tracker = self.acc.get_tracker(kind)
+        if hasattr(tracker, "log_images"):  # Accelerate's generic image logging; trackers without it get none
+            tracker.log_images({"samples": _image_value(kind, grid)}, step=step)
 
     def log_artifact(self, export_dir: Path) -> None:
         if not (self.is_main and self.active and self.cfg.log.tracker == "wandb" and self.cfg.log.artifact):
@@ -262,6 +405,52 @@ class Tracking:
                         "loss_curves.png")
 
 
+def _image_value(kind: str, grid):
+    """One (H, W) uint8 grid in the form each tracker's ``log_images`` takes."""
+    if kind == "tensorboard":
+        return grid[None, None]  # SummaryWriter.add_images: N, C, H, W
+    if kind in ("aim", "clearml"):
+        return grid  # one image per key
+    return [grid]  # a list of images per key (W&B, SwanLab)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The complete lines of a metrics.jsonl (a line cut short by a killed process is left out)."""
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def keep_metrics_up_to(path: Path, step: int) -> int:
+    """Rewrite metrics.jsonl atomically with only its complete lines of steps <= ``step`` (a resumed run logs
+    the later ones again); returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    lines = data.decode(errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    if len(kept) < len(lines) or (data and not data.endswith(b"\n")):
+        from .checkpoint import write_text_atomic
+
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
 def _wandb_teardown() -> None:
     """Release a W&B run that failed half-way, so that its id can be used again (e.g. offline)."""
     try:
@@ -272,40 +461,50 @@ def _wandb_teardown() -> None:
         pass
 
 
-def _wandb_settings(timeout: int):
+def _wandb_settings(timeout: Optional[int] = None):
+    """Quiet, and the run file written every quarter second (W&B's default is 15 s): a killed process loses
+    only what it logged in its last moments, which the resumed run logs again (its checkpoint is older)."""
     import wandb
 
-    return wandb.Settings(init_timeout=timeout, silent=True)
+    kwargs = {"silent": True} if timeout is None else {"init_timeout": timeout, "silent": True}
+    try:
+        return wandb.Settings(**kwargs, x_transaction_log_flush_interval=0.25)
+    except Exception:  # noqa: BLE001 - a W&B version without the setting
+        return wandb.Settings(**kwargs)
 
 
 def plot_loss_curves(metrics_file: Path, out: Path) -> Optional[Path]:
-    """The losses and D outputs over steps, as a PNG for people who do not use W&B."""
-    if not metrics_file.is_file():
-        return None
-    rows = []
-    for line in metrics_file.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut short by a killed process
-            continue
-        if isinstance(row, dict) and "loss_d" in row and "step" in row:
-            rows.append(row)
-    if not rows:
+    """The losses and D outputs over steps, and the in-training FMD when evaluation ran, as a PNG for
+    people who use no tracker. A step logged twice (a resumed run) is plotted with its last values."""
+    train, fmd = {}, {}
+    for row in read_metrics(metrics_file):  # a line cut short by a killed process is left out
+        if "loss_d" in row:
+            train[row["step"]] = row
+        value = row.get("eval/fmd")
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            fmd[row["step"]] = value
+    if not train:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
-    fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = sorted(train)
+    rows = [train[s] for s in steps]
+    fig, axes = plt.subplots(1, 3 if fmd else 2, figsize=(15 if fmd else 10, 3.5))
+    ax_loss, ax_d = axes[:2]
     for key in ("loss_d", "loss_g"):
         ax_loss.plot(steps, [r.get(key) for r in rows], label=key)
     for key in ("d_real", "d_fake"):
         ax_d.plot(steps, [r.get(key) for r in rows], label=key)
     ax_loss.set(xlabel="iteration", title="losses")
     ax_d.set(xlabel="iteration", title="mean D output", ylim=(0, 1))
-    for ax in (ax_loss, ax_d):
+    if fmd:
+        eval_steps = sorted(fmd)
+        axes[2].plot(eval_steps, [fmd[s] for s in eval_steps], "o-", label="eval/fmd")
+        axes[2].set(xlabel="iteration", title="FMD (in-training evaluation; lower is better)")
+    for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

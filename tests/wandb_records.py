@@ -2,7 +2,8 @@
 
 The file is W&B's LevelDB-style log: a 7-byte header (``:W&B``, magic 0xBEE1, version 0), then 32 KiB
 blocks of chunks, each with a 7-byte header (crc32, length, type: full/first/middle/last), whose
-payloads are serialized ``wandb_internal_pb2.Record`` messages.
+payloads are serialized ``wandb_internal_pb2.Record`` messages. The file of a killed process may end
+inside a chunk: reading stops there.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def read_records(path: Path) -> list[pb.Record]:
         crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         payload = data[pos + 7:pos + 7 + length]
         if length == 0 and kind == 0:
+            break
+        if len(payload) < length:  # the file of a killed process may end inside its last chunk
             break
         expected = zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF
         assert crc == expected, f"bad chunk checksum at byte {pos}"
@@ -67,3 +70,9 @@ def config(records: list[pb.Record]) -> dict:
             for item in r.config.update:
                 out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return out
+
+
+def metric_definitions(records: list[pb.Record]) -> dict[str, str]:
+    """``define_metric`` calls: metric name or glob -> its step metric ("" when it has none)."""
+    return {r.metric.name or r.metric.glob_name: r.metric.step_metric for r in records
+            if r.WhichOneof("record_type") == "metric"}
