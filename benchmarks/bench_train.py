@@ -10,7 +10,7 @@ iterations after one warm-up; the median iteration time gives images/s and the e
 (17 iterations for 10,000 images). FLOPs of one iteration are counted once with
 ``torch.utils.flop_counter`` and compared with a measured fp32 matmul peak of this machine.
 For information, the reference runs a second time with our host-memory setting
-(``mednist_gan.hostmem``, ``train.keep_host_memory``), to show how much of the ratio is the allocator.
+(``mednist_gan.hostmem``, ``runtime.keep_host_memory``), to show how much of the ratio is the allocator.
 
     python benchmarks/bench_train.py [--iters 3] [--data ../shared/data/mednist] [--workers 2]
 
@@ -56,7 +56,7 @@ def run_reference(data: Path, iters: int, workers: int, keep_host_memory: bool =
                                   RandZoomd, ScaleIntensityd)
     from ignite.engine import Events
 
-    if keep_host_memory:  # the allocator setting our side uses (train.keep_host_memory), for comparison
+    if keep_host_memory:  # the allocator setting our side uses (runtime.keep_host_memory), for comparison
         from mednist_gan.hostmem import keep_freed_host_memory
 
         keep_freed_host_memory()
@@ -114,7 +114,7 @@ def run_ours(data: Path, iters: int, processes: int, overrides: list[str]) -> di
     with tempfile.TemporaryDirectory() as tmp:
         args = ["--config", str(REPO / "configs" / "bundle.yaml"), f"run_dir={tmp}", f"data.root={data}",
                 f"train.max_steps={iters + 1}", "train.log_every=1", "export.at_end=false",
-                "checkpoint.every_epochs=null", "log.sample_every=null", f"train.num_threads={threads}", *overrides]
+                "checkpoint.every_epochs=null", "log.sample_every=null", f"runtime.num_threads={threads}", *overrides]
         if processes == 1:
             cmd = [sys.executable, "-m", "mednist_gan.train", *args]
         else:
@@ -139,9 +139,7 @@ def count_flops(data: Path) -> float:
     from mednist_gan.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        # The model's own FLOPs: without the CPU phase-split gradient, whose zero taps would count as work.
-        cfg = load_config(REPO / "configs" / "bundle.yaml", [f"data.root={data}", f"run_dir={tmp}", "data.limit=600",
-                                                             "model.cpu_phase_split=false"])
+        cfg = load_config(REPO / "configs" / "bundle.yaml", [f"data.root={data}", f"run_dir={tmp}", "data.limit=600"])
         trainer = Trainer(cfg)
         real = trainer.prepare_reals(next(iter(trainer.loader)))
         with FlopCounterMode(display=False) as counter:

@@ -84,7 +84,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
-    from .trainer import PREEMPTED_EXIT_CODE, Preempted, train
+    from .runcontrol import PREEMPTED_EXIT_CODE, Preempted
+    from .trainer import train
 
     try:
         train(cfg)
@@ -164,8 +165,26 @@ COMMANDS = {"train": _train, "export": _export, "generate": _generate, "evaluate
             "train-classifier": _train_classifier, "config-help": _config_help}
 
 
+def _one_line_warnings() -> None:
+    """The toolkit's own warnings (e.g. a renamed config key) print as one line, like its errors."""
+    import warnings
+
+    from .config import ConfigWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ConfigWarning):
+            print(f"mednist-gan: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _one_line_warnings()
     args = _parser().parse_args(argv)
     args.argv = argv
     try:
@@ -179,7 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print("mednist-gan: interrupted", file=sys.stderr)
-        return 130
+        from .runcontrol import INTERRUPTED_EXIT_CODE
+
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def load_checkpoint_generator(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
 
     checkpoint = resolve(checkpoint)  # verified: each file as it was written
     meta = read_meta(checkpoint)
-    model_cfg = ModelConfig(**meta["config"]["model"])
+    model_cfg = ModelConfig.from_dict(meta["config"]["model"])
     weights = checkpoint / EMA_FILE
     if not weights.is_file():
         weights = checkpoint / "model.safetensors"  # Accelerate saves prepared models in order: G first
@@ -98,7 +98,7 @@ def _model_config_beside(path: Path) -> ModelConfig:
     if not provenance.exists():
         return ModelConfig()  # the seed bundle's architecture
     try:
-        return ModelConfig(**json.loads(provenance.read_text())["config"]["model"])
+        return ModelConfig.from_dict(json.loads(provenance.read_text())["config"]["model"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{provenance}: unreadable export provenance, needed for the architecture of {path.name} "
                               f"({type(exc).__name__}: {first_line(exc, 120)})") from None
@@ -265,7 +265,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, onnx: bool = False) -> Pa
     """``mednist-gan export``: the generator of a training checkpoint, with its provenance."""
     checkpoint = resolve(checkpoint)  # the provenance names the checkpoint folder itself
     generator, meta = load_checkpoint_generator(checkpoint)
-    return export_generator(generator, ModelConfig(**meta["config"]["model"]), out_dir,
+    return export_generator(generator, ModelConfig.from_dict(meta["config"]["model"]), out_dir,
                             checkpoint_provenance(checkpoint, meta), onnx=onnx)
 
 

@@ -1,52 +1,51 @@
-"""The GAN training loop; the only module that talks to Accelerate.
+"""The GAN training loop: the discriminator phase, the generator phase, and the housekeeping after a step.
 
 One iteration has the semantics of ``monai.engines.GanTrainer`` as the seed bundle uses it: for each
 real batch, one fake batch from fresh latents; ``d_train_steps`` discriminator updates on those same
 real and (detached) fake images; then fresh latents and one generator update (``g_train_steps``
 updates, each on fresh latents). Options beyond the bundle, all off in its recipe: loss variants, an
 R1 penalty, per-phase batch sizes, learning-rate warm-up/decay, an EMA of the generator's weights.
+
+Reading order: ``Trainer.__init__`` (what a run is made of), ``train_step`` (one iteration), ``fit`` (the
+loop and its periodic duties), then ``save_checkpoint``/``load_checkpoint``. Devices, processes and
+precision come from ``runtime.make_accelerator``; stopping and exit codes from ``runcontrol``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from contextlib import contextmanager
-from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config
+from .config import Config, ModelConfig
 from .data import apply_augment, build_dataloader, load_dataset, sample_augment_params, scale_intensity
 from .errors import CheckpointError, ConfigError, TrainingError, first_line
+from .evaluation import InTrainingEvaluation
 from .export import checkpoint_provenance, export_generator
-from .losses import discriminator_loss, generator_loss, r1_penalty
-from .networks import build_discriminator, build_generator
 from .images import to_uint8_pictures
-from .hostmem import keep_freed_host_memory
-from .tracking import Tracking, setup_logging, tracker_dir, write_run_info
+from .losses import discriminator_loss, generator_loss, r1_penalty
+from .networks import build_discriminator, build_generator, generator_copy
+from .optim import make_optimizers, make_schedulers
+from .runcontrol import Preempted, StopRequest, crash_point, peers_lost, write_failure
+from .runtime import make_accelerator, memory_format, prepare_networks
+from .tracking import Tracking, setup_logging, write_run_info
 
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
-PREEMPTED_EXIT_CODE = 3
-BEST_DIR = "best"  # the generator with the lowest FMD so far (eval.keep_best)
 LATENT_RNG_FILE, AUGMENT_RNG_FILE = "latent_rng.pt", "augment_rng.pt"  # shared streams, saved by the main process
 AUGMENT_SEED_OFFSET = 3_000_017
-# Model keys that change the networks' parameters: a checkpoint only resumes into the same ones.
-ARCHITECTURE_KEYS = ("latent_size", "start_shape", "g_channels", "g_strides", "image_shape", "d_channels",
-                     "d_strides", "d_num_res_units", "d_kernel_size")
+SAMPLE_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -58,48 +57,29 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of that epoch already consumed
 
 
-class Preempted(Exception):
-    """Training stopped on a signal after writing a checkpoint; re-running the command resumes it."""
+@dataclass
+class Periodic:
+    """A duty after an iteration: due every N steps, at the end of every N epochs, and/or after the last step.
 
-    def __init__(self, signame: str, checkpoint: Path):
-        super().__init__(f"stopped by {signame} at {checkpoint}; run the same command again to resume")
-        self.checkpoint = checkpoint
+    ``fit`` runs each due duty once per step, in the order given.
+    """
 
+    action: Callable[[], object]
+    every_steps: Optional[int] = None
+    every_epochs: Optional[int] = None
+    at_end: bool = False
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    """One Accelerator per process: devices, process group and precision live here and nowhere else."""
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.precision='fp16' needs a CUDA GPU, and none is visible: use 'bf16' or 'no' on CPU")
-    if cfg.train.num_threads is not None:
-        torch.set_num_threads(cfg.train.num_threads)
-    if cfg.train.keep_host_memory:
-        keep_freed_host_memory()
-    if cfg.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    else:
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
-    return Accelerator(
-        log_with=tracker,
-        project_dir=str(tracker_dir(cfg)),
-        # Without a GPU, processes started by a launcher form a gloo group (Accelerate's MULTI_CPU).
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.train.precision,
-        # Each loader batch is the global batch; every process takes its slice of it, so an iteration
-        # sees the same images whatever the number of processes.
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        step_scheduler_with_optimizer=False,
-        # A process that waits for a dead peer gives up after this long instead of hanging forever.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
-    )
+    def due(self, state: TrainState, epoch_ended: bool, last: bool) -> bool:
+        return bool((self.every_steps and state.step % self.every_steps == 0)
+                    or (self.every_epochs and epoch_ended and state.epoch % self.every_epochs == 0)
+                    or (self.at_end and last))
 
 
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None):
         self.cfg = cfg
-        self.acc = acc = accelerator or make_accelerator(cfg)
         self.run_dir = cfg.run_path
+        self.acc = acc = accelerator or make_accelerator(cfg)
         self.log = setup_logging(self.run_dir, acc.is_main_process)
         world = acc.num_processes
         g_batch = cfg.train.g_batch_size or cfg.train.batch_size
@@ -110,38 +90,31 @@ class Trainer:
         self.per_device_g_batch = g_batch // world
 
         with acc.main_process_first():  # the main process decodes and fills the cache; the others read it
-            images = load_dataset(cfg.data, cfg.model.image_shape)
-        if len(images) < world:
-            raise ConfigError(f"{len(images)} images cannot feed {world} processes: use fewer processes or more data")
-
-        set_seed(cfg.train.seed)  # identical initial weights on every process
-        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        G = build_generator(cfg.model).to(memory_format=memory_format)
-        on_cpu = acc.device.type == "cpu"
-        D = build_discriminator(cfg.model, mask_dropout=cfg.model.cpu_mask_dropout and on_cpu,
-                                phase_split=cfg.model.cpu_phase_split and on_cpu).to(memory_format=memory_format)
-        betas = tuple(cfg.optim.betas)
-        opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.g_lr, betas=betas, foreach=cfg.optim.foreach)
-        opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.d_lr, betas=betas, foreach=cfg.optim.foreach)
-        loader = build_dataloader(images, cfg.train.batch_size, cfg.train.seed, pin_memory=acc.device.type == "cuda")
-        self.sampler = loader.sampler
-        self.num_images = len(images)
-        self.total_steps = math.ceil(self.num_images / cfg.train.batch_size) * cfg.train.epochs
+            self.images = load_dataset(cfg.data, cfg.model.image_shape)
+        self.num_images = len(self.images)
+        if self.num_images < world:
+            raise ConfigError(f"{self.num_images} images cannot feed {world} processes: use fewer processes or more data")
+        if cfg.train.batch_size > self.num_images:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the data set ({self.num_images} "
+                              f"images in {cfg.data.root or 'the built-in sample'}): use a batch of at most "
+                              f"{self.num_images}, or more data")
+        self.batches_per_epoch = math.ceil(self.num_images / cfg.train.batch_size)
+        self.total_steps = self.batches_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+        set_seed(cfg.train.seed)  # identical initial weights on every process
+        G, D = prepare_networks(build_generator(cfg.model), build_discriminator(cfg.model), cfg.runtime, acc.device)
         # The moving average starts from the initial weights; one plain module, never wrapped by Accelerate.
         self.ema = None
         if cfg.train.ema_decay is not None:
-            self.ema = build_generator(cfg.model, init=False).to(acc.device).requires_grad_(False).eval()
-            self.ema.load_state_dict(G.state_dict())
-        self.schedulers = []
-        if cfg.optim.scheduled:
-            factor = lr_factor(cfg.optim, self.total_steps)
-            self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (opt_g, opt_d)]
+            self.ema = generator_copy(cfg.model, G).to(acc.device).requires_grad_(False).eval()
+        opt_g, opt_d = make_optimizers(G, D, cfg.optim)
+        loader = build_dataloader(self.images, cfg.train.batch_size, cfg.train.seed, pin_memory=acc.device.type == "cuda")
+        self.sampler = loader.sampler
         self.G, self.D, self.opt_g, self.opt_d, self.loader, *self.schedulers = acc.prepare(
-            G, D, opt_g, opt_d, loader, *self.schedulers)
-        self.memory_format = memory_format
-        self.images = images
+            G, D, opt_g, opt_d, loader, *make_schedulers((opt_g, opt_d), cfg.optim, self.total_steps))
+        self.memory_format = memory_format(cfg.runtime)
 
         # Latents and augmentation parameters come from generators shared by all processes: each
         # draws for the global batch and keeps its slice, so neither depends on the number of processes.
@@ -149,19 +122,21 @@ class Trainer:
         self.augment_rng = torch.Generator(device=acc.device).manual_seed(cfg.train.seed + AUGMENT_SEED_OFFSET)
         # Dropout uses the global RNG, different on every process.
         set_seed(cfg.train.seed, device_specific=True)
-        self.state = TrainState()
-        self.tracking = Tracking(cfg, acc, self.run_dir, self.log)
         # A fixed latent batch (its own seed, drawn once) makes sample grids comparable over time.
         self.fixed_latents = torch.randn(cfg.log.num_samples, cfg.model.latent_size,
-                                         generator=torch.Generator().manual_seed(cfg.train.seed + 1_000_003))
-        self._stop_signal: Optional[str] = None
+                                         generator=torch.Generator().manual_seed(cfg.train.seed + SAMPLE_SEED_OFFSET))
+
+        self.state = TrainState()
+        self.tracking = Tracking(cfg, acc, self.run_dir, self.log)
+        self.evaluation = (InTrainingEvaluation(cfg, self.images, self.run_dir, acc.device, self.log)
+                           if acc.is_main_process else None)
+        self.stop = StopRequest()
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, metrics) not yet reduced
+        self._window_start = time.perf_counter()  # images/s: over the steps since the last log line
         self.skipped_updates = 0
         self.git_revision: Optional[str] = None
-        self.meter = None  # quality metrics, built on the main process at the first evaluation
-        self.best_fmd = math.inf
-        if cfg.eval.keep_best and acc.is_main_process:  # only the main process evaluates and exports best/
-            self.best_fmd = read_best_fmd(self.run_dir / BEST_DIR, self.log)
+        self.final_checkpoint: Optional[Path] = None
+        self.step_epoch = 0  # the epoch of the step that just ran (state.epoch moves on at its end)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -263,6 +238,120 @@ class Trainer:
                          self.skipped_updates)
         return True
 
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainState:
+        self._start()  # may replace self.state with a checkpoint's
+        cfg, acc, state = self.cfg, self.acc, self.state
+        duties = [
+            Periodic(self.log_progress, every_steps=cfg.train.log_every, at_end=True),
+            Periodic(self.log_samples, every_steps=cfg.log.sample_every, at_end=True),
+            Periodic(self.evaluate, every_steps=cfg.eval.every_steps, every_epochs=cfg.eval.every_epochs),
+            Periodic(self.save_checkpoint, every_steps=cfg.checkpoint.every_steps,
+                     every_epochs=cfg.checkpoint.every_epochs, at_end=True),
+        ]
+        bar = tqdm(total=self.total_steps, initial=state.step, dynamic_ncols=True, desc=cfg.name,
+                   disable=not (acc.is_main_process and sys.stderr.isatty()))
+        with torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly), self.stop, \
+                peers_lost(lambda: ckpt.find_latest(self.run_dir), cfg.train.collective_timeout_s):
+            for batch in self._batches():
+                self._pending.append((state.step + 1, self.train_step(self.prepare_reals(batch))))
+                state.step += 1
+                state.batch_in_epoch += 1
+                self.step_epoch = state.epoch  # the epoch this step belongs to, for the log
+                epoch_ended = self._advance_epoch()
+                last = state.step >= self.total_steps or self.stop.requested(acc)
+                for duty in duties:
+                    if duty.due(state, epoch_ended, last):
+                        duty.action()
+                bar.update(1)
+                if last:
+                    break
+            bar.close()
+        if self.stop.signal_name is not None:
+            raise Preempted(self.stop.signal_name, self.final_checkpoint)
+        self.log.info("training finished at step %d; final checkpoint %s", state.step, self.final_checkpoint)
+        return state
+
+    def _start(self) -> None:
+        """Run info, stale temporaries, resume, and the opening log lines."""
+        acc, cfg = self.acc, self.cfg
+        if acc.is_main_process:
+            self.git_revision = write_run_info(self.run_dir, cfg)
+            ckpt.remove_stale_temporaries(self.run_dir)
+        acc.wait_for_everyone()
+        resume_from = self.resolve_resume()
+        if resume_from is not None:
+            saved_processes = self.load_checkpoint(resume_from)
+            self._advance_epoch()
+            self.final_checkpoint = resume_from
+            self.log.info("resumed from %s (step %d, epoch %d, batch %d of the epoch)", resume_from,
+                          self.state.step, self.state.epoch, self.state.batch_in_epoch)
+            if saved_processes not in (None, acc.num_processes):
+                self.log.info("the checkpoint was written by %d process(es), this run has %d: data order, latents and "
+                              "augmentation continue as they would have; dropout's per-process RNG continues for "
+                              "ranks below %d and starts from seed + rank for the others", saved_processes,
+                              acc.num_processes, min(saved_processes, acc.num_processes))
+        self.tracking.start()
+        if acc.num_processes > 1:  # which node each rank runs on, as the launcher arranged it
+            from accelerate.utils import gather_object
+
+            placement = gather_object([f"{acc.process_index}@node{os.environ.get('GROUP_RANK', '0')}"])
+            self.log.info("process group: world size %d, ranks %s", acc.num_processes, " ".join(placement))
+        self.log.info("training %s: %d images, %d process(es) on %s, global batch %d (%d per process), precision %s, "
+                      "%d iterations", cfg.name, self.num_images, acc.num_processes, acc.device, cfg.train.batch_size,
+                      self.per_device_batch, cfg.train.precision, self.total_steps)
+
+    def _advance_epoch(self) -> bool:
+        """Start the next epoch when this one's batches are used up (checkpoints of older versions can
+        hold a finished epoch as its last batch); True when it did."""
+        if self.state.batch_in_epoch < self.batches_per_epoch:
+            return False
+        self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+        return True
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """Global batches from the current position on, epoch after epoch; ``fit`` advances the counters."""
+        while self.state.step < self.total_steps and self.state.epoch < self.cfg.train.epochs:
+            # The prepared loader numbers its epochs itself; keep it on ours (it passes it to the sampler).
+            self.loader.set_epoch(self.state.epoch)
+            self.sampler.skip_in_epoch(self.state.epoch, self.state.batch_in_epoch * self.cfg.train.batch_size)
+            yield from self.loader
+
+    # ------------------------------------------------------------------ periodic duties
+
+    def log_progress(self) -> None:
+        """The pending steps' metrics, averaged over steps and processes, to the log and the tracker."""
+        steps = len(self._pending)
+        metrics = self._reduce_pending()
+        if not metrics:
+            return
+        now = time.perf_counter()
+        metrics["images_per_s"] = steps * self.cfg.train.batch_size / (now - self._window_start)
+        metrics["lr_g"], metrics["lr_d"] = self.lr_used  # of the last iteration
+        metrics["epoch"] = self.step_epoch
+        self._window_start = now
+        self.tracking.log_metrics(metrics, self.state.step)
+        self.log.info("epoch %d step %d %s", self.step_epoch, self.state.step,
+                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def log_samples(self) -> None:
+        """Main process: the generator's images for the fixed latents, to samples/ and the tracker."""
+        if self.acc.is_main_process:
+            with torch.no_grad(), self.acc.autocast():
+                images = self.output_generator()(self.fixed_latents.to(self.acc.device))
+            self.tracking.log_samples(to_uint8_pictures(images), self.state.step)
+
+    def evaluate(self) -> Optional[dict]:
+        """Main process: FMD, KID and diversity of the output generator, logged; the best kept in ``best/``."""
+        result = None
+        if self.evaluation is not None:
+            provenance = {"step": self.state.step, "epoch": self.step_epoch, "git_revision": self.git_revision}
+            result = self.evaluation(self.output_generator(), self.acc.autocast(), self.state.step, provenance)
+            self.tracking.log_metrics(result, self.state.step)
+        self.acc.wait_for_everyone()
+        return result
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
@@ -281,7 +370,7 @@ class Trainer:
                 torch.save(self.augment_rng.get_state(), tmp / AUGMENT_RNG_FILE)
                 if self.ema is not None:
                     save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}, tmp / ckpt.EMA_FILE)
-            _crash_point("save", step)
+            crash_point("save", step)
             acc.wait_for_everyone()
             if acc.is_main_process:
                 meta = {"state": asdict(self.state), "num_processes": acc.num_processes,
@@ -289,13 +378,14 @@ class Trainer:
                 final = ckpt.publish(self.run_dir, tmp, step, meta, self.cfg.checkpoint.keep)
                 self.log.info("checkpoint saved: %s", final)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-            reason = _write_failure(exc, self.run_dir)  # before cleaning up frees the space again
+            reason = write_failure(exc, self.run_dir)  # before cleaning up frees the space again
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = ckpt.find_latest(self.run_dir)
             raise TrainingError(f"could not write checkpoint {final} ({reason}); "
                                 f"the newest complete checkpoint is still {previous}") from exc
         acc.wait_for_everyone()
+        self.final_checkpoint = final
         return final
 
     def load_checkpoint(self, path: Path) -> Optional[int]:
@@ -303,8 +393,9 @@ class Trainer:
         meta = ckpt.read_meta(path)  # verified by resolve_resume
         ckpt.verify_safe(path)
         saved_model = meta.get("config", {}).get("model", {})
-        for key, value in asdict(self.cfg.model).items():
-            if key in ARCHITECTURE_KEYS and key in saved_model and saved_model[key] != value:
+        for key in ModelConfig.architecture_keys():
+            value = getattr(self.cfg.model, key)
+            if key in saved_model and saved_model[key] != value:
                 raise CheckpointError(f"{path}: trained with model.{key}={saved_model[key]!r}, "
                                       f"but the config says {value!r}")
         if self.ema is not None and not (path / ckpt.EMA_FILE).is_file():
@@ -358,151 +449,11 @@ class Trainer:
         self.acc.wait_for_everyone()
         return intact
 
-    # ------------------------------------------------------------------ the loop
-
-    def fit(self) -> TrainState:
-        cfg, acc, log = self.cfg, self.acc, self.log
-        if acc.is_main_process:
-            self.git_revision = write_run_info(self.run_dir, cfg)
-            ckpt.remove_stale_temporaries(self.run_dir)
-        acc.wait_for_everyone()
-        self.tracking.start()
-        resume_from = self.resolve_resume()
-        if resume_from is not None:
-            saved_processes = self.load_checkpoint(resume_from)
-            log.info("resumed from %s (step %d, epoch %d, batch %d of the epoch)", resume_from,
-                     self.state.step, self.state.epoch, self.state.batch_in_epoch)
-            if saved_processes not in (None, acc.num_processes):
-                log.info("the checkpoint was written by %d process(es), this run has %d: data order, latents and "
-                         "augmentation continue as they would have; dropout's per-process RNG continues for ranks "
-                         "below %d and starts from seed + rank for the others", saved_processes, acc.num_processes,
-                         min(saved_processes, acc.num_processes))
-
-        total = self.total_steps
-        if acc.num_processes > 1:  # which node each rank runs on, as the launcher arranged it
-            from accelerate.utils import gather_object
-
-            placement = gather_object([f"{acc.process_index}@node{os.environ.get('GROUP_RANK', '0')}"])
-            log.info("process group: world size %d, ranks %s", acc.num_processes, " ".join(placement))
-        log.info("training %s: %d images, %d process(es) on %s, global batch %d (%d per process), precision %s, "
-                 "%d iterations", cfg.name, self.num_images, acc.num_processes, acc.device, cfg.train.batch_size,
-                 self.per_device_batch, cfg.train.precision, total)
-
-        bar = tqdm(total=total, initial=self.state.step, disable=not (acc.is_main_process and sys.stderr.isatty()),
-                   dynamic_ncols=True, desc=cfg.name)
-        last_saved = self.state.step if resume_from is not None else -1
-        window_start, window_images = time.perf_counter(), 0
-
-        with torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly), stop_signals(self._on_signal), \
-                peers_lost(self.run_dir, cfg.train.collective_timeout_s):
-            while self.state.step < total and self.state.epoch < cfg.train.epochs:
-                # The prepared loader numbers its epochs itself; keep it on ours (it passes it to the sampler).
-                self.loader.set_epoch(self.state.epoch)
-                self.sampler.skip_in_epoch(self.state.epoch, self.state.batch_in_epoch * cfg.train.batch_size)
-                for batch in self.loader:
-                    metrics_t = self.train_step(self.prepare_reals(batch))
-                    self.state.step += 1
-                    self._pending.append((self.state.step, metrics_t))
-                    self.state.batch_in_epoch += 1
-                    window_images += cfg.train.batch_size
-                    bar.update(1)
-                    if self.state.step % cfg.train.log_every == 0 or self.state.step == total:
-                        metrics = self._reduce_pending()
-                        now = time.perf_counter()
-                        metrics["images_per_s"] = window_images / (now - window_start)
-                        metrics["lr_g"], metrics["lr_d"] = self.lr_used  # of the last iteration
-                        metrics["epoch"] = self.state.epoch
-                        window_start, window_images = now, 0
-                        self.tracking.log_metrics(metrics, self.state.step)
-                        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
-                        log.info("epoch %d step %d %s", self.state.epoch, self.state.step,
-                                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                    if cfg.log.sample_every and self.state.step % cfg.log.sample_every == 0:
-                        self.log_samples()
-                    if cfg.eval.every_steps and self.state.step % cfg.eval.every_steps == 0:
-                        self.evaluate()
-                    every = cfg.checkpoint.every_steps
-                    if every and self.state.step % every == 0:
-                        self.save_checkpoint()
-                        last_saved = self.state.step
-                    if self.state.step >= total or self._should_stop():
-                        break
-                else:
-                    self.state.epoch += 1
-                    self.state.batch_in_epoch = 0
-                    if cfg.eval.every_epochs and self.state.epoch % cfg.eval.every_epochs == 0:
-                        self.evaluate()
-                    every = cfg.checkpoint.every_epochs
-                    if every and self.state.epoch % every == 0 and last_saved != self.state.step:
-                        self.save_checkpoint()
-                        last_saved = self.state.step
-                    continue
-                break
-            bar.close()
-            if not (cfg.log.sample_every and self.state.step % cfg.log.sample_every == 0):
-                self.log_samples()
-            if last_saved != self.state.step:
-                final_ckpt = self.save_checkpoint()
-            else:
-                final_ckpt = ckpt.checkpoints_dir(self.run_dir) / ckpt.step_dir_name(self.state.step)
-            if self._stop_signal is not None:
-                raise Preempted(self._stop_signal, final_ckpt)
-
-        log.info("training finished at step %d; final checkpoint %s", self.state.step, final_ckpt)
-        self.final_checkpoint = final_ckpt
-        return self.state
-
-    def log_samples(self) -> None:
-        """Main process: the generator's images for the fixed latents, to samples/ and the tracker."""
-        if self.acc.is_main_process:
-            generator = self.output_generator()
-            with torch.no_grad(), self.acc.autocast():
-                images = generator(self.fixed_latents.to(self.acc.device))
-            self.tracking.log_samples(to_uint8_pictures(images), self.state.step)
-
-    def evaluate(self) -> Optional[dict]:
-        """Main process: FMD, KID and diversity of the output generator against training images, logged;
-        the best generator by FMD is exported to ``<run_dir>/best``. Returns the scores (main process)."""
-        result = None
-        if self.acc.is_main_process:
-            from .quality import QualityMeter, sample_images
-
-            cfg = self.cfg
-            n = min(cfg.eval.num_samples, self.num_images)
-            if self.meter is None:
-                pick = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(cfg.train.seed))[:n]
-                self.meter = QualityMeter(scale_intensity(self.images[pick]), cfg.eval.classifier,
-                                          seed=cfg.train.seed, device=self.acc.device)
-            generator = self.output_generator()
-            with self.acc.autocast():
-                images = sample_images(generator, cfg.model.latent_size, n, cfg.train.seed + 2_000_003, "normal",
-                                       device=self.acc.device)
-            scores = self.meter.score(images)
-            result = {"eval/fmd": scores.fmd, "eval/kid": scores.kid, "eval/diversity": scores.diversity,
-                      "eval/diversity_real": self.meter.real_diversity}
-            self.tracking.log_metrics(result, self.state.step)
-            self.log.info("evaluation at step %d: FMD %.3f KID %.5f diversity %.4f (real %.4f)", self.state.step,
-                          scores.fmd, scores.kid, scores.diversity, self.meter.real_diversity)
-            if cfg.eval.keep_best and scores.fmd < self.best_fmd:
-                self.best_fmd = scores.fmd
-                provenance = {"step": self.state.step, "epoch": self.state.epoch, "eval": {**result, "num_samples": n},
-                              "git_revision": self.git_revision, "config": cfg.to_dict()}
-                export_generator(self._generator_copy(), cfg.model, self.run_dir / BEST_DIR, provenance)
-                self.log.info("new best FMD %.3f: exported to %s", scores.fmd, self.run_dir / BEST_DIR)
-        self.acc.wait_for_everyone()
-        return result
-
-    def _generator_copy(self) -> torch.nn.Module:
-        generator = build_generator(self.cfg.model, init=False)
-        generator.load_state_dict(self.output_generator().state_dict())
-        return generator
-
     def export(self, out_dir: Path) -> None:
         """Main process: the trained generator's exports, from a fresh copy of its weights."""
         if self.acc.is_main_process:
-            generator = self._generator_copy()
             meta = ckpt.read_meta(self.final_checkpoint)
-            export_generator(generator, self.cfg.model, out_dir,
+            export_generator(generator_copy(self.cfg.model, self.output_generator()), self.cfg.model, out_dir,
                              checkpoint_provenance(self.final_checkpoint, meta), onnx=self.cfg.export.onnx)
             self.log.info("exported the generator to %s", out_dir)
             self.tracking.log_artifact(out_dir)
@@ -530,89 +481,6 @@ class Trainer:
                                 "(train.nonfinite=skip skips such updates instead)")
         return dict(zip(keys, per_step.mean(0).tolist()))
 
-    def _on_signal(self, signum: int) -> None:
-        if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self._stop_signal = signal.Signals(signum).name
-        self.log.warning("received %s: saving a checkpoint after this iteration", self._stop_signal)
-
-    def _should_stop(self) -> bool:
-        """True on every process as soon as any process was signalled."""
-        flag = self._stop_signal is not None
-        if self.acc.num_processes == 1:
-            return flag
-        flag_t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
-        stop = bool(self.acc.reduce(flag_t, reduction="sum").item() > 0)
-        if stop and self._stop_signal is None:
-            self._stop_signal = "a signal on another process"
-        return stop
-
-
-def read_best_fmd(best_dir: Path, log) -> float:
-    """The FMD of the generator kept in ``best_dir`` by an earlier (resumed) run; inf when there is none.
-
-    A ``best_dir`` whose record cannot be read is moved aside (``best.damaged``), never overwritten.
-    """
-    if not best_dir.exists():
-        return math.inf
-    try:
-        return float(json.loads((best_dir / "export.json").read_text())["eval"]["eval/fmd"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        moved = ckpt.set_aside(best_dir)
-        log.warning("%s/export.json is unreadable (%s: %s): moved %s to %s; the next evaluation starts a new best",
-                    best_dir, type(exc).__name__, first_line(exc, 80), best_dir.name, moved)
-        return math.inf
-
-
-def lr_factor(optim, total_steps: int):
-    """Learning-rate multiplier per iteration: linear warm-up, then none/linear/cosine decay to final_lr_ratio."""
-    warmup, final = optim.warmup_steps, optim.final_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if optim.decay == "none":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
-        if optim.decay == "linear":
-            return 1.0 - (1.0 - final) * progress
-        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-@contextmanager
-def peers_lost(run_dir: Path, timeout_s: int):
-    """A collective that fails or times out (another process died or hangs) becomes one clear error."""
-    try:
-        yield
-    except RuntimeError as exc:  # gloo reports timeouts and closed peers as plain RuntimeErrors
-        text = str(exc)
-        if not (isinstance(exc, torch.distributed.DistError) or any(
-                marker in text for marker in ("gloo", "NCCL", "Timed out", "Connection closed", "Connection reset"))):
-            raise
-        latest = ckpt.find_latest(run_dir)
-        raise TrainingError(f"lost contact with another training process (no answer within train.collective_timeout_s="
-                            f"{timeout_s} s, or it died: {first_line(exc, 160)}); "
-                            f"run the same command again to resume from {latest}") from exc
-
-
-def _write_failure(exc: Exception, folder: Path) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    try:
-        if shutil.disk_usage(folder).free < 1 << 20:
-            return "No space left on device"
-    except OSError:
-        pass
-    return str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-
-
-def _crash_point(where: str, step: int) -> None:
-    """Fault injection for the crash tests: MEDNIST_GAN_CRASH_AT=save:<step> kills the process there."""
-    if os.environ.get("MEDNIST_GAN_CRASH_AT") == f"{where}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 @contextmanager
 def frozen(module: torch.nn.Module):
@@ -625,24 +493,6 @@ def frozen(module: torch.nn.Module):
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-@contextmanager
-def stop_signals(handler):
-    """Route SIGUSR1/SIGTERM/SIGINT to ``handler`` (main thread only), restoring the old handlers after."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in STOP_SIGNALS:
-        signal.signal(s, lambda signum, frame: handler(signum))
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def train(cfg: Config) -> Trainer:

@@ -233,7 +233,7 @@ def test_unwritable_run_records_warn_once_and_training_records_go_on(tmp_path, c
 
 
 def test_an_unreadable_best_record_is_moved_aside_not_overwritten(tmp_path):
-    from mednist_gan.trainer import read_best_fmd
+    from mednist_gan.evaluation import read_best_fmd
 
     best = tmp_path / "best"
     best.mkdir()

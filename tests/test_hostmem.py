@@ -25,9 +25,9 @@ if mode == "direct":
     print("applied", keep_freed_host_memory())
 elif mode.startswith("config"):
     from mednist_gan.config import load_config
-    from mednist_gan.trainer import make_accelerator
+    from mednist_gan.runtime import make_accelerator
     keep = mode == "config-on"
-    make_accelerator(load_config(sys.argv[2], [f"train.keep_host_memory={keep}", "log.tracker=none"]))
+    make_accelerator(load_config(sys.argv[2], [f"runtime.keep_host_memory={keep}", "log.tracker=none"]))
 for i in range(10):
     if i == 7:
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

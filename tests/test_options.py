@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from mednist_gan.config import load_config
 from mednist_gan.export import load_generator_weights
 from mednist_gan.losses import discriminator_loss, generator_loss, r1_penalty
-from mednist_gan.trainer import Trainer, lr_factor, train
+from mednist_gan.optim import lr_factor
+from mednist_gan.trainer import Trainer, train
 
 from helpers import CONFIGS, reset_accelerate
 
@@ -200,7 +201,7 @@ def test_bundle_recipe_keeps_every_option_off():
     cfg = load_config(CONFIGS / "bundle.yaml")
     t = cfg.train
     assert (t.loss, t.r1_gamma, t.ema_decay, t.g_train_steps, t.g_batch_size) == ("bce", 0.0, None, 1, None)
-    assert not cfg.optim.scheduled and not cfg.eval.enabled
+    assert not cfg.optim.scheduled and cfg.eval.every_steps is None and cfg.eval.every_epochs is None
 
 
 def test_resume_with_ema_and_schedule_is_bitwise(tmp_path, mednist_root):
@@ -211,7 +212,7 @@ def test_resume_with_ema_and_schedule_is_bitwise(tmp_path, mednist_root):
     straight = train(load_config(CONFIGS / "debug.yaml", [f"run_dir={tmp_path / 'a'}", *common]))
     reset_accelerate()
     interrupted = Trainer(load_config(CONFIGS / "debug.yaml", [f"run_dir={tmp_path / 'b'}", *common]))
-    interrupted._should_stop = lambda: interrupted.state.step >= 2  # as if preempted after iteration 2
+    interrupted.stop.requested = lambda acc: interrupted.state.step >= 2  # as if preempted after iteration 2
     interrupted.fit()
     interrupted.tracking.finish()
     assert interrupted.state.step == 2

@@ -40,8 +40,8 @@ def test_one_iteration_matches_monai_gan_trainer(tmp_path, mednist_root, d_train
     batch = 8
     cfg = load_config(CONFIGS / "bundle.yaml", [
         f"run_dir={tmp_path}", f"data.root={mednist_root}", "data.limit=8", "data.augment=false",
-        f"train.batch_size={batch}", f"train.d_train_steps={d_train_steps}", "train.channels_last=false",
-        "model.cpu_mask_dropout=false",  # PyTorch's own dropout: the same masks as MONAI's side, seeded alike
+        f"train.batch_size={batch}", f"train.d_train_steps={d_train_steps}", "runtime.channels_last=false",
+        "runtime.cpu_mask_dropout=false",  # PyTorch's own dropout: the same masks as MONAI's side, seeded alike
         f"data.cache_dir={tmp_path / 'cache'}"])
     trainer = Trainer(cfg)
     G, D = trainer.acc.unwrap_model(trainer.G), trainer.acc.unwrap_model(trainer.D)

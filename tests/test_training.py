@@ -39,7 +39,7 @@ def test_debug_run_leaves_a_self_describing_run_dir(debug_overrides, tmp_path):
     assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step_000002", "step_000004"]
     assert {p.name for p in (run / "export").iterdir()} >= {"model.pt", "mednist_gan.ts", "export.json", "bundle"}
     meta = ckpt.read_meta(run / "checkpoints" / "step_000004")
-    assert meta["state"] == {"step": 4, "epoch": 0, "batch_in_epoch": 4}
+    assert meta["state"] == {"step": 4, "epoch": 1, "batch_in_epoch": 0}  # the one epoch is complete
 
 
 def test_training_changes_the_weights_and_losses_are_finite(debug_overrides):

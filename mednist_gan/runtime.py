@@ -1,0 +1,102 @@
+"""How a training process runs: its Accelerator (devices, process group, precision) and the speed settings
+of the ``runtime`` config section, none of which changes the parameters or the recipe.
+
+This is the one module that creates an ``Accelerator``; the trainer uses the one it gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+from .config import Config, RuntimeConfig
+from .errors import ConfigError
+from .hostmem import keep_freed_host_memory
+
+log = logging.getLogger("mednist_gan")
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """One Accelerator per process, after the process-wide settings (threads, host memory, determinism)."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision='fp16' needs a CUDA GPU, and none is visible: use 'bf16' or 'no' on CPU")
+    if cfg.runtime.num_threads is not None:
+        torch.set_num_threads(cfg.runtime.num_threads)
+    if cfg.runtime.keep_host_memory:
+        keep_freed_host_memory()
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    launcher_precision = launcher_mixed_precision()
+    tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
+    from .tracking import tracker_dir
+
+    accelerator = Accelerator(
+        log_with=tracker,
+        project_dir=str(tracker_dir(cfg)),
+        # Without a GPU, processes started by a launcher form a gloo group (Accelerate's MULTI_CPU).
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.precision,
+        # Each loader batch is the global batch; every process takes its slice of it, so an iteration
+        # sees the same images whatever the number of processes.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        step_scheduler_with_optimizer=False,
+        # A process that waits for a dead peer gives up after this long instead of hanging forever.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
+    )
+    if launcher_precision is not None and launcher_precision != cfg.train.precision and accelerator.is_main_process:
+        log.warning("the launcher asks for mixed precision %r (accelerate launch --mixed_precision or an accelerate "
+                    "config file), the config for train.precision=%r: using %r; set train.precision=%s to follow "
+                    "the launcher", launcher_precision, cfg.train.precision, cfg.train.precision, launcher_precision)
+    return accelerator
+
+
+def launcher_mixed_precision() -> Optional[str]:
+    """The mixed precision ``accelerate launch`` asked for (its flag or config file), when it asked for one.
+
+    The launcher passes "no" both when told so and when told nothing, so only fp16/bf16 count as asking.
+    """
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    return value if value in ("fp16", "bf16", "fp8") else None
+
+
+class MaskDropout(torch.nn.Dropout):
+    """Dropout drawn as ``rand_like(x) >= p``: the same distribution as ``nn.Dropout``, about twice as
+    fast on CPU (PyTorch's CPU ``bernoulli_`` is slow), but other random masks than PyTorch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        # One float mask holding 0 or 1/(1-p), built in place: no bool tensor, no conversion copy.
+        return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+
+
+def use_mask_dropout(module: torch.nn.Module) -> torch.nn.Module:
+    """Swap every ``nn.Dropout`` inside ``module`` for ``MaskDropout`` (no parameters: the state_dict is unchanged)."""
+    for name, child in module.named_children():
+        if type(child) is torch.nn.Dropout:
+            setattr(module, name, MaskDropout(child.p))
+        else:
+            use_mask_dropout(child)
+    return module
+
+
+def memory_format(rt: RuntimeConfig) -> torch.memory_format:
+    return torch.channels_last if rt.channels_last else torch.contiguous_format
+
+
+def prepare_networks(generator: torch.nn.Module, discriminator: torch.nn.Module, rt: RuntimeConfig,
+                     device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The runtime settings applied to freshly built networks: memory format, and CPU-only speed-ups."""
+    fmt = memory_format(rt)
+    if rt.cpu_mask_dropout and device.type == "cpu":
+        use_mask_dropout(discriminator)
+    return generator.to(memory_format=fmt), discriminator.to(memory_format=fmt)
