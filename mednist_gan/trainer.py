@@ -292,7 +292,7 @@ class Trainer:
                               "augmentation continue as they would have; dropout's per-process RNG continues for "
                               "ranks below %d and starts from seed + rank for the others", saved_processes,
                               acc.num_processes, min(saved_processes, acc.num_processes))
-        self.tracking.start()
+        self.tracking.start(self.state.step)  # drops records of the steps this run logs again
         if acc.num_processes > 1:  # which node each rank runs on, as the launcher arranged it
             from accelerate.utils import gather_object
 
