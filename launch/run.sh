@@ -10,7 +10,14 @@
 #
 # Knobs (defaults): NPROC_PER_NODE (GPUs visible, or 1 without GPUs), NUM_NODES (1), NODE_RANK (0),
 # MAIN_ADDR (127.0.0.1), MAIN_PORT (29500), CONFIG (configs/debug.yaml),
-# ACCELERATE_CONFIG (launch/single_device.yaml, one_node.yaml or multi_node.yaml by scale).
+# ACCELERATE_CONFIG (launch/single_device.yaml, one_node.yaml or multi_node.yaml by scale),
+# MAX_RESTARTS (0), RDZV_ID ($SLURM_JOB_ID, or mednist-gan).
+#
+# Elastic restarts: MAX_RESTARTS=N > 0 (2+ processes) restarts all the processes, on every node, up to N
+# times when one of them dies; they meet again in a c10d rendezvous at MAIN_ADDR:MAIN_PORT under the run
+# id RDZV_ID (the same on every node) and resume from the newest complete checkpoint. A stop signal
+# (SIGUSR1, SIGTERM, Ctrl-C) is not a failure: the launcher passes it to the processes, they checkpoint
+# and exit 3, and nothing restarts.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -24,6 +31,12 @@ NODE_RANK=${NODE_RANK:-0}
 MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
 MAIN_PORT=${MAIN_PORT:-29500}
 CONFIG=${CONFIG:-configs/debug.yaml}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-mednist-gan}}
+if ! [[ $MAX_RESTARTS =~ ^[0-9]+$ ]]; then
+    echo "launch/run.sh: error: MAX_RESTARTS=$MAX_RESTARTS: expected an integer >= 0" >&2
+    exit 2
+fi
 WORLD=$(( NUM_NODES * NPROC_PER_NODE ))
 if [ -z "${ACCELERATE_CONFIG:-}" ]; then
     if [ "$NUM_NODES" -gt 1 ]; then ACCELERATE_CONFIG=launch/multi_node.yaml
@@ -37,14 +50,40 @@ fi
 
 if [ "$WORLD" -eq 1 ] && [ "$ACCELERATE_CONFIG" = launch/single_device.yaml ]; then
     cmd=(python -m mednist_gan.train --config "$CONFIG" "$@")   # one process needs no launcher
+    if [ "$MAX_RESTARTS" -gt 0 ]; then
+        echo "[launch/run.sh] MAX_RESTARTS=$MAX_RESTARTS has no effect on one process (no launcher): it runs once"
+    fi
 else
     cmd=(accelerate launch --config_file "$ACCELERATE_CONFIG" --num_machines "$NUM_NODES" --machine_rank "$NODE_RANK"
-     --num_processes "$WORLD" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT"
-     -m mednist_gan.train --config "$CONFIG" "$@")
+     --num_processes "$WORLD" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT")
+    if [ "$MAX_RESTARTS" -gt 0 ]; then
+        # Node 0's launcher (on MAIN_ADDR) hosts the rendezvous store and the others connect to it; left
+        # to guess from host names, two "nodes" on one machine both take themselves for the host.
+        is_host=$([ "$NODE_RANK" -eq 0 ] && echo true || echo false)
+        cmd+=(--max_restarts "$MAX_RESTARTS" --rdzv_backend c10d --rdzv_conf "is_host=$is_host")
+        # torchrun's options that `accelerate launch` does not take are read from PET_<OPTION>: the one
+        # rendezvous endpoint and run id of every node (with c10d, machine ranks are assigned at the
+        # rendezvous, and main_process_ip/port alone would be ignored), and the signals the launcher
+        # handles. SIGUSR1 among them: the launcher forwards it to the processes and stops with them,
+        # instead of restarting processes that exited after checkpointing on SLURM's warning.
+        export PET_RDZV_ENDPOINT="$MAIN_ADDR:$MAIN_PORT" PET_RDZV_ID="$RDZV_ID"
+        export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+        # The processes' own store, hosted anew by each attempt's rank 0: the launcher's shared store
+        # outlives an attempt, and restarted processes then read the dead ones' keys (gloo addresses,
+        # barrier counts) and fail to connect or hang (pytorch/pytorch#135712).
+        export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+        # How long the launcher waits for that checkpoint before killing the processes (torch: 30 s);
+        # within SLURM's 120 s warning.
+        export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
+        echo "[launch/run.sh] elastic: up to $MAX_RESTARTS restart(s)," \
+             "c10d rendezvous at $PET_RDZV_ENDPOINT, run id $RDZV_ID"
+    fi
+    cmd+=(-m mednist_gan.train --config "$CONFIG" "$@")
 fi
 echo "[launch/run.sh] node $NODE_RANK/$NUM_NODES, $NPROC_PER_NODE process(es) per node: ${cmd[*]}"
 # The preemption warning (SIGUSR1) is for the trainer processes, which catch it and checkpoint;
 # the launchers between them and SLURM ignore it instead of dying (an ignored signal stays ignored
-# across exec, and the trainer installs its own handler).
+# across exec, and the trainer installs its own handler). An elastic launcher handles it instead
+# (PET_SIGNALS_TO_HANDLE above): it passes it on and exits when the processes have checkpointed.
 trap '' USR1
 exec "${cmd[@]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -117,6 +118,22 @@ def test_multi_node_script_forms_one_group_across_two_nodes(slurm_env, tmp_path,
     assert len(list((run / "tracker" / "wandb").glob("offline-run-*"))) == 1
 
 
+def _preempt_and_wait_for_the_requeue(env: dict, job: str, log: Path) -> None:
+    # The warning SLURM sends before the time limit (--signal=B:USR1@120), sent now.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+    deadline = time.monotonic() + 300
+    pending_since = None
+    while "restart 1" not in log.read_text():
+        if _job_state(env, job) == "PENDING":
+            # Requeued: skip the scheduler's requeue back-off, but only once the node has cleaned up the
+            # first run (a start within the same second is refused: "Job credential revoked").
+            pending_since = pending_since or time.monotonic()
+            if time.monotonic() - pending_since > 10:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
+        assert time.monotonic() < deadline, "job was not requeued:\n" + log.read_text()[-3000:]
+        time.sleep(1)
+
+
 def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_end(slurm_env, tmp_path, mednist_root):
     # Two jobs at once on a local "cluster" whose two nodes share this machine's cores: one thread each,
     # or OpenMP threads spinning on shared cores slow every step many times over.
@@ -134,19 +151,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_end(slurm_en
     while not (log.is_file() and " step 5 " in log.read_text()):
         assert time.monotonic() < deadline, "job never reached step 5"
         time.sleep(0.5)
-    # The warning SLURM sends before the time limit (--signal=B:USR1@120), sent now.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
-    deadline = time.monotonic() + 300
-    pending_since = None
-    while "restart 1" not in log.read_text():
-        if _job_state(slurm_env, job) == "PENDING":
-            # Requeued: skip the scheduler's requeue back-off, but only once the node has cleaned up the
-            # first run (a start within the same second is refused: "Job credential revoked").
-            pending_since = pending_since or time.monotonic()
-            if time.monotonic() - pending_since > 10:
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env)
-        assert time.monotonic() < deadline, "job was not requeued:\n" + log.read_text()[-3000:]
-        time.sleep(1)
+    _preempt_and_wait_for_the_requeue(slurm_env, job, log)
     assert _wait(slurm_env, job) == "COMPLETED", log.read_text()[-3000:]
     assert _wait(slurm_env, straight) == "COMPLETED"
     text = log.read_text()
@@ -160,3 +165,66 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_end(slurm_en
     # Deterministic CPU training: the preempted job ends with the uninterrupted job's weights, bit for bit.
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _trainer_pid(run: Path, rank: int, timeout: float = 60) -> int:
+    """The trainer process of global ``rank`` writing to ``run`` (the local cluster's nodes are this machine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                args = (proc / "cmdline").read_bytes().decode().split("\0")
+                if "mednist_gan.train" not in args or f"run_dir={run}" not in args:
+                    continue
+                env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode().split("\0") if "=" in kv)
+            except OSError:
+                continue
+            if "LOCAL_RANK" in env and env.get("RANK") == str(rank):  # a trainer, not its launcher
+                return int(proc.name)
+        time.sleep(0.5)
+    pytest.fail(f"no trainer process of rank {rank} for {run}")
+
+
+@pytest.mark.parametrize("script,knobs", [("slurm/train_single_node.sbatch", {"NPROC_PER_NODE": "2"}),
+                                          ("slurm/train_multi_node.sbatch", {"NPROC_PER_NODE": "1"})],
+                         ids=["one node, 2 processes", "2 nodes"])
+def test_a_killed_process_restarts_inside_the_job_which_completes(slurm_env, tmp_path, mednist_root, script, knobs):
+    """The scripts' elastic restarts (MAX_RESTARTS=3): no requeue, the processes restart and resume."""
+    run, log = tmp_path / "run", tmp_path / "elastic.out"
+    extra = ("train.epochs=4", "train.max_steps=16", "checkpoint.every_steps=2", "export.at_end=false")
+    job = _sbatch(slurm_env, script, log, *_overrides(tmp_path, mednist_root, run, *extra),
+                  CONFIG="configs/debug.yaml", OMP_NUM_THREADS="1", **knobs)
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and re.search(r"checkpoint saved: \S*step_000002", log.read_text())):
+        assert _job_state(slurm_env, job) in ("PENDING", "CONFIGURING", "RUNNING"), log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s:\n" + log.read_text()[-3000:]
+        time.sleep(0.5)
+    os.kill(_trainer_pid(run, rank=1), signal.SIGKILL)
+    assert _wait(slurm_env, job, timeout=300) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    assert "elastic: up to 3 restart(s)" in text
+    assert re.search(r"resumed from \S*step_0000\d\d", text), text[-3000:]
+    assert "restart 1" not in text  # restarted inside the job: SLURM did not requeue it
+    assert "training finished at step 16" in text and ckpt.find_latest(run).name == "step_000016"
+
+
+def test_preempted_elastic_job_requeues_and_is_not_restarted_by_the_launcher(slurm_env, tmp_path, mednist_root):
+    """Two processes under the elastic launcher (the scripts' MAX_RESTARTS=3): on the preemption warning
+    the launcher passes the signal on and stops with the processes; SLURM requeues, nothing restarts."""
+    run, log = tmp_path / "run", tmp_path / "preempted.out"
+    extra = ("train.epochs=20", "train.max_steps=30", "checkpoint.every_steps=null", "export.at_end=false")
+    job = _sbatch(slurm_env, "slurm/train_single_node.sbatch", log, *_overrides(tmp_path, mednist_root, run, *extra),
+                  CONFIG="configs/debug.yaml", NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and " step 5 " in log.read_text()):
+        assert time.monotonic() < deadline, "job never reached step 5"
+        time.sleep(0.5)
+    _preempt_and_wait_for_the_requeue(slurm_env, job, log)
+    assert _wait(slurm_env, job) == "COMPLETED", log.read_text()[-3000:]
+    first, requeued = re.split(r"\S+ job \d+ on \S+, restart 1\n", log.read_text(), maxsplit=1)
+    assert "elastic: up to 3 restart(s)" in first and "requeueing job" in first
+    saved = re.search(r"stopped by SIGUSR1 at \S+step_(\d+)", first)
+    assert saved and 5 <= int(saved.group(1)) < 30, first[-3000:]
+    assert "resumed from" not in first and first.count("process group: world size 2") == 1  # no elastic restart
+    assert f"resumed from {run / 'checkpoints' / ('step_' + saved.group(1))}" in requeued
+    assert "training finished at step 30" in requeued and ckpt.find_latest(run).name == "step_000030"
