@@ -129,17 +129,21 @@ def train_classifier(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 3,
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     order_rng = torch.Generator().manual_seed(seed + 1)
     started = time.perf_counter()
+    from .generate import progress_bar
+
     for epoch in range(epochs):
         net.train()
         order = torch.randperm(len(train_x), generator=order_rng)
         total = 0.0
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            loss = F.cross_entropy(net(train_x[index]), train_y[index])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(index)
+        with progress_bar(len(order), f"epoch {epoch + 1}/{epochs}") as bar:  # on a terminal only
+            for start in range(0, len(order), batch_size):
+                index = order[start:start + batch_size]
+                loss = F.cross_entropy(net(train_x[index]), train_y[index])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(index)
+                bar.update(len(index))
         log(f"epoch {epoch + 1}/{epochs}: training loss {total / len(order):.4f}")
     result = {
         "train_accuracy": accuracy(net, train_x, train_y),

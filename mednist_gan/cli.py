@@ -31,14 +31,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=5")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
-    export = sub.add_parser("export", help="write generator-only files from a training checkpoint")
+    export = sub.add_parser("export", help="write generator-only files (model.pt, mednist_gan.pt2, mednist_gan.ts, bundle/) "
+                                           "from a training checkpoint")
     export.add_argument("--checkpoint", type=Path, required=True, help="a checkpoints/step_* folder, or a run directory (its newest checkpoint)")
     export.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
-    export.add_argument("--onnx", action="store_true", help="also write mednist_gan.onnx (needs onnx)")
+    export.add_argument("--onnx", action="store_true",
+                        help="also write mednist_gan.onnx (needs the onnx extra: pip install 'mednist-gan[onnx]')")
 
     gen = sub.add_parser("generate", help="write sample PNGs from an exported generator or a checkpoint")
     gen.add_argument("--model", type=Path, default=None,
-                     help="mednist_gan.ts, model.pt, or a checkpoint folder; default: the generator shipped in the package")
+                     help="mednist_gan.pt2, mednist_gan.ts, model.pt, or a checkpoint folder; "
+                          "default: the generator shipped in the package")
+    gen.add_argument("--latent-size", type=int, default=None,
+                     help="latent size of a .pt2/TorchScript generator that does not show it (read from the model otherwise)")
     gen.add_argument("--num-samples", type=int, default=16)
     gen.add_argument("--output-dir", type=Path, default=Path("outputs"))
     gen.add_argument("--seed", type=int, default=0)
@@ -50,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="FMD, KID and MS-SSIM diversity of generators against real images")
     ev.add_argument("--model", type=Path, action="append", default=[], required=True,
-                    help="mednist_gan.ts, model.pt or a checkpoint folder; repeat to compare several")
+                    help="mednist_gan.pt2, mednist_gan.ts, model.pt or a checkpoint folder, or any .pt2/TorchScript "
+                         "generator: latents (N, L) -> images (N, 1, 64, 64) in [0, 1]; repeat to compare several")
     ev.add_argument("--baseline", type=Path, action="append", default=[],
                     help="a reference generator (e.g. the seed bundle's model.pt), scored with both latent distributions")
     ev.add_argument("--real-dir", type=Path, default=None,
@@ -58,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-samples", type=int, default=None,
                     help="N generated and N real images per comparison (default: min(5000, real images / 2))")
     ev.add_argument("--latent", choices=("normal", "uniform", "both"), default="normal")
+    ev.add_argument("--latent-size", type=int, default=None,
+                    help="L for a .pt2/TorchScript generator that does not show it (read from the model otherwise)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--classifier", type=Path, default=None, help="feature extractor weights (default: the shipped one)")
     ev.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where the JSON result goes")
@@ -109,7 +117,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     keep_freed_host_memory()  # a process of its own: large batches reuse their pages instead of faulting them in
     paths = generate(args.model or SHIPPED_MODEL, args.num_samples, args.output_dir, seed=args.seed, batch_size=args.batch_size,
-                     grid=args.grid, latent=args.latent, device=args.device)
+                     grid=args.grid, latent=args.latent, device=args.device, latent_size=args.latent_size)
     print(f"wrote {len(paths)} PNGs to {args.output_dir}" + (f" and a grid to {args.grid}" if args.grid else ""))
     return 0
 
@@ -131,7 +139,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     latents = ("normal", "uniform") if args.latent == "both" else (args.latent,)
     models = [(str(m), m, latents) for m in args.model]
     models += [(f"baseline {b}", b, ("normal", "uniform")) for b in args.baseline]
-    result = evaluate(models, real_dir, args.num_samples, args.seed, args.classifier)
+    result = evaluate(models, real_dir, args.num_samples, args.seed, args.classifier, latent_size=args.latent_size)
     print(format_table(result))
     write_json(result, args.out)
     print(f"wrote {args.out}")

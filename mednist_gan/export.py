@@ -1,4 +1,5 @@
-"""Generator-only exports: bundle-compatible ``model.pt``, standalone TorchScript, a MONAI bundle folder.
+"""Generator-only exports: bundle-compatible ``model.pt``, a standalone ``torch.export`` program (``.pt2``) and
+TorchScript, optional ONNX, a MONAI bundle folder.
 
 Everything here runs on the main process only and needs nothing but the generator's weights and
 its model config; the discriminator and optimizer state never leave the checkpoint.
@@ -6,11 +7,14 @@ its model config; the discriminator and optimizer state never leave the checkpoi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -25,6 +29,7 @@ from .networks import build_generator
 
 MODEL_FILE = "model.pt"
 TORCHSCRIPT_FILE = "mednist_gan.ts"
+EXPORTED_PROGRAM_FILE = "mednist_gan.pt2"
 ONNX_FILE = "mednist_gan.onnx"
 PROVENANCE_FILE = "export.json"
 BUNDLE_DIR = "bundle"
@@ -115,15 +120,47 @@ class _Standalone(torch.nn.Module):
         return self.generator(latents)
 
 
+def _inference_module(generator: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy for export: eval mode, no parameter requires grad (so ``net(z)`` builds no autograd graph).
+
+    A copy, because the trainer hands over its live generator (or EMA) and keeps training it.
+    """
+    return copy.deepcopy(_Standalone(generator)).to("cpu").eval().requires_grad_(False)
+
+
+def _batch_dim() -> dict:
+    return {0: torch.export.Dim("batch", min=1)}
+
+
 def write_torchscript(generator: torch.nn.Module, path: Path) -> None:
-    scripted = torch.jit.script(_Standalone(generator).eval())
+    scripted = torch.jit.script(_inference_module(generator))
     scripted.save(str(path))
 
 
-def write_onnx(generator: torch.nn.Module, path: Path, latent_size: int) -> None:
+def write_exported_program(generator: torch.nn.Module, path: Path, latent_size: int) -> None:
+    """``torch.export`` program, any batch size: ``torch.export.load(path).module()(latents)`` needs torch alone."""
     example = torch.randn(2, latent_size)
-    torch.onnx.export(_Standalone(generator).eval(), (example,), str(path), input_names=["latents"],
-                      output_names=["images"], dynamic_axes={"latents": {0: "n"}, "images": {0: "n"}}, dynamo=False)
+    program = torch.export.export(_inference_module(generator), (example,), dynamic_shapes=(_batch_dim(),),
+                                  strict=False)
+    torch.export.save(program, str(path))
+
+
+def write_onnx(generator: torch.nn.Module, path: Path, latent_size: int) -> None:
+    """ONNX through the ``torch.export``-based (dynamo) exporter, one self-contained file, any batch size."""
+    example = torch.randn(2, latent_size)
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" and the like
+    try:
+        with warnings.catch_warnings():
+            # torch's own internals while exporting (e.g. its pytree LeafSpec deprecation): nothing a user can act on
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|onnxscript|copyreg)")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|onnxscript|copyreg)")
+            torch.onnx.export(_inference_module(generator), (example,), str(path), input_names=["latents"],
+                              output_names=["images"], dynamic_shapes=(_batch_dim(),), dynamo=True,
+                              external_data=False, verbose=False)
+    finally:
+        onnx_log.setLevel(level)
 
 
 def write_bundle(model_path: Path, bundle_dir: Path, model_cfg: ModelConfig) -> None:
@@ -233,7 +270,8 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
     try:
         torch.save(generator_state_dict(generator), staging / MODEL_FILE)
         write_torchscript(generator, staging / TORCHSCRIPT_FILE)
-        files = [MODEL_FILE, TORCHSCRIPT_FILE]
+        write_exported_program(generator, staging / EXPORTED_PROGRAM_FILE, model_cfg.latent_size)
+        files = [MODEL_FILE, EXPORTED_PROGRAM_FILE, TORCHSCRIPT_FILE]
         if onnx:
             write_onnx(generator, staging / ONNX_FILE, model_cfg.latent_size)
             files.append(ONNX_FILE)

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .errors import CheckpointError, MednistGanError, output_error
+from .errors import CheckpointError, MednistGanError, first_line, output_error
 from .images import image_grid, save_png, to_uint8_pictures
 
 LATENTS = ("normal", "uniform")
@@ -21,32 +21,49 @@ LATENTS = ("normal", "uniform")
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "generator" / "mednist_gan.ts"
 
 
-def load_model(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    """Any generator the toolkit knows: ``mednist_gan.ts``, a ``model.pt`` state_dict, or a checkpoint folder.
+def load_model(path: Path, latent_size: Optional[int] = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """Any generator: ``mednist_gan.pt2`` (``torch.export``), ``mednist_gan.ts`` (TorchScript), a ``model.pt``
+    state_dict, or a checkpoint folder.
 
+    A ``.pt2`` or TorchScript file need not come from mednist-gan: anything that maps latents (N, L) to images
+    (N, 1, 64, 64) in [0, 1] will do. L is read from the module (a ``.pt2``'s input shape, a mednist-gan
+    generator's input layer); ``latent_size`` gives it where the module cannot tell, and must agree where it can.
     Returns a function from latents to images in [0, 1] (MONAI orientation) and the latent size.
     """
     # The export module brings MONAI (seconds to import): only the formats that need its Generator load it.
     path = Path(path)
+    if latent_size is not None and latent_size < 1:
+        raise MednistGanError(f"--latent-size {latent_size}: expected an integer >= 1")
     if path.is_dir():
         from .export import load_checkpoint_generator
 
         generator, _ = load_checkpoint_generator(path)
-        return generator, int(generator.latent_shape[0])
+        return generator, _agreed_latent_size(path, int(generator.latent_shape[0]), latent_size)
     if not path.is_file():
         raise CheckpointError(f"--model {path}: no such file or folder")
     _verify_against_export_record(path)
+    if zipfile.is_zipfile(path) and _is_exported_program(path):
+        module, own = _load_exported_program(path)
+        return module, _agreed_latent_size(path, own, latent_size)
     if zipfile.is_zipfile(path) and _is_torchscript(path):
         try:
             module = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as exc:
             raise CheckpointError(f"--model {path}: not a loadable TorchScript file ({type(exc).__name__})") from None
-        latent = _torchscript_latent_size(module)
-        return module, latent
+        return module, _agreed_latent_size(path, _torchscript_latent_size(module), latent_size)
     from .export import load_generator_weights
 
     generator = load_generator_weights(path)
-    return generator, int(generator.latent_shape[0])
+    return generator, _agreed_latent_size(path, int(generator.latent_shape[0]), latent_size)
+
+
+def _agreed_latent_size(path: Path, own: Optional[int], given: Optional[int]) -> int:
+    if own is None and given is None:
+        raise MednistGanError(f"--model {path}: its latent size cannot be read from the module "
+                              "(no generator input layer); give it with --latent-size")
+    if own is not None and given is not None and own != given:
+        raise MednistGanError(f"--latent-size {given}: --model {path} takes latents of size {own}")
+    return int(own if own is not None else given)
 
 
 def _verify_against_export_record(path: Path) -> None:
@@ -68,11 +85,63 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
 
 
-def _torchscript_latent_size(module: torch.jit.ScriptModule) -> int:
+def _is_exported_program(path: Path) -> bool:
+    """A ``torch.export.save`` archive: ``<name>/archive_format`` holds ``pt2``."""
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            if name.rsplit("/", 1)[-1] == "archive_format":
+                return z.read(name).strip() == b"pt2"
+    return False
+
+
+def _load_exported_program(path: Path) -> tuple[torch.nn.Module, Optional[int]]:
+    """The program's module (torch alone runs it) and its latent size, when its input has a fixed second dimension."""
+    try:
+        program = torch.export.load(str(path))
+        module = program.module()
+    except Exception as exc:
+        raise CheckpointError(f"--model {path}: not a loadable torch.export program ({type(exc).__name__})") from None
+    inputs = [node for node in program.graph.nodes
+              if node.op == "placeholder" and node.name in program.graph_signature.user_inputs]
+    latent = None
+    if len(inputs) == 1:
+        shape = getattr(inputs[0].meta.get("val"), "shape", ())
+        if len(shape) == 2 and isinstance(shape[1], int):
+            latent = int(shape[1])
+    return module, latent
+
+
+def _torchscript_latent_size(module: torch.jit.ScriptModule) -> Optional[int]:
+    """A mednist-gan (MONAI Generator) TorchScript's latent size, from its input layer; None for other modules."""
     for name, param in module.named_parameters():
-        if name.endswith("linear.weight"):
+        if name.endswith("linear.weight") and param.dim() == 2:
             return int(param.shape[1])
-    raise CheckpointError("TorchScript model has no generator input layer (linear.weight): not a mednist-gan export")
+    return None
+
+
+def run_generator(net: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, model: Path,
+                  image_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """``net(latents)``, held to the documented interface: images (N, 1, H, W) (H, W = ``image_size`` if given)."""
+    try:
+        images = net(latents)
+    except Exception as exc:  # a foreign generator that does not take (N, L) latents
+        raise MednistGanError(f"--model {model}: failed on latents of shape {tuple(latents.shape)} "
+                              f"({type(exc).__name__}: {first_line(exc, 120)})") from None
+    shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+    if (not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[:2]) != (len(latents), 1)
+            or (image_size is not None and tuple(images.shape[2:]) != tuple(image_size))):
+        size = ", ".join(map(str, image_size)) if image_size is not None else "H, W"
+        raise MednistGanError(f"--model {model}: returned {shape} for {len(latents)} latents; "
+                              f"expected images ({len(latents)}, 1, {size})")
+    return images
+
+
+def progress_bar(total: int, desc: str, unit: str = "img", enabled: bool = True):
+    """A tqdm bar on stderr when it is a terminal; nothing at all otherwise (logs, pipes, tests)."""
+    from tqdm import tqdm
+
+    # disable=None: tqdm shows the bar only when its stream (stderr) is a terminal
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, leave=False, dynamic_ncols=True)
 
 
 def make_latents(n: int, size: int, seed: int, distribution: str = "normal") -> torch.Tensor:
@@ -90,7 +159,8 @@ def _save_pngs(pictures: np.ndarray, paths: list[Path]) -> None:
 
 
 def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, batch_size: int = 256,
-             grid: Optional[Path] = None, latent: str = "normal", device: Optional[str] = None) -> list[Path]:
+             grid: Optional[Path] = None, latent: str = "normal", device: Optional[str] = None,
+             latent_size: Optional[int] = None) -> list[Path]:
     """Write ``num_samples`` PNGs (``sample_00000.png``, ...) and optionally a grid; returns the PNG paths."""
     if num_samples < 1:
         raise MednistGanError(f"--num-samples {num_samples}: expected an integer >= 1")
@@ -99,7 +169,7 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise MednistGanError(f"--output-dir {output_dir}: exists and is not a folder")
-    net, latent_size = load_model(model)
+    net, latent_size = load_model(model, latent_size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device)
     latents = make_latents(num_samples, latent_size, seed, latent)
@@ -113,9 +183,11 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
     paths = [output_dir / f"sample_{i:0{width}d}.png" for i in range(num_samples)]
     pictures, writes = [], []
     writers = max(2, os.cpu_count() or 2)
-    with torch.inference_mode(), ThreadPoolExecutor(max_workers=writers) as pool:  # zlib releases the GIL
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=writers) as pool, \
+            progress_bar(num_samples, "generate") as bar:  # zlib releases the GIL
         for start in range(0, num_samples, batch_size):
-            batch = to_uint8_pictures(net(latents[start:start + batch_size].to(device)))
+            batch = to_uint8_pictures(run_generator(net, latents[start:start + batch_size].to(device), model))
+            bar.update(len(batch))
             chunk = max(1, math.ceil(len(batch) / writers))  # one task per writer and batch, not one per image
             writes += [pool.submit(_save_pngs, batch[i:i + chunk], paths[start + i:start + i + chunk])
                        for i in range(0, len(batch), chunk)]

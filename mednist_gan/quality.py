@@ -14,6 +14,7 @@ Images are compared as users get them: MONAI orientation, truncated to uint8 lev
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -68,26 +69,44 @@ class QualityMeter:
                       diversity=diversity(pixels, self.pairs, self.seed, self.device))
 
 
+FMD_EPS = 1e-6  # added to both covariances' diagonals when their product is singular (as FID implementations do)
+
+
 def fmd(features: torch.Tensor, real_features: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to the two feature sets: ``monai.metrics.FIDMetric``'s formula.
 
     Written out because MONAI 1.6's ``FIDMetric`` calls ``scipy.linalg.sqrtm(..., disp=False)``, which newer
-    SciPy releases no longer accept (a test keeps the two equal where both run).
+    SciPy releases deprecate (a test keeps the two equal where both run). A singular product (fewer images
+    than features, or a feature that is zero on every image of both sets) makes SciPy's ``sqrtm`` warn that
+    its result may be inaccurate; then, as FID implementations do, the square root is taken of
+    (sigma_x + eps I)(sigma_y + eps I) instead. Well-conditioned inputs get exactly FIDMetric's number.
     """
-    import scipy.linalg
-
     x, y = features.double().numpy(), real_features.double().numpy()
     diff = x.mean(0) - y.mean(0)
     sigma_x, sigma_y = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
-    covmean = scipy.linalg.sqrtm(sigma_x @ sigma_y)
-    if not np.isfinite(covmean).all():  # a nearly singular product, handled as FIDMetric does
-        offset = np.eye(len(sigma_x)) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma_x + offset) @ (sigma_y + offset))
+    covmean, trouble = _sqrtm(sigma_x @ sigma_y)
+    if trouble or not np.isfinite(covmean).all():  # a (nearly) singular product
+        offset = np.eye(len(sigma_x)) * FMD_EPS
+        covmean, _ = _sqrtm((sigma_x + offset) @ (sigma_y + offset))
     if np.iscomplexobj(covmean):  # numerical error can leave a tiny imaginary part
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise MednistGanError(f"FMD: imaginary component {np.abs(covmean.imag).max():.3g} too large")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma_x) + np.trace(sigma_y) - 2 * np.trace(covmean))
+
+
+def _sqrtm(matrix: np.ndarray) -> tuple[np.ndarray, bool]:
+    """SciPy's matrix square root, and whether SciPy found the matrix singular or ill-conditioned (said, not shown)."""
+    import scipy.linalg
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(matrix)
+    trouble = [w for w in caught if issubclass(w.category, scipy.linalg.LinAlgWarning)]
+    for w in caught:  # anything else SciPy says still reaches the caller
+        if w not in trouble:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return root, bool(trouble)
 
 
 def kid(features: torch.Tensor, real_features: torch.Tensor, subsets: int = 50, subset_size: int = 1000,
@@ -139,23 +158,33 @@ def split_halves(real: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, t
 
 
 def sample_images(model: Callable[[torch.Tensor], torch.Tensor], latent_size: int, n: int, seed: int,
-                  latent: str, batch_size: int = 500, device: str | torch.device = "cpu") -> torch.Tensor:
-    from .generate import make_latents
+                  latent: str, batch_size: int = 500, device: str | torch.device = "cpu",
+                  source: Optional[Path] = None, progress: Optional[str] = None) -> torch.Tensor:
+    """N images from seeded latents; with ``source`` (the model's file) the output is held to the documented
+    interface, (N, 1, 64, 64), in one line; ``progress`` names a bar shown on a terminal."""
+    from .generate import make_latents, progress_bar, run_generator
 
     z = make_latents(n, latent_size, seed, latent)
-    with torch.inference_mode():
-        return torch.cat([model(z[i:i + batch_size].to(device)).float().cpu() for i in range(0, n, batch_size)])
+    out = []
+    with torch.inference_mode(), progress_bar(n, progress or "", enabled=progress is not None) as bar:
+        for i in range(0, n, batch_size):
+            batch = z[i:i + batch_size].to(device)
+            images = model(batch) if source is None else run_generator(model, batch, source, (64, 64))
+            out.append(images.float().cpu())
+            bar.update(len(batch))
+    return torch.cat(out)
 
 
 def evaluate(models: list[tuple[str, Path, tuple[str, ...]]], real_dir: Path, num_samples: Optional[int] = None,
              seed: int = 0, classifier: Optional[Path] = None, pairs: int = 1000,
-             device: Optional[str] = None) -> dict:
+             device: Optional[str] = None, latent_size: Optional[int] = None) -> dict:
     """Scores of each (name, model, latent distributions) and of the real-vs-real floor, as a dict.
 
     The real images, their features and their diversity are computed once for all models; on the GPU
-    when there is one (``device`` overrides).
+    when there is one (``device`` overrides). A model is any generator ``generate.load_model`` takes;
+    ``latent_size`` is for those that cannot tell theirs.
     """
-    from .generate import load_model
+    from .generate import load_model, progress_bar
 
     real = load_real_images(real_dir)
     if len(real) < 4:
@@ -166,15 +195,19 @@ def evaluate(models: list[tuple[str, Path, tuple[str, ...]]], real_dir: Path, nu
                               f"but --real-dir {real_dir} has {len(real)}")
     half_a, half_b = split_halves(real, n, seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    meter = QualityMeter(half_a, classifier, seed=seed, pairs=pairs, device=device)
-    rows = [{"name": "real vs real (floor)", "model": str(real_dir), "latent": None,
-             **asdict(meter.score(half_b))}]
-    for name, path, latents in models:
-        net, latent_size = load_model(path)
-        net = net.to(device)
-        for latent in latents:
-            images = sample_images(net, latent_size, n, seed + 1, latent, device=device)
-            rows.append({"name": name, "model": str(path), "latent": latent, **asdict(meter.score(images))})
+    loaded = [(name, path, latents, *load_model(path, latent_size)) for name, path, latents in models]  # fail early
+    with progress_bar(1 + sum(len(latents) for _, _, latents in models), "evaluate", unit="row") as bar:
+        meter = QualityMeter(half_a, classifier, seed=seed, pairs=pairs, device=device)
+        rows = [{"name": "real vs real (floor)", "model": str(real_dir), "latent": None,
+                 **asdict(meter.score(half_b))}]
+        bar.update()
+        for name, path, latents, net, size in loaded:
+            net = net.to(device)
+            for latent in latents:
+                images = sample_images(net, size, n, seed + 1, latent, device=device, source=path,
+                                       progress=f"generate ({latent})")
+                rows.append({"name": name, "model": str(path), "latent": latent, **asdict(meter.score(images))})
+                bar.update()
     return {"num_samples": n, "real_dir": str(real_dir), "real_images": len(real), "seed": seed,
             "real_diversity": meter.real_diversity, "feature_size": int(meter.real_features.shape[1]),
             "classifier": str(classifier or "shipped"), "rows": rows}

@@ -21,7 +21,7 @@ from mednist_gan.generate import generate
 from mednist_gan.images import encode_png
 from mednist_gan.trainer import train
 
-from helpers import CONFIGS, reset_accelerate, run_cli
+from helpers import CONFIGS, REPO, reset_accelerate, run_cli
 
 BUNDLE_ARGS = dict(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8, 1], strides=[2, 2, 2, 1])
 
@@ -61,32 +61,99 @@ def test_export_matches_the_checkpoint_generator(trained_run):
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", record["git_revision"])
 
 
-def test_torchscript_runs_without_monai_or_this_package(trained_run, tmp_path):
-    ts = trained_run / "export" / "mednist_gan.ts"
-    z = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
-    torch.save(z, tmp_path / "z.pt")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["monai"] = None          # any import of monai or mednist_gan now fails
-        sys.modules["mednist_gan"] = None
-        import torch
-        net = torch.jit.load({str(ts)!r})
-        out = net(torch.load({str(tmp_path / 'z.pt')!r}))
-        torch.save(out, {str(tmp_path / 'out.pt')!r})
-        try:
-            import monai
-        except ImportError:
-            print("monai unavailable")
-    """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "monai unavailable" in result.stdout
+# Run as a script in a fresh interpreter where neither monai nor mednist_gan can be imported: a meta-path
+# finder refuses them (and anything under them), so an export that needed either would fail to load.
+STANDALONE_SCRIPT = """
+import sys
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("monai", "mednist_gan"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+for name in list(sys.modules):
+    if name.split(".")[0] in ("monai", "mednist_gan"):
+        del sys.modules[name]
+import torch
+
+export, zs, out = sys.argv[1], torch.load(sys.argv[2]), {}
+for kind, net in (("pt2", torch.export.load(export + "/mednist_gan.pt2").module()),
+                  ("ts", torch.jit.load(export + "/mednist_gan.ts"))):
+    assert not any(p.requires_grad for p in net.parameters()), kind
+    out[kind] = [net(z) for z in zs]  # outside no_grad, as a user would call it
+for blocked in ("monai", "mednist_gan"):
+    try:
+        __import__(blocked)
+    except ImportError:
+        print(blocked, "unavailable")
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_pt2_and_torchscript_run_with_torch_alone_and_equal_the_eager_generator(trained_run, tmp_path):
+    """The .pt2 (torch.export, dynamic batch) and the TorchScript file load and run without monai or mednist_gan,
+    for any batch size, equal to the eager generator, and build no autograd graph."""
+    export = trained_run / "export"
+    zs = [torch.randn(n, 64, generator=torch.Generator().manual_seed(n)) for n in (1, 5)]
+    torch.save(zs, tmp_path / "z.pt")
+    result = subprocess.run([sys.executable, "-c", STANDALONE_SCRIPT, str(export), str(tmp_path / "z.pt"),
+                             str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "monai unavailable" in result.stdout and "mednist_gan unavailable" in result.stdout
     out = torch.load(tmp_path / "out.pt", weights_only=True)
-    assert out.shape == (5, 1, 64, 64) and out.min() >= 0 and out.max() <= 1
     net = Generator(**BUNDLE_ARGS)
-    net.load_state_dict(torch.load(trained_run / "export" / "model.pt", weights_only=True))
-    with torch.no_grad():
-        assert torch.allclose(out, torch.sigmoid(net.eval()(z)), atol=1e-6)
+    net.load_state_dict(torch.load(export / "model.pt", weights_only=True))
+    for kind in ("pt2", "ts"):
+        for z, images in zip(zs, out[kind]):
+            assert images.shape == (len(z), 1, 64, 64) and not images.requires_grad, kind
+            with torch.no_grad():
+                assert torch.allclose(images, torch.sigmoid(net.eval()(z)), atol=1e-6), (kind, len(z))
+    record = json.loads((export / "export.json").read_text())
+    assert {"model.pt", "mednist_gan.pt2", "mednist_gan.ts"} <= set(record["files"])
+
+
+def test_exported_modules_are_inference_only_in_this_process_too(trained_run):
+    """``net(z)`` outside no_grad: no parameter requires grad, so no autograd graph is built."""
+    from mednist_gan.generate import load_model
+
+    z = torch.randn(3, 64)
+    for name in ("mednist_gan.pt2", "mednist_gan.ts"):
+        net, latent_size = load_model(trained_run / "export" / name)
+        assert latent_size == 64
+        images = net(z)
+        assert images.shape == (3, 1, 64, 64) and not images.requires_grad and images.grad_fn is None, name
+
+
+def test_a_damaged_pt2_is_named_in_one_line(trained_run, tmp_path):
+    """The .pt2 is checked against the sha256 export.json records for it, as the other exported files are."""
+    import shutil
+
+    out = tmp_path / "export"
+    shutil.copytree(trained_run / "export", out)
+    data = bytearray((out / "mednist_gan.pt2").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "mednist_gan.pt2").write_bytes(bytes(data))
+    result = run_cli("generate", "--model", str(out / "mednist_gan.pt2"), "--output-dir", str(tmp_path / "g"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{out / 'mednist_gan.pt2'}: damaged or replaced" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_exports_written_before_the_pt2_still_load_and_generate(tmp_path):
+    """An export of mednist-gan 0.1.0 (model.pt, mednist_gan.ts, export.json listing no .pt2; latent size 8)
+    is still checked against its record and generates the same pictures from either file."""
+    old = REPO / "tests" / "fixtures" / "v0.1.0_run" / "export"
+    assert "mednist_gan.pt2" not in json.loads((old / "export.json").read_text())["files"]
+    from mednist_gan.generate import load_model
+
+    net, latent_size = load_model(old / "mednist_gan.ts")
+    assert latent_size == 8 and net(torch.randn(2, 8)).shape == (2, 1, 64, 64)
+    a = generate(old / "mednist_gan.ts", 4, tmp_path / "a", seed=1)
+    b = generate(old / "model.pt", 4, tmp_path / "b", seed=1)
+    for x, y in zip(a, b):
+        assert np.abs(np.asarray(Image.open(x)).astype(int) - np.asarray(Image.open(y))).max() <= 1
 
 
 def test_monai_bundle_run_inferring_writes_pngs(trained_run, tmp_path):
@@ -106,7 +173,8 @@ def test_export_command_from_a_checkpoint(trained_run, tmp_path):
     latest = ckpt.find_latest(trained_run)
     result = run_cli("export", "--checkpoint", str(latest), "--out", str(tmp_path / "exp"))
     assert result.returncode == 0, result.stderr
-    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"model.pt", "mednist_gan.ts", "export.json", "bundle"}
+    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"model.pt", "mednist_gan.pt2", "mednist_gan.ts",
+                                                              "export.json", "bundle"}
     # Exporting again over it replaces it atomically and leaves no temporary folders behind.
     export_checkpoint(latest, tmp_path / "exp")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
@@ -131,11 +199,12 @@ def test_generate_writes_upright_8bit_pngs_and_is_seeded(trained_run, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(b)))
     assert not all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(c)))
     assert Image.open(tmp_path / "grid.png").size[0] > 64
-    # model.pt and the checkpoint folder give the same pictures as the TorchScript file.
+    # model.pt, the .pt2 program and the checkpoint folder give the same pictures as the TorchScript file.
     d = generate(trained_run / "export" / "model.pt", 10, tmp_path / "d", seed=3)
     e = generate(ckpt.find_latest(trained_run), 10, tmp_path / "e", seed=3)
-    for x, y, w in zip(arrays(a), arrays(d), arrays(e)):
-        assert np.abs(x.astype(int) - y).max() <= 1 and np.abs(x.astype(int) - w).max() <= 1
+    f = generate(trained_run / "export" / "mednist_gan.pt2", 10, tmp_path / "f", seed=3)
+    for x, y, w, v in zip(arrays(a), arrays(d), arrays(e), arrays(f)):
+        assert max(np.abs(x.astype(int) - other).max() for other in (y, w, v)) <= 1
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (3, 130), (131, 1)])
@@ -202,19 +271,30 @@ def test_generate_refuses_files_that_are_not_generators(trained_run, tmp_path, m
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_onnx_export_matches_the_torchscript_output(trained_run, tmp_path):
-    pytest.importorskip("onnx")
+def test_onnx_export_through_the_dynamo_exporter_equals_the_eager_generator(trained_run, tmp_path):
+    """``export --onnx``: one self-contained file from the torch.export-based exporter (onnxscript), any batch
+    size, equal in onnxruntime to the eager generator; the command prints nothing but its result line."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
-    out = export_checkpoint(ckpt.find_latest(trained_run), tmp_path / "exp", onnx=True)
+    result = run_cli("export", "--checkpoint", str(trained_run), "--out", str(tmp_path / "exp"), "--onnx")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == "" and result.stdout.strip() == f"exported to {tmp_path / 'exp'}"
+    out = tmp_path / "exp"
     record = json.loads((out / "export.json").read_text())
     assert "mednist_gan.onnx" in record["files"]
+    assert not list(out.glob("*.data"))  # weights inside the .onnx file, not beside it
+    onnx.checker.check_model(onnx.load(str(out / "mednist_gan.onnx")), full_check=True)
     session = ort.InferenceSession(str(out / "mednist_gan.onnx"))
-    z = torch.randn(7, 64, generator=torch.Generator().manual_seed(2))
-    onnx_images = session.run(None, {"latents": z.numpy()})[0]
-    with torch.no_grad():
-        ts_images = torch.jit.load(str(out / "mednist_gan.ts"))(z).numpy()
-    assert onnx_images.shape == (7, 1, 64, 64)
-    assert np.abs(onnx_images - ts_images).max() < 1e-5
+    net = Generator(**BUNDLE_ARGS)
+    net.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    for n in (1, 7):
+        z = torch.randn(n, 64, generator=torch.Generator().manual_seed(n))
+        onnx_images = session.run(None, {"latents": z.numpy()})[0]
+        with torch.no_grad():
+            eager = torch.sigmoid(net.eval()(z)).numpy()
+        assert onnx_images.shape == (n, 1, 64, 64)
+        assert np.abs(onnx_images - eager).max() < 1e-5, n
 
 
 def test_generating_from_torchscript_does_not_import_monai(tmp_path):

@@ -65,6 +65,24 @@ def test_fmd_is_monais_frechet_distance():
     assert fmd(a, a) == pytest.approx(0, abs=1e-6)
 
 
+def test_fmd_of_a_singular_covariance_product_warns_nothing_and_stays_right():
+    """Features dead on every image (a ReLU channel a noisy generator never lights up) make the covariance
+    product singular; SciPy's sqrtm warned (LinAlgWarning, printed by `evaluate` on the built-in sample).
+    FMD now takes the FID implementations' way out (eps on the diagonals): no warning, and the dead features
+    change the distance by no more than round-off, as they should (they are equal, zero, on both sides)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(200, 20, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 20, generator=g, dtype=torch.float64) * 1.1 + 0.2
+    dead = torch.zeros(200, 12, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_dead = fmd(torch.cat([a, dead], 1), torch.cat([b, dead], 1))
+        assert fmd(torch.cat([a, dead], 1), torch.cat([a, dead], 1)) == pytest.approx(0, abs=1e-4)
+    assert with_dead == pytest.approx(fmd(a, b), rel=1e-4)
+
+
 def test_fmd_and_kid_rank_damaged_real_images_behind_the_floor(hands, meter):
     """Upside-down, transposed and blurred real hands score clearly worse than real ones; noise worst."""
     other = hands[1]
@@ -118,6 +136,61 @@ def test_evaluate_bad_input_is_one_line(tmp_path, upstream_weights, args, messag
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "e.json").exists()
+
+
+class ForeignGenerator(torch.nn.Module):
+    """A generator of another structure than MONAI's (no ``linear.weight``) that keeps the documented interface:
+    latents (N, L) -> images (N, 1, size, size) in [0, 1]."""
+
+    def __init__(self, latent_size: int = 16, size: int = 64):
+        super().__init__()
+        self.size = size
+        self.basis = torch.nn.Parameter(torch.randn(latent_size, size * size, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(latents @ self.basis).reshape(-1, 1, self.size, self.size)
+
+
+def test_evaluate_takes_any_generator_with_the_documented_interface(tmp_path):
+    """A hand-written TorchScript generator: its latent size comes from --latent-size (a one-line error without
+    it); a .pt2 program tells its own. Nothing but the table goes to the terminal (no bar, no warning)."""
+    ts = tmp_path / "foreign.ts"
+    torch.jit.script(ForeignGenerator().eval()).save(str(ts))
+    base = ["evaluate", "--model", str(ts), "--num-samples", "40", "--out", str(tmp_path / "e.json")]
+    result = run_cli(*base)
+    assert result.returncode == 2, result.stderr
+    assert "give it with --latent-size" in result.stderr and str(ts) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    result = run_cli(*base, "--latent-size", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert rows[1]["model"] == str(ts) and math.isfinite(rows[1]["fmd"]) and 0 < rows[1]["diversity"] <= 1
+
+
+def test_foreign_generators_latent_size_and_interface_are_checked_in_one_line(tmp_path):
+    from mednist_gan.errors import MednistGanError
+    from mednist_gan.generate import generate, load_model
+    from mednist_gan.quality import sample_images
+
+    pt2 = tmp_path / "foreign.pt2"
+    program = torch.export.export(ForeignGenerator(16).eval().requires_grad_(False), (torch.randn(2, 16),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, str(pt2))
+    net, size = load_model(pt2)  # read from the program's input shape
+    assert size == 16 and net(torch.randn(3, 16)).shape == (3, 1, 64, 64)
+    with pytest.raises(MednistGanError, match="--latent-size 8: --model .*foreign.pt2 takes latents of size 16"):
+        load_model(pt2, latent_size=8)
+    assert len(generate(pt2, 3, tmp_path / "png")) == 3
+    ts = tmp_path / "foreign.ts"
+    torch.jit.script(ForeignGenerator(16).eval()).save(str(ts))
+    with pytest.raises(MednistGanError, match=r"failed on latents of shape \(3, 17\)"):
+        generate(ts, 3, tmp_path / "png17", latent_size=17)  # the wrong size for this module
+    small = tmp_path / "small.ts"
+    torch.jit.script(ForeignGenerator(16, size=32).eval()).save(str(small))
+    net, size = load_model(small, latent_size=16)
+    with pytest.raises(MednistGanError, match=r"returned \(10, 1, 32, 32\) for 10 latents; expected images \(10, 1, 64, 64\)"):
+        sample_images(net, size, 10, 0, "normal", source=small)
 
 
 def test_in_training_evaluation_logs_and_keeps_the_best(tmp_path, mednist_root, debug_overrides):
