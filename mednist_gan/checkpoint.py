@@ -9,7 +9,6 @@ Saving and loading of the tensors themselves goes through the caller's ``save_fn
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,11 +18,11 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import CheckpointError, first_line, output_error
+from .errors import CheckpointError, first_line
+from .files import CHECKPOINTS_DIR, sha256_file, write_atomic
 
 log = logging.getLogger("mednist_gan")
 
-CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -33,7 +32,7 @@ DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint moved aside for a person to 
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def step_dir_name(step: int) -> str:
@@ -132,25 +131,17 @@ def read_meta(checkpoint: Path) -> dict:
     return meta
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def verify_recorded_sha256(path: Path, expected: Optional[str], record: Path) -> None:
+    """A file against the sha256 that ``record`` (an export.json or model card) lists for it."""
+    if expected is not None and sha256_file(path) != expected:
+        raise CheckpointError(f"{path}: damaged or replaced (its sha256 differs from the one in {record}); "
+                              "re-export it, or reinstall the package for a shipped file")
 
 
 def file_records(folder: Path) -> dict[str, dict]:
     """Size and sha256 of every file under ``folder`` (relative POSIX paths), as a checkpoint records them."""
-    return {child.relative_to(folder).as_posix(): {"size": child.stat().st_size, "sha256": _sha256(child)}
+    return {child.relative_to(folder).as_posix(): {"size": child.stat().st_size, "sha256": sha256_file(child)}
             for child in sorted(folder.rglob("*")) if child.is_file() and child.name != META}
-
-
-def verify_recorded_sha256(path: Path, expected: Optional[str], record: Path) -> None:
-    """A file against the sha256 that ``record`` (an export.json or model card) lists for it."""
-    if expected is not None and _sha256(path) != expected:
-        raise CheckpointError(f"{path}: damaged or replaced (its sha256 differs from the one in {record}); "
-                              "re-export it, or reinstall the package for a shipped file")
 
 
 def verify(checkpoint: Path) -> dict:
@@ -175,7 +166,7 @@ def verify(checkpoint: Path) -> dict:
         if size != record["size"]:
             raise CheckpointError(f"{path}: {size} bytes, {record['size']} when written (cut short or overwritten)")
         try:
-            digest = _sha256(path)
+            digest = sha256_file(path)
         except OSError as exc:
             raise CheckpointError(f"{path}: unreadable ({first_line(exc, 120)})") from None
         if digest != record["sha256"]:
@@ -194,32 +185,6 @@ def _load_every_file(checkpoint: Path) -> None:
             except (SafetensorError, OSError, ValueError) as exc:
                 raise CheckpointError(f"{path}: unreadable checkpoint file ({first_line(exc, 120)})") from None
     verify_safe(checkpoint)
-
-
-def ensure_writable_folder(folder: Path, what: str) -> Path:
-    """Create ``folder`` if needed and prove a file can be written there; else one line naming ``what`` and the path.
-
-    Commands call this before long work whose result goes there, so a bad destination fails at once.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise output_error(what, folder, exc) from None
-    return folder
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a hidden temporary file, fsync, then rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -247,13 +212,13 @@ def publish(run_dir: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
     """Main process: record every file's size and checksum in the metadata, write it, make the checkpoint
     visible, move ``latest``, then rotate old ones."""
     _fsync_tree(tmp)
-    write_text_atomic(tmp / META, json.dumps({**meta, "files": file_records(tmp)}, indent=2))
+    write_atomic(tmp / META, json.dumps({**meta, "files": file_records(tmp)}, indent=2))
     final = tmp.parent / step_dir_name(step)
     if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
         shutil.rmtree(tmp)
     else:
         os.rename(tmp, final)
-    write_text_atomic(tmp.parent / LATEST, final.name + "\n")
+    write_atomic(tmp.parent / LATEST, final.name + "\n")
     for old in complete_checkpoints(run_dir)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

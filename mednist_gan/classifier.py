@@ -8,7 +8,6 @@ does not look like an upright one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -21,6 +20,7 @@ from torch import nn
 
 from .data import list_images, load_images, scale_intensity
 from .errors import CheckpointError, DataError, first_line
+from .files import sha256_file, write_atomic
 from .images import to_uint8
 
 CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
@@ -155,11 +155,9 @@ def train_classifier(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 3,
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(net.state_dict(), tmp)
-    tmp.replace(out)  # an interrupted run never leaves half a weights file
+    write_atomic(out, lambda tmp: torch.save(net.state_dict(), tmp))  # never half a weights file
     card = {
-        "weights": out.name, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "weights": out.name, "sha256": sha256_file(out),
         "classes": list(CLASSES), "architecture": "MedNISTClassifier (4 conv stages 16-32-64-64, BatchNorm, ReLU)",
         "features": f"{MedNISTClassifier.feature_size}: global mean of stage 4 (64) + 2x2 grid of stage-3 means (256)",
         "data": str(data_root), "split": f"per class, seeded permutation (seed {seed}), {holdout:.0%} held out",
@@ -169,10 +167,10 @@ def train_classifier(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 3,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     if out.resolve() == WEIGHTS_FILE.resolve():
-        CARD_JSON.write_text(json.dumps(card, indent=2) + "\n")
-        CARD_MD.write_text(_card_markdown(card))
+        write_atomic(CARD_JSON, json.dumps(card, indent=2) + "\n")
+        write_atomic(CARD_MD, _card_markdown(card))
     else:
-        out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+        write_atomic(out.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
     return card
 
 

@@ -126,7 +126,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .data import SAMPLE_ROOT
     from .errors import MednistGanError
     from .hostmem import keep_freed_host_memory
-    from .checkpoint import ensure_writable_folder
+    from .files import ensure_writable_folder
     from .quality import evaluate, format_table, write_json
 
     if args.num_samples is not None and args.num_samples < 2:
@@ -149,7 +149,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _train_classifier(args: argparse.Namespace) -> int:
     import shlex
 
-    from .checkpoint import ensure_writable_folder
+    from .files import ensure_writable_folder
     from .classifier import WEIGHTS_FILE, train_classifier
 
     ensure_writable_folder((args.out or WEIGHTS_FILE).resolve().parent, "--out")

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
 from .errors import DataError, first_line
+from .files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,7 @@ def load_images(files: list[Path], expected_hw: tuple[int, int] = (64, 64), cach
     if cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            torch.save(images, tmp)
-            os.replace(tmp, cache_file)
+            write_atomic(cache_file, lambda tmp: torch.save(images, tmp))
         except OSError as exc:  # a read-only home must not stop training
             log.warning("could not write image cache %s: %s", cache_file, exc)
     return images

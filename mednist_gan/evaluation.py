@@ -18,9 +18,9 @@ from .config import Config
 from .data import scale_intensity
 from .errors import first_line
 from .export import export_generator
+from .files import BEST_DIR
 from .networks import generator_copy
 
-BEST_DIR = "best"  # the generator with the lowest FMD so far (eval.keep_best)
 LATENT_SEED_OFFSET = 2_000_003
 
 

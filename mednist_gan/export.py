@@ -8,7 +8,6 @@ its model config; the discriminator and optimizer state never leave the checkpoi
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from . import __version__
 from .checkpoint import EMA_FILE, read_meta, resolve
 from .config import ModelConfig
 from .errors import CheckpointError, first_line, output_error
+from .files import sha256_file
 from .networks import build_generator
 
 MODEL_FILE = "model.pt"
@@ -251,10 +251,6 @@ def _version(module: str) -> str:
         return "unknown"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir: Path, provenance: dict,
                      onnx: bool = False) -> Path:
     """Write all exports into ``out_dir`` atomically: a failed export leaves an earlier one untouched."""
@@ -281,7 +277,7 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
             "mednist_gan_version": __version__,
             "latent_distribution": LATENT_DISTRIBUTION,
             "output": "images (N, 1, H, W) in [0, 1], MONAI orientation (transpose of the JPEG rows/columns)",
-            "files": {name: {"sha256": _sha256(staging / name)} for name in files},
+            "files": {name: {"sha256": sha256_file(staging / name)} for name in files},
         })
         (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, default=str))
         if out_dir.exists():

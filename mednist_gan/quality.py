@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import write_text_atomic
+from .files import write_atomic
 from .classifier import load_classifier, to_evaluation_pixels
 from .data import list_images, load_images, scale_intensity
 from .errors import MednistGanError, output_error
@@ -227,6 +227,6 @@ def write_json(result: dict, path: Path) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+        write_atomic(path, json.dumps(result, indent=2) + "\n")
     except OSError as exc:
         raise output_error("--out", path, exc) from None

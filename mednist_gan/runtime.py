@@ -24,6 +24,9 @@ log = logging.getLogger("mednist_gan")
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """One Accelerator per process, after the process-wide settings (threads, host memory, determinism)."""
+    from .tracking import check_tracker_installed, tracker_dir
+
+    check_tracker_installed(cfg.log.tracker)  # before Accelerate warns about it in its own words
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision='fp16' needs a CUDA GPU, and none is visible: use 'bf16' or 'no' on CPU")
     if cfg.runtime.num_threads is not None:
@@ -37,8 +40,6 @@ def make_accelerator(cfg: Config) -> Accelerator:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     launcher_precision = launcher_mixed_precision()
     tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
-    from .tracking import tracker_dir
-
     accelerator = Accelerator(
         log_with=tracker,
         project_dir=str(tracker_dir(cfg)),

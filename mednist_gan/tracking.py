@@ -14,10 +14,11 @@ from typing import Optional
 
 from .config import Config
 from .errors import ConfigError, first_line, output_error
+from .files import (CONFIG_FILE, GIT_REVISION_FILE, LOG_FILE, LOSS_CURVES_FILE, METRICS_FILE, SAMPLES_DIR, TRACKER_DIR,
+                    WANDB_RUN_ID_FILE, WANDB_STEP_FILE, ensure_writable_folder, write_atomic)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 _WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-WANDB_STEP_FILE = "wandb_step.txt"  # "<W&B run id> <highest W&B step sent>", next to wandb_run_id.txt
 
 
 def git_revision(cwd: Optional[Path] = None) -> Optional[str]:
@@ -36,12 +37,10 @@ def git_revision(cwd: Optional[Path] = None) -> Optional[str]:
 
 def write_run_info(run_dir: Path, cfg: Config) -> Optional[str]:
     """Main process: the resolved config and git revision, written before training starts."""
-    from .checkpoint import write_text_atomic
-
     revision = git_revision()
     try:
-        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
-        write_text_atomic(run_dir / "git_revision.txt", (revision or "unknown (not a git checkout)") + "\n")
+        write_atomic(run_dir / CONFIG_FILE, cfg.to_yaml())
+        write_atomic(run_dir / GIT_REVISION_FILE, (revision or "unknown (not a git checkout)") + "\n")
     except OSError as exc:
         raise output_error("run_dir", run_dir, exc) from None
     return revision
@@ -50,18 +49,18 @@ def write_run_info(run_dir: Path, cfg: Config) -> Optional[str]:
 def setup_logging(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
     """Log lines go to the console and ``<run_dir>/train.log`` on the main process; others stay quiet."""
     logger = logging.getLogger("mednist_gan")
-    logger.handlers.clear()
+    for handler in list(logger.handlers):  # an earlier run in this process: close its train.log
+        logger.removeHandler(handler)
+        handler.close()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     logger.addHandler(console)
     if is_main and run_dir is not None:
-        from .checkpoint import ensure_writable_folder
-
         ensure_writable_folder(run_dir, "run_dir")
         try:
-            file_handler = logging.FileHandler(run_dir / "train.log")
+            file_handler = logging.FileHandler(run_dir / LOG_FILE)
         except OSError as exc:
             raise output_error("run_dir", run_dir, exc) from None
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -73,7 +72,7 @@ def setup_logging(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
 
 def tracker_dir(cfg: Config) -> Path:
     """Where W&B and TensorBoard write: ``log.dir``, or ``<run_dir>/tracker``."""
-    return Path(cfg.log.dir) if cfg.log.dir else cfg.run_path / "tracker"
+    return Path(cfg.log.dir) if cfg.log.dir else cfg.run_path / TRACKER_DIR
 
 
 # Accelerate's trackers (accelerate.utils.LoggerType less "all"): the modules each one imports (any one of
@@ -168,7 +167,7 @@ class Tracking:
             self._try_start({kind: self._init_kwargs(kind)}, kind)
 
     def _forget_metrics_after(self, step: int) -> None:
-        dropped = keep_metrics_up_to(self.run_dir / "metrics.jsonl", step)
+        dropped = keep_metrics_up_to(self.run_dir / METRICS_FILE, step)
         if dropped:
             self.log.info("metrics.jsonl: dropped %d line(s) after step %d (or cut short), which this run logs again",
                           dropped, step)
@@ -177,9 +176,9 @@ class Tracking:
         """The highest step of metrics.jsonl and samples/: what an earlier run sent to its tracker, at most."""
         high = 0
         try:
-            for row in read_metrics(self.run_dir / "metrics.jsonl"):
+            for row in read_metrics(self.run_dir / METRICS_FILE):
                 high = max(high, row["step"])
-            for png in (self.run_dir / "samples").glob("step_*.png"):
+            for png in (self.run_dir / SAMPLES_DIR).glob("step_*.png"):
                 if png.stem[5:].isdigit():
                     high = max(high, int(png.stem[5:]))
         except OSError:
@@ -267,7 +266,7 @@ class Tracking:
 
     def _wandb_run_id(self, wandb_dir: Path) -> Optional[str]:
         """One W&B run id per run directory, so a resumed run continues the same W&B run."""
-        id_file = self.run_dir / "wandb_run_id.txt"
+        id_file = self.run_dir / WANDB_RUN_ID_FILE
         if not self.is_main:
             return None
         if id_file.exists():
@@ -281,10 +280,8 @@ class Tracking:
             self.log.warning("%s is unreadable (%s): this run logs to a new W&B run", id_file, reason)
         import secrets
 
-        from .checkpoint import write_text_atomic
-
         run_id = secrets.token_hex(4)
-        write_text_atomic(id_file, run_id + "\n")
+        write_atomic(id_file, run_id + "\n")
         wandb_dir.mkdir(parents=True, exist_ok=True)
         return run_id
 
@@ -312,7 +309,7 @@ class Tracking:
         if not self.is_main:
             return
         def append() -> None:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
         self._local(append, "metrics.jsonl")
@@ -325,10 +322,8 @@ class Tracking:
             return values, step
         wandb_step = step + self._wandb_offset
         if wandb_step > self._wandb_high:  # recorded before W&B can have it: an upper bound after any kill
-            from .checkpoint import write_text_atomic
-
             self._wandb_high = wandb_step
-            self._local(lambda: write_text_atomic(self.run_dir / WANDB_STEP_FILE, f"{self._wandb_id} {wandb_step}\n"),
+            self._local(lambda: write_atomic(self.run_dir / WANDB_STEP_FILE, f"{self._wandb_id} {wandb_step}\n"),
                         WANDB_STEP_FILE)
         return {**values, "train/step": step}, wandb_step
 
@@ -337,7 +332,7 @@ class Tracking:
         from .images import image_grid, save_png
 
         grid = image_grid(pictures)
-        path = self.run_dir / "samples" / f"step_{step:06d}.png"
+        path = self.run_dir / SAMPLES_DIR / f"step_{step:06d}.png"
 
         def write() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -369,8 +364,9 @@ class Tracking:
 
             artifact = wandb.Artifact(f"{self.cfg.name}-generator", type="model",
                                       metadata=json.loads((export_dir / "export.json").read_text()))
-            for name in ("model.pt", "mednist_gan.ts", "export.json"):
-                artifact.add_file(str(export_dir / name))
+            for name in ("model.pt", "mednist_gan.pt2", "mednist_gan.ts", "export.json"):
+                if (export_dir / name).is_file():  # exports before 0.2 have no .pt2
+                    artifact.add_file(str(export_dir / name))
             self.acc.get_tracker("wandb", unwrap=True).log_artifact(artifact)
 
         self._guard(upload, "upload the exported generator")
@@ -401,7 +397,7 @@ class Tracking:
             self._guard(self.acc.end_training, "finish")
             self.active = False
         if self.is_main:
-            self._local(lambda: plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png"),
+            self._local(lambda: plot_loss_curves(self.run_dir / METRICS_FILE, self.run_dir / LOSS_CURVES_FILE),
                         "loss_curves.png")
 
 
@@ -445,9 +441,7 @@ def keep_metrics_up_to(path: Path, step: int) -> int:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line)
     if len(kept) < len(lines) or (data and not data.endswith(b"\n")):
-        from .checkpoint import write_text_atomic
-
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        write_atomic(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
 
 

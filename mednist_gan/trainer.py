@@ -35,6 +35,7 @@ from .data import apply_augment, build_dataloader, load_dataset, sample_augment_
 from .errors import CheckpointError, ConfigError, TrainingError, first_line
 from .evaluation import InTrainingEvaluation
 from .export import checkpoint_provenance, export_generator
+from .files import EXPORT_DIR, write_atomic
 from .images import to_uint8_pictures
 from .losses import discriminator_loss, generator_loss, r1_penalty
 from .networks import build_discriminator, build_generator, generator_copy
@@ -293,6 +294,9 @@ class Trainer:
                               "ranks below %d and starts from seed + rank for the others", saved_processes,
                               acc.num_processes, min(saved_processes, acc.num_processes))
         self.tracking.start(self.state.step)  # drops records of the steps this run logs again
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restarts:  # the elastic launcher started this group again after a process died (launch/run.sh MAX_RESTARTS)
+            self.log.info("elastic restart %d of at most %s", restarts, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"))
         if acc.num_processes > 1:  # which node each rank runs on, as the launcher arranged it
             from accelerate.utils import gather_object
 
@@ -445,7 +449,7 @@ class Trainer:
                 moved = ckpt.set_aside(bad)
                 self.log.warning("checkpoint %s is damaged (%s): moved to %s for inspection; resuming from %s",
                                  bad.name, reason, moved, intact)
-            ckpt.write_text_atomic(ckpt.checkpoints_dir(self.run_dir) / ckpt.LATEST, intact.name + "\n")
+            write_atomic(ckpt.checkpoints_dir(self.run_dir) / ckpt.LATEST, intact.name + "\n")
         self.acc.wait_for_everyone()
         return intact
 
@@ -501,7 +505,7 @@ def train(cfg: Config) -> Trainer:
     try:
         trainer.fit()
         if cfg.export.at_end:
-            trainer.export(cfg.run_path / "export")
+            trainer.export(cfg.run_path / EXPORT_DIR)
     finally:
         trainer.tracking.finish()
     return trainer
