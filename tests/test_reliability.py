@@ -301,6 +301,15 @@ def test_more_processes_than_images_is_refused(tmp_path, mednist_root):
     assert "1 images cannot feed 2 processes" in result.stderr
 
 
+def test_a_batch_larger_than_the_data_set_is_refused(tmp_path, mednist_root):
+    result = run_cli("train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={tmp_path / 'run'}",
+                     f"data.root={mednist_root}", "train.batch_size=1000", f"data.cache_dir={tmp_path / 'c'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "train.batch_size=1000 is larger than the data set (64 images in" in result.stderr
+    assert "use a batch of at most 64" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_unknown_key_suggestion_and_missing_config_file_via_cli(tmp_path):
     result = run_cli("train", "--config", str(CONFIGS / "debug.yaml"), "train.batchsize=4")
     assert result.returncode == 2 and "did you mean train.batch_size?" in result.stderr
