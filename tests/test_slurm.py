@@ -118,6 +118,13 @@ def test_multi_node_script_forms_one_group_across_two_nodes(slurm_env, tmp_path,
     assert len(list((run / "tracker" / "wandb").glob("offline-run-*"))) == 1
 
 
+def _wait_for_step(log: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log.is_file() and f" step {step} " in log.read_text()):
+        assert time.monotonic() < deadline, f"job never reached step {step}"
+        time.sleep(0.5)
+
+
 def _preempt_and_wait_for_the_requeue(env: dict, job: str, log: Path) -> None:
     # The warning SLURM sends before the time limit (--signal=B:USR1@120), sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
@@ -147,10 +154,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_end(slurm_en
     log = tmp_path / "preempted.out"
     job = _sbatch(slurm_env, "slurm/train_single_node.sbatch", log,
                   *_overrides(tmp_path, mednist_root, tmp_path / "preempted", *extra), **knobs)
-    deadline = time.monotonic() + 300
-    while not (log.is_file() and " step 5 " in log.read_text()):
-        assert time.monotonic() < deadline, "job never reached step 5"
-        time.sleep(0.5)
+    _wait_for_step(log, 5)
     _preempt_and_wait_for_the_requeue(slurm_env, job, log)
     assert _wait(slurm_env, job) == "COMPLETED", log.read_text()[-3000:]
     assert _wait(slurm_env, straight) == "COMPLETED"
@@ -215,10 +219,7 @@ def test_preempted_elastic_job_requeues_and_is_not_restarted_by_the_launcher(slu
     extra = ("train.epochs=20", "train.max_steps=30", "checkpoint.every_steps=null", "export.at_end=false")
     job = _sbatch(slurm_env, "slurm/train_single_node.sbatch", log, *_overrides(tmp_path, mednist_root, run, *extra),
                   CONFIG="configs/debug.yaml", NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
-    deadline = time.monotonic() + 300
-    while not (log.is_file() and " step 5 " in log.read_text()):
-        assert time.monotonic() < deadline, "job never reached step 5"
-        time.sleep(0.5)
+    _wait_for_step(log, 5)
     _preempt_and_wait_for_the_requeue(slurm_env, job, log)
     assert _wait(slurm_env, job) == "COMPLETED", log.read_text()[-3000:]
     first, requeued = re.split(r"\S+ job \d+ on \S+, restart 1\n", log.read_text(), maxsplit=1)
