@@ -6,7 +6,6 @@ This is the one module that creates an ``Accelerator``; the trainer uses the one
 
 from __future__ import annotations
 
-import logging
 import os
 from datetime import timedelta
 from typing import Optional
@@ -18,9 +17,6 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 from .config import Config, RuntimeConfig
 from .errors import ConfigError
 from .hostmem import keep_freed_host_memory
-
-log = logging.getLogger("mednist_gan")
-
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """One Accelerator per process, after the process-wide settings (threads, host memory, determinism)."""
@@ -38,7 +34,6 @@ def make_accelerator(cfg: Config) -> Accelerator:
         torch.use_deterministic_algorithms(True)
     else:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    launcher_precision = launcher_mixed_precision()
     tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
     accelerator = Accelerator(
         log_with=tracker,
@@ -53,11 +48,17 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # A process that waits for a dead peer gives up after this long instead of hanging forever.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
     )
-    if launcher_precision is not None and launcher_precision != cfg.train.precision and accelerator.is_main_process:
-        log.warning("the launcher asks for mixed precision %r (accelerate launch --mixed_precision or an accelerate "
-                    "config file), the config for train.precision=%r: using %r; set train.precision=%s to follow "
-                    "the launcher", launcher_precision, cfg.train.precision, cfg.train.precision, launcher_precision)
     return accelerator
+
+
+def precision_warning(cfg: Config) -> Optional[str]:
+    """What to warn about when the launcher asked for another mixed precision than ``train.precision`` (which wins)."""
+    launcher = launcher_mixed_precision()
+    if launcher is None or launcher == cfg.train.precision:
+        return None
+    return (f"the launcher asks for mixed precision {launcher!r} (accelerate launch --mixed_precision or an accelerate "
+            f"config file), the config for train.precision={cfg.train.precision!r}: using {cfg.train.precision!r}; "
+            f"set train.precision={launcher} to follow the launcher")
 
 
 def launcher_mixed_precision() -> Optional[str]:

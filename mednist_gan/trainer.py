@@ -41,7 +41,7 @@ from .losses import discriminator_loss, generator_loss, r1_penalty
 from .networks import build_discriminator, build_generator, generator_copy
 from .optim import make_optimizers, make_schedulers
 from .runcontrol import Preempted, StopRequest, crash_point, peers_lost, write_failure
-from .runtime import make_accelerator, memory_format, prepare_networks
+from .runtime import make_accelerator, memory_format, precision_warning, prepare_networks
 from .tracking import Tracking, setup_logging, write_run_info
 
 LATENT_RNG_FILE, AUGMENT_RNG_FILE = "latent_rng.pt", "augment_rng.pt"  # shared streams, saved by the main process
@@ -82,6 +82,8 @@ class Trainer:
         self.run_dir = cfg.run_path
         self.acc = acc = accelerator or make_accelerator(cfg)
         self.log = setup_logging(self.run_dir, acc.is_main_process)
+        if (mismatch := precision_warning(cfg)) is not None:
+            self.log.warning(mismatch)
         world = acc.num_processes
         g_batch = cfg.train.g_batch_size or cfg.train.batch_size
         for key, value in (("train.batch_size", cfg.train.batch_size), ("train.g_batch_size", g_batch)):

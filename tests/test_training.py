@@ -170,3 +170,18 @@ def test_cli_train_on_missing_data_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "nowhere" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_launcher_asking_for_another_precision_is_warned_about(tmp_path, mednist_root):
+    """`accelerate launch --mixed_precision bf16` (or its config file) with train.precision=no: a warning, not a
+    silent override; train.precision wins."""
+    result = run_cli("train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={tmp_path / 'run'}",
+                     f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1",
+                     "export.at_end=false", env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert result.returncode == 0, result.stderr
+    assert "the launcher asks for mixed precision 'bf16'" in result.stdout and "using 'no'" in result.stdout
+    assert "precision no" in result.stdout  # the run line: train.precision was used
+    agreeing = run_cli("train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={tmp_path / 'run2'}",
+                       f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1",
+                       "export.at_end=false", env={"ACCELERATE_MIXED_PRECISION": "no"})
+    assert agreeing.returncode == 0 and "the launcher asks" not in agreeing.stdout
