@@ -18,6 +18,7 @@ from .config import Config, RuntimeConfig
 from .errors import ConfigError
 from .hostmem import keep_freed_host_memory
 
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """One Accelerator per process, after the process-wide settings (threads, host memory, determinism)."""
     from .tracking import check_tracker_installed, tracker_dir
