@@ -19,6 +19,7 @@ TINY = ["model.latent_size=8", "model.start_shape=[8,8,8]", "model.g_channels=[4
         "model.d_channels=[2,2,2,2,1]", "train.ema_decay=0.9", "data.limit=16", "train.batch_size=8"]
 
 
+@pytest.mark.slow
 def test_a_0_1_0_checkpoint_resumes_and_exports(tmp_path, mednist_root):
     run = tmp_path / "run"
     shutil.copytree(FIXTURE, run)
@@ -33,6 +34,7 @@ def test_a_0_1_0_checkpoint_resumes_and_exports(tmp_path, mednist_root):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["model.pt", "mednist_gan.ts"])
 def test_a_0_1_0_export_generates(tmp_path, name):
     result = run_cli("generate", "--model", str(FIXTURE / "export" / name), "--num-samples", "3",

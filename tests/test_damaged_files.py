@@ -66,6 +66,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(two_checkpoints, tmp_path, mednist_root,
                                                                        damage):
@@ -82,6 +83,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(two_checkp
     assert ckpt.find_latest(run).name == "step_000006"
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_one_line_and_nothing_is_moved(two_checkpoints, tmp_path, mednist_root):
     run = _copy(two_checkpoints, tmp_path)
     for step in ("step_000002", "step_000004"):
@@ -102,6 +104,7 @@ def test_naming_a_damaged_checkpoint_to_resume_from_is_an_error(two_checkpoints,
         train(_cfg(run, mednist_root, tmp_path / "cache", f"train.resume={run / 'checkpoints' / 'step_000002'}"))
 
 
+@pytest.mark.slow
 def test_export_and_generate_check_the_checkpoint_they_read(two_checkpoints, tmp_path):
     run = _copy(two_checkpoints, tmp_path)
     _cut(run / "checkpoints" / "step_000004" / "model.safetensors")
@@ -149,6 +152,7 @@ def exported(two_checkpoints, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["model.pt", "mednist_gan.ts"])
 def test_a_damaged_export_is_named_in_one_line(exported, tmp_path, name):
     out = tmp_path / "export"
@@ -159,6 +163,7 @@ def test_a_damaged_export_is_named_in_one_line(exported, tmp_path, name):
     assert f"{out / name}: damaged or replaced (its sha256 differs from the one in {out / 'export.json'})" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_export_record_is_named_in_one_line(exported, tmp_path):
     out = tmp_path / "export"
     shutil.copytree(exported, out)
@@ -246,6 +251,7 @@ def test_an_unreadable_best_record_is_moved_aside_not_overwritten(tmp_path):
 
 # ----------------------------------------------------------------------------- destinations that cannot be written
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["export --out", "generate --output-dir", "generate --grid", "evaluate --out",
                                   "train run_dir", "train-classifier --out"])
 def test_an_unwritable_destination_is_one_line_naming_it(case, two_checkpoints, tmp_path, mednist_root):

@@ -156,6 +156,7 @@ def test_exports_written_before_the_pt2_still_load_and_generate(tmp_path):
         assert np.abs(np.asarray(Image.open(x)).astype(int) - np.asarray(Image.open(y))).max() <= 1
 
 
+@pytest.mark.slow
 def test_monai_bundle_run_inferring_writes_pngs(trained_run, tmp_path):
     bundle = trained_run / "export" / "bundle"
     out = tmp_path / "outputs"
@@ -169,6 +170,7 @@ def test_monai_bundle_run_inferring_writes_pngs(trained_run, tmp_path):
     assert Image.open(pngs[0]).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_export_command_from_a_checkpoint(trained_run, tmp_path):
     latest = ckpt.find_latest(trained_run)
     result = run_cli("export", "--checkpoint", str(latest), "--out", str(tmp_path / "exp"))
@@ -255,6 +257,7 @@ def test_generate_bad_arguments_are_one_line(trained_run, tmp_path, args, messag
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_file", ["jpeg", "optimizer", "truncated"])
 def test_generate_refuses_files_that_are_not_generators(trained_run, tmp_path, mednist_root, make_file):
     if make_file == "jpeg":
@@ -271,6 +274,7 @@ def test_generate_refuses_files_that_are_not_generators(trained_run, tmp_path, m
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_onnx_export_through_the_dynamo_exporter_equals_the_eager_generator(trained_run, tmp_path):
     """``export --onnx``: one self-contained file from the torch.export-based exporter (onnxscript), any batch
     size, equal in onnxruntime to the eager generator; the command prints nothing but its result line."""

@@ -99,6 +99,7 @@ def test_r1_adds_its_gradient_to_the_discriminator_update(tmp_path, mednist_root
     assert changed == (gamma > 0)  # R1 really changes the update, and only when it is on
 
 
+@pytest.mark.slow
 def test_ema_equals_the_formula_and_is_exported(tmp_path, mednist_root):
     decay, steps = 0.8, 3
     trainer = _trainer(tmp_path, mednist_root, f"train.ema_decay={decay}", f"train.max_steps={steps}", "train.epochs=5",
@@ -132,6 +133,7 @@ def test_ema_equals_the_formula_and_is_exported(tmp_path, mednist_root):
     assert "moving average" in json.loads((tmp_path / "export" / "export.json").read_text())["weights"]
 
 
+@pytest.mark.slow
 def test_ema_warmup_uses_the_ramped_decay(tmp_path, mednist_root):
     decay, steps = 0.99, 3
     trainer = _trainer(tmp_path, mednist_root, f"train.ema_decay={decay}", "train.ema_warmup=true",
@@ -184,6 +186,7 @@ def test_learning_rate_schedules():
     assert cosine(0) == 1.0 and abs(cosine(5) - 0.5) < 1e-12 and abs(cosine(10)) < 1e-12
 
 
+@pytest.mark.slow
 def test_scheduled_learning_rate_is_what_the_optimizers_use(tmp_path, mednist_root):
     cfg = load_config(CONFIGS / "debug.yaml", [
         f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
@@ -204,6 +207,7 @@ def test_bundle_recipe_keeps_every_option_off():
     assert not cfg.optim.scheduled and cfg.eval.every_steps is None and cfg.eval.every_epochs is None
 
 
+@pytest.mark.slow
 def test_resume_with_ema_and_schedule_is_bitwise(tmp_path, mednist_root):
     """Stopped after 2 of 4 iterations and resumed == 4 iterations straight: weights, EMA, learning rates."""
     common = [f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "train.ema_decay=0.9",
@@ -226,6 +230,7 @@ def test_resume_with_ema_and_schedule_is_bitwise(tmp_path, mednist_root):
     assert all(torch.equal(G_a[k], G_b[k]) for k in G_a)
 
 
+@pytest.mark.slow
 def test_resume_into_ema_from_a_run_without_it_is_refused(tmp_path, mednist_root):
     from mednist_gan.errors import CheckpointError
 

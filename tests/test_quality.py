@@ -31,6 +31,7 @@ def test_shipped_classifier_matches_its_card_and_accuracy(mednist_root):
     assert got == pytest.approx(card["results"]["test_accuracy"], abs=1e-9)  # the held-out split it reports
 
 
+@pytest.mark.slow
 def test_classifier_training_is_reproducible(tmp_path, mednist_root):
     # the same file name in two folders: torch.save writes the name into the archive
     runs = [train_classifier(mednist_root, tmp_path / f"run{i}" / "c.pt", epochs=1, limit_per_class=40,
@@ -83,6 +84,7 @@ def test_fmd_of_a_singular_covariance_product_warns_nothing_and_stays_right():
     assert with_dead == pytest.approx(fmd(a, b), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_fmd_and_kid_rank_damaged_real_images_behind_the_floor(hands, meter):
     """Upside-down, transposed and blurred real hands score clearly worse than real ones; noise worst."""
     other = hands[1]
@@ -109,6 +111,7 @@ def test_diversity_separates_real_images_from_a_collapsed_generator(hands, meter
     assert diversity(collapsed.clamp(0, 1)) > 0.9 > 2 * real
 
 
+@pytest.mark.slow
 def test_evaluate_command_table_and_json(tmp_path, mednist_root, upstream_weights):
     out = tmp_path / "eval.json"
     result = run_cli("evaluate", "--model", str(upstream_weights), "--real-dir", str(mednist_root / "Hand"),
@@ -151,6 +154,7 @@ class ForeignGenerator(torch.nn.Module):
         return torch.sigmoid(latents @ self.basis).reshape(-1, 1, self.size, self.size)
 
 
+@pytest.mark.slow
 def test_evaluate_takes_any_generator_with_the_documented_interface(tmp_path):
     """A hand-written TorchScript generator: its latent size comes from --latent-size (a one-line error without
     it); a .pt2 program tells its own. Nothing but the table goes to the terminal (no bar, no warning)."""
@@ -193,6 +197,7 @@ def test_foreign_generators_latent_size_and_interface_are_checked_in_one_line(tm
         sample_images(net, size, 10, 0, "normal", source=small)
 
 
+@pytest.mark.slow
 def test_in_training_evaluation_logs_and_keeps_the_best(tmp_path, mednist_root, debug_overrides):
     cfg = load_config(CONFIGS / "debug.yaml", [*debug_overrides, "eval.every_steps=2", "eval.num_samples=32",
                                                "train.ema_decay=0.5", "log.sample_every=null"])
@@ -240,6 +245,7 @@ def test_shipped_generator_is_a_bundle_generator_and_its_files_agree():
     assert "configs/quality.yaml" in card and "CC BY-SA 4.0" in card
 
 
+@pytest.mark.slow
 def test_shipped_generator_beats_the_seed_bundle(mednist_root, upstream_weights):
     """The shipped weights meet the recipe's targets against the seed's (both latent distributions), at N = 2000:
     at most half the seed's FMD, diversity within 10% of the real images' (measured 0.42x and +8.6%)."""

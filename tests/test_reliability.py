@@ -73,6 +73,7 @@ def uninterrupted(tmp_path_factory, mednist_root) -> Path:
 # ----------------------------------------------------------------------------- kill -9 and resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["before the first checkpoint", "during a save", "after a save"])
 def test_kill_9_then_same_command_resumes_to_bitwise_equal_weights(tmp_path, mednist_root, uninterrupted, when):
     run = tmp_path / "run"
@@ -99,6 +100,7 @@ def test_kill_9_then_same_command_resumes_to_bitwise_equal_weights(tmp_path, med
     assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after kill -9 {when}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_write_a_checkpoint_then_exit_cleanly(tmp_path, mednist_root, sig):
     run = tmp_path / "run"
@@ -113,6 +115,7 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_then_exit_cleanly(tmp_path, medni
     ckpt.verify_safe(latest)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once_without_corrupting(tmp_path, mednist_root):
     run = tmp_path / "run"
     proc = _start(_train_cmd(run, mednist_root, tmp_path / "cache", "train.max_steps=30", "train.epochs=20"))
@@ -206,6 +209,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(d
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+@pytest.mark.slow
 def test_nonfinite_updates_can_be_skipped(debug_overrides, tmp_path):
     trainer = Trainer(_cfg(debug_overrides, "train.max_steps=4", "train.nonfinite=skip", "export.at_end=false"))
     trainer.prepare_reals = _PoisonAt(trainer, 2)
@@ -232,6 +236,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)])
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_loads(small_disk, mednist_root,
                                                                                    tmp_path):
     run = small_disk / "run"
@@ -276,6 +281,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_bad_image_is_named_in_one_line_or_skipped_and_counted(tmp_path, mednist_root, name):
     root = _folder_with(tmp_path, mednist_root, name, BAD_FILES[name])
@@ -292,6 +298,7 @@ def test_bad_image_is_named_in_one_line_or_skipped_and_counted(tmp_path, mednist
     assert "skipped 1 unusable image(s)" in skipped.stdout and name in skipped.stdout
 
 
+@pytest.mark.slow
 def test_more_processes_than_images_is_refused(tmp_path, mednist_root):
     launch = [*train_cmd(2), "--config", str(CONFIGS / "debug.yaml"), f"run_dir={tmp_path / 'run'}",
               f"data.root={mednist_root}", "data.limit=1", "train.batch_size=2", f"data.cache_dir={tmp_path / 'c'}"]
@@ -301,6 +308,7 @@ def test_more_processes_than_images_is_refused(tmp_path, mednist_root):
     assert "1 images cannot feed 2 processes" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_data_set_is_refused(tmp_path, mednist_root):
     result = run_cli("train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={tmp_path / 'run'}",
                      f"data.root={mednist_root}", "train.batch_size=1000", f"data.cache_dir={tmp_path / 'c'}")
@@ -317,6 +325,7 @@ def test_unknown_key_suggestion_and_missing_config_file_via_cli(tmp_path):
     assert missing.returncode == 2 and "none.yaml does not exist" in missing.stderr
 
 
+@pytest.mark.slow
 def test_export_of_a_different_architecture_names_the_first_mismatch(tmp_path):
     state = {"linear.weight": torch.zeros(10, 10)}
     bad = tmp_path / "model.pt"
@@ -326,6 +335,7 @@ def test_export_of_a_different_architecture_names_the_first_mismatch(tmp_path):
     assert "linear.weight has shape (10, 10), this generator needs (4096, 64)" in result.stderr
 
 
+@pytest.mark.slow
 def test_pickle_with_code_as_model_is_refused_and_nothing_runs(tmp_path):
     import pickle
 
@@ -343,6 +353,7 @@ def test_pickle_with_code_as_model_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_file_is_named_and_not_resumed(debug_overrides, tmp_path):
     from mednist_gan.errors import CheckpointError
     from mednist_gan.trainer import train

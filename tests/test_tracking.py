@@ -60,6 +60,7 @@ def test_wandb_mode_environment_variable_wins(debug_overrides, tmp_path, monkeyp
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_online_without_network_falls_back_to_offline_in_bounded_time(debug_overrides, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -72,6 +73,7 @@ def test_online_without_network_falls_back_to_offline_in_bounded_time(debug_over
     assert len(_offline_runs(tmp_path / "run")) == 1
 
 
+@pytest.mark.slow
 def test_tracker_failures_never_stop_training(debug_overrides, tmp_path):
     trainer = Trainer(_cfg(debug_overrides, "log.tracker=wandb", "log.mode=offline", "export.at_end=false"))
 
@@ -87,6 +89,7 @@ def test_tracker_failures_never_stop_training(debug_overrides, tmp_path):
     assert "tracker failed to log metrics (ConnectionError" in (tmp_path / "run" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_tensorboard_tracker_writes_event_files(debug_overrides, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -142,6 +145,7 @@ def _train_cli(run, mednist_root, tmp_path, *overrides, env=None, timeout=600):
         timeout=timeout)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_logs_each_step_once_and_wandb_steps_only_increase(tmp_path, mednist_root):
     import signal
 
@@ -230,6 +234,7 @@ def test_every_accelerate_tracker_is_a_choice():
     assert set(TRACKERS) == choices - {"none"}
 
 
+@pytest.mark.slow
 def test_mlflow_tracker_records_metrics_and_config_and_skips_images_quietly(debug_overrides, tmp_path, monkeypatch):
     _require_module("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

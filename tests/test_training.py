@@ -55,6 +55,7 @@ def test_training_changes_the_weights_and_losses_are_finite(debug_overrides):
     assert 0 < metrics["d_real"] < 1 and 0 < metrics["d_fake"] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch and at an epoch boundary
 def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, mednist_root, stop_at):
     """N steps, stop, resume to 2N == 2N straight (CPU, deterministic): weights equal bit for bit."""
@@ -77,6 +78,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, mednist_
         assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_before_the_augmentation_stream_still_resumes(debug_overrides, tmp_path):
     """Checkpoints written before augmentation had its own generator (no augment_rng.pt) resume, and say so."""
     train(_cfg(debug_overrides, "export.at_end=false", "train.max_steps=2"))
@@ -97,6 +99,7 @@ def test_rerunning_a_finished_run_trains_nothing_more(debug_overrides, tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_checkpoint_rotation_keeps_newest_k(debug_overrides, tmp_path):
     train(_cfg(debug_overrides, "train.epochs=2", "train.max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep=2",
                "export.at_end=false"))
@@ -145,6 +148,7 @@ def test_resume_none_refuses_to_overwrite_an_earlier_run(debug_overrides):
         Trainer(_cfg(debug_overrides, "train.resume=none")).fit()
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_architecture_names_the_key(debug_overrides):
     train(_cfg(debug_overrides, "train.max_steps=2", "export.at_end=false"))
     with pytest.raises(CheckpointError, match=r"trained with model.g_channels=\[32, 16, 8, 1\]"):
@@ -158,6 +162,7 @@ def test_fp16_without_gpu_is_refused(debug_overrides):
         Trainer(_cfg(debug_overrides, "train.precision=fp16"))
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_on_cpu(debug_overrides):
     trainer = train(_cfg(debug_overrides, "train.precision=bf16", "train.max_steps=2", "export.at_end=false",
                          "train.deterministic=false"))
@@ -172,6 +177,7 @@ def test_cli_train_on_missing_data_is_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.slow
 def test_a_launcher_asking_for_another_precision_is_warned_about(tmp_path, mednist_root):
     """`accelerate launch --mixed_precision bf16` (or its config file) with train.precision=no: a warning, not a
     silent override; train.precision wins."""
