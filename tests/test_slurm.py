@@ -130,7 +130,7 @@ def _preempt_and_wait_for_the_requeue(env: dict, job: str, log: Path) -> None:
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
     deadline = time.monotonic() + 300
     pending_since = None
-    while "restart 1" not in log.read_text():
+    while ", restart 1" not in log.read_text():  # the requeued batch script's first line
         if _job_state(env, job) == "PENDING":
             # Requeued: skip the scheduler's requeue back-off, but only once the node has cleaned up the
             # first run (a start within the same second is refused: "Job credential revoked").
@@ -208,7 +208,7 @@ def test_a_killed_process_restarts_inside_the_job_which_completes(slurm_env, tmp
     text = log.read_text()
     assert "elastic: up to 3 restart(s)" in text
     assert re.search(r"resumed from \S*step_0000\d\d", text), text[-3000:]
-    assert "restart 1" not in text  # restarted inside the job: SLURM did not requeue it
+    assert ", restart 1" not in text  # restarted inside the job: SLURM did not requeue it
     assert "training finished at step 16" in text and ckpt.find_latest(run).name == "step_000016"
 
 
