@@ -18,7 +18,7 @@ from .config import Config
 from .data import scale_intensity
 from .errors import first_line
 from .export import export_generator
-from .files import BEST_DIR
+from .files import BEST_DIR, PROVENANCE_FILE
 from .networks import generator_copy
 
 LATENT_SEED_OFFSET = 2_000_003
@@ -65,7 +65,7 @@ def read_best_fmd(best_dir: Path, log: logging.Logger) -> float:
     if not best_dir.exists():
         return math.inf
     try:
-        return float(json.loads((best_dir / "export.json").read_text())["eval"]["eval/fmd"])
+        return float(json.loads((best_dir / PROVENANCE_FILE).read_text())["eval"]["eval/fmd"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         moved = ckpt.set_aside(best_dir)
         log.warning("%s/export.json is unreadable (%s: %s): moved %s to %s; the next evaluation starts a new best",

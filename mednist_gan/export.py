@@ -24,14 +24,13 @@ from . import __version__
 from .checkpoint import EMA_FILE, read_meta, resolve
 from .config import ModelConfig
 from .errors import CheckpointError, first_line, output_error
-from .files import sha256_file
+from .files import PROVENANCE_FILE, sha256_file
 from .networks import build_generator
 
 MODEL_FILE = "model.pt"
 TORCHSCRIPT_FILE = "mednist_gan.ts"
 EXPORTED_PROGRAM_FILE = "mednist_gan.pt2"
 ONNX_FILE = "mednist_gan.onnx"
-PROVENANCE_FILE = "export.json"
 BUNDLE_DIR = "bundle"
 LATENT_DISTRIBUTION = "standard normal: torch.randn(N, latent_size)"
 

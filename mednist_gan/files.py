@@ -25,6 +25,7 @@ WANDB_RUN_ID_FILE = "wandb_run_id.txt"
 WANDB_STEP_FILE = "wandb_step.txt"
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
+PROVENANCE_FILE = "export.json"  # beside every export (export/, best/): config, step, file hashes
 BEST_DIR = "best"  # the generator with the lowest FMD so far (eval.keep_best)
 
 

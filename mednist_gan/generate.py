@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, MednistGanError, first_line, output_error
+from .files import PROVENANCE_FILE, ensure_writable_folder
 from .images import image_grid, save_png, to_uint8_pictures
 
 LATENTS = ("normal", "uniform")
@@ -70,7 +71,7 @@ def _verify_against_export_record(path: Path) -> None:
     """An exported file is checked against the sha256 its ``export.json`` records (when it sits beside one)."""
     from .checkpoint import verify_recorded_sha256
 
-    record = path.parent / "export.json"
+    record = path.parent / PROVENANCE_FILE
     if not record.exists():
         return
     try:
@@ -173,12 +174,9 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device)
     latents = make_latents(num_samples, latent_size, seed, latent)
-    for folder, what in ((output_dir, "--output-dir"), (Path(grid).parent if grid is not None else None, "--grid")):
-        try:
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise output_error(what, grid if what == "--grid" else folder, exc) from None
+    ensure_writable_folder(output_dir, "--output-dir")
+    if grid is not None:
+        ensure_writable_folder(Path(grid).parent, "--grid")
     width = max(5, len(str(num_samples - 1)))
     paths = [output_dir / f"sample_{i:0{width}d}.png" for i in range(num_samples)]
     pictures, writes = [], []

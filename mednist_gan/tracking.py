@@ -15,7 +15,8 @@ from typing import Optional
 from .config import Config
 from .errors import ConfigError, first_line, output_error
 from .files import (CONFIG_FILE, GIT_REVISION_FILE, LOG_FILE, LOSS_CURVES_FILE, METRICS_FILE, SAMPLES_DIR, TRACKER_DIR,
-                    WANDB_RUN_ID_FILE, WANDB_STEP_FILE, ensure_writable_folder, write_atomic)
+                    PROVENANCE_FILE, WANDB_RUN_ID_FILE, WANDB_STEP_FILE, ensure_writable_folder,
+                    write_atomic)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 _WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -131,7 +132,7 @@ class Tracking:
     Goes through Accelerate's trackers (any of ``TRACKERS``, created by the main process only) and
     also writes ``metrics.jsonl``, ``samples/step_*.png`` and a final ``loss_curves.png`` into the run
     directory for people who use none. A configured tracker that is not installed is a ConfigError when
-    this object is made; one that fails to start or to log is reported once and switched off: tracking
+    ``runtime.make_accelerator`` makes the Accelerator; one that fails to start or to log is reported once and switched off: tracking
     never stops training.
 
     A resumed run logs the steps after its checkpoint again: ``metrics.jsonl`` keeps one line per step
@@ -141,7 +142,6 @@ class Tracking:
     """
 
     def __init__(self, cfg: Config, accelerator, run_dir: Path, logger: logging.Logger):
-        check_tracker_installed(cfg.log.tracker)
         self.cfg, self.acc, self.run_dir, self.log = cfg, accelerator, run_dir, logger
         self.is_main = accelerator.is_main_process
         self.active = False
@@ -363,8 +363,8 @@ class Tracking:
             import wandb
 
             artifact = wandb.Artifact(f"{self.cfg.name}-generator", type="model",
-                                      metadata=json.loads((export_dir / "export.json").read_text()))
-            for name in ("model.pt", "mednist_gan.pt2", "mednist_gan.ts", "export.json"):
+                                      metadata=json.loads((export_dir / PROVENANCE_FILE).read_text()))
+            for name in ("model.pt", "mednist_gan.pt2", "mednist_gan.ts", PROVENANCE_FILE):
                 if (export_dir / name).is_file():  # exports before 0.2 have no .pt2
                     artifact.add_file(str(export_dir / name))
             self.acc.get_tracker("wandb", unwrap=True).log_artifact(artifact)
