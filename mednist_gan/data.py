@@ -295,5 +295,5 @@ def apply_augment(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     return zoom(x, torch.where(p.zoom, p.factor, torch.ones_like(p.factor)))
 
 
-def augment(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    return apply_augment(x, sample_augment_params(x.shape[0], x.device, generator))
+def augment(x: torch.Tensor) -> torch.Tensor:
+    return apply_augment(x, sample_augment_params(x.shape[0], x.device))

@@ -24,7 +24,7 @@ class OutputError(MednistGanError):
 
 
 def output_error(what: str, path, exc: OSError) -> OutputError:
-    """``<what> <path>: cannot be written (<reason>)`` for an OSError raised while writing there."""
+    """``<what> <path>: cannot be created or written (<reason>)`` for an OSError raised while writing there."""
     reason = exc.strerror or first_line(exc, 120) or type(exc).__name__
     return OutputError(f"{what} {path}: cannot be created or written ({reason})")
 
