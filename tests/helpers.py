@@ -88,3 +88,15 @@ def forget_file_records(checkpoint: Path) -> None:
     meta = json.loads((checkpoint / META).read_text())
     del meta["files"]
     (checkpoint / META).write_text(json.dumps(meta))
+
+
+def main_process_tracking(run_dir: Path):
+    """``Tracking`` for the debug config in ``run_dir``, as the main process builds it, without an Accelerator."""
+    import logging
+    from types import SimpleNamespace
+
+    from mednist_gan.config import load_config
+    from mednist_gan.tracking import Tracking
+
+    cfg = load_config(CONFIGS / "debug.yaml", [f"run_dir={run_dir}"])
+    return Tracking(cfg, SimpleNamespace(is_main_process=True), run_dir, logging.getLogger("mednist_gan"))

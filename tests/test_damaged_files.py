@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from mednist_gan.config import load_config
 from mednist_gan.errors import CheckpointError
 from mednist_gan.trainer import train
 
-from helpers import CONFIGS, forget_file_records, reset_accelerate, run_cli
+from helpers import CONFIGS, forget_file_records, main_process_tracking, reset_accelerate, run_cli
 
 UNWRITABLE = Path("/proc/mednist-gan-test/x")  # /proc refuses new entries, even to root
 
@@ -200,18 +199,11 @@ def test_a_damaged_image_cache_is_rebuilt(tmp_path, mednist_root):
 
 # ----------------------------------------------------------------------------- the run directory's records
 
-def _tracking(run: Path):
-    from mednist_gan.tracking import Tracking
-
-    cfg = load_config(CONFIGS / "debug.yaml", [f"run_dir={run}"])
-    return Tracking(cfg, SimpleNamespace(is_main_process=True), run, logging.getLogger("mednist_gan"))
-
-
 def test_a_damaged_wandb_run_id_gives_a_new_run_with_a_warning(tmp_path, caplog):
     run = tmp_path / "run"
     run.mkdir()
     (run / "wandb_run_id.txt").write_bytes(b"\x00\xff garbage \n")
-    tracking = _tracking(run)
+    tracking = main_process_tracking(run)
     with caplog.at_level(logging.WARNING, logger="mednist_gan"):
         logging.getLogger("mednist_gan").propagate = True
         new_id = tracking._wandb_run_id(tmp_path / "wandb")
@@ -225,7 +217,7 @@ def test_unwritable_run_records_warn_once_and_training_records_go_on(tmp_path, c
 
     run = tmp_path / "run"
     (run / "metrics.jsonl").mkdir(parents=True)  # cannot be appended to
-    tracking = _tracking(run)
+    tracking = main_process_tracking(run)
     logging.getLogger("mednist_gan").propagate = True
     with caplog.at_level(logging.WARNING, logger="mednist_gan"):
         tracking.log_metrics({"loss_d": 0.5, "loss_g": 1.0}, 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -13,7 +12,7 @@ import pytest
 from mednist_gan.config import load_config
 from mednist_gan.trainer import Trainer, train
 
-from helpers import CONFIGS, REPO
+from helpers import CONFIGS, REPO, main_process_tracking
 from wandb_records import config as wandb_config
 from wandb_records import history, metric_definitions, read_records
 
@@ -194,28 +193,19 @@ def test_killed_and_resumed_run_logs_each_step_once_and_wandb_steps_only_increas
 
 
 def test_start_keeps_the_metrics_of_steps_up_to_the_resumed_checkpoint(tmp_path):
-    from types import SimpleNamespace
-
-    from mednist_gan.tracking import Tracking
-
     run = tmp_path / "run"
     run.mkdir()
     lines = ['{"step": 1, "loss_d": 1.0}', '{"step": 2, "loss_d": 0.9}', '{"step": 2, "eval/fmd": 30.0}',
              '{"step": 3, "loss_d": 0.8}', '{"step": 4, "loss_d": 0.7}', '{"step": 4, "eval/fmd": 20.0}']
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "loss_')  # cut short by a kill
-    cfg = load_config(CONFIGS / "debug.yaml", [f"run_dir={run}"])
-
-    def tracking():
-        return Tracking(cfg, SimpleNamespace(is_main_process=True), run, logging.getLogger("mednist_gan"))
-
-    tracking().start()  # resumed step unknown: nothing is dropped
+    main_process_tracking(run).start()  # resumed step unknown: nothing is dropped
     assert (run / "metrics.jsonl").read_text().startswith("\n".join(lines))
-    tracking().start(2)
+    main_process_tracking(run).start(2)
     assert (run / "metrics.jsonl").read_text() == "\n".join(lines[:3]) + "\n"
-    t = tracking()
+    t = main_process_tracking(run)
     t.log_metrics({"loss_d": 0.5}, 3)
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2, 3]
-    tracking().start(0)  # a fresh start in a used run directory (no checkpoint)
+    main_process_tracking(run).start(0)  # a fresh start in a used run directory (no checkpoint)
     assert (run / "metrics.jsonl").read_text() == ""
 
 
