@@ -11,10 +11,11 @@ import pytest
 
 from helpers import CONFIGS, REPO
 
-# Ten rounds of what a training step does with its activations: allocate and fill two large tensors
+# Twenty rounds of what a training step does with its activations: allocate and fill two large tensors
 # (64 and 32 MiB, above glibc's largest mmap threshold), keep a small result, free the large ones.
-# Prints the minor page faults of the last three rounds (glibc needs a few rounds to settle on reusable
-# free blocks). Transparent huge pages off for the probe (prctl PR_SET_THP_DISABLE): where a machine sets them
+# Prints the minor page faults of the last five rounds: glibc needs several rounds to settle on reusable
+# free blocks (measured on glibc 2.36: rounds 1-5 fault, and one of rounds 6-10 may still grow the heap by
+# 64 MiB; from round 11 on, none faulted in any of 12 runs). Transparent huge pages off for the probe (prctl PR_SET_THP_DISABLE): where a machine sets them
 # to "always", one fault maps 2 MiB and the counts would say nothing about the allocator.
 PROBE = """
 import ctypes, resource, sys, torch
@@ -28,8 +29,8 @@ elif mode.startswith("config"):
     from mednist_gan.runtime import make_accelerator
     keep = mode == "config-on"
     make_accelerator(load_config(sys.argv[2], [f"runtime.keep_host_memory={keep}", "log.tracker=none"]))
-for i in range(10):
-    if i == 7:
+for i in range(20):
+    if i == 15:
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a, b = torch.empty(16 * 2**20).fill_(1.0), torch.empty(8 * 2**20).fill_(1.0)
     kept = a[:100] + b[:100]
@@ -51,7 +52,7 @@ def _faults(*args: str) -> tuple[int, str]:
 
 def test_default_malloc_faults_a_large_tensor_back_in_every_time():
     faults, _ = _faults("none")
-    assert faults >= 3 * PAGES_PER_ROUND * 0.9
+    assert faults >= 5 * PAGES_PER_ROUND * 0.9
 
 
 def test_keep_freed_host_memory_reuses_the_pages():
@@ -64,4 +65,4 @@ def test_training_setup_applies_it_unless_the_config_turns_it_off():
     on, _ = _faults("config-on", str(CONFIGS / "debug.yaml"))
     off, _ = _faults("config-off", str(CONFIGS / "debug.yaml"))
     assert on < 0.05 * PAGES_PER_ROUND
-    assert off >= 3 * PAGES_PER_ROUND * 0.9
+    assert off >= 5 * PAGES_PER_ROUND * 0.9
