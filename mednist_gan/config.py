@@ -404,15 +404,21 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Load a config file (if any), apply ``key=value`` overrides and validate the result."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (),
+                values: Optional[dict[str, Any]] = None) -> Config:
+    """Load a config file (if any), apply ``key=value`` overrides and validate the result.
+
+    ``values``: dotted keys set to Python values after the overrides (a sweep trial's parameters), so that
+    they need no round trip through text.
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
         data = _read_yaml(path)
         data.setdefault("name", path.stem)
-    for arg in overrides:
-        keys, value = _parse_override(arg)
+    settings = [(arg, *_parse_override(arg)) for arg in overrides]
+    settings += [(f"{key}={value!r}", key.split("."), value) for key, value in (values or {}).items()]
+    for arg, keys, value in settings:
         node = data
         for k in keys[:-1]:
             child = node.setdefault(k, {})
