@@ -1,8 +1,9 @@
 """Run control: when a training run stops, and how it says so.
 
-Stop signals (SLURM's warning, SIGTERM, Ctrl-C) become a checkpoint and exit code 3; a lost peer
-becomes one clear error; a failed write is diagnosed in words; fault-injection points let the tests
-kill a process at a chosen place. Exit codes: 0 done, 1 training failure, 2 bad input (see errors.py),
+Stop signals (SLURM's warning, SIGTERM, Ctrl-C) become a checkpoint and exit code 3; an early end that
+the caller asks for (a sweep's pruner) becomes a checkpoint and ``EndedEarly``; a lost peer becomes one
+clear error; a failed write is diagnosed in words; fault-injection points let the tests kill a process
+at a chosen place. Exit codes: 0 done, 1 training failure, 2 bad input (see errors.py),
 3 stopped by a signal after its checkpoint, 130 a second Ctrl-C.
 """
 
@@ -36,14 +37,24 @@ class Preempted(Exception):
         self.checkpoint = checkpoint
 
 
+class EndedEarly(Exception):
+    """Training ended before its last step because the caller asked (``StopRequest.end_early``), after a checkpoint."""
+
+    def __init__(self, reason: str, checkpoint: Path):
+        super().__init__(f"ended early at {checkpoint}: {reason}")
+        self.reason, self.checkpoint = reason, checkpoint
+
+
 class StopRequest:
     """Catches stop signals for the duration of a ``with`` block; ``requested`` agrees across processes.
 
     The first signal asks for a checkpoint after the current iteration; a second Ctrl-C stops at once.
+    ``end_early`` asks for the same without a signal (a sweep's pruner, from the main process).
     """
 
     def __init__(self):
         self.signal_name: Optional[str] = None
+        self.early_end: Optional[str] = None  # why the run ends before its last step, when asked to
         self._old: dict = {}
 
     def __enter__(self) -> "StopRequest":
@@ -61,19 +72,29 @@ class StopRequest:
     def _on_signal(self, signum: int) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        first = self.signal_name is None
         self.signal_name = signal.Signals(signum).name
-        log.warning("received %s: saving a checkpoint after this iteration", self.signal_name)
+        if first:  # a sweep worker repeats its SIGUSR1 until its trials have stopped
+            log.warning("received %s: saving a checkpoint after this iteration", self.signal_name)
+
+    def end_early(self, reason: str) -> None:
+        """Ask for a checkpoint after the next iteration and the end of the run, which raises ``EndedEarly``."""
+        self.early_end = reason
+        log.info("ending the run early, after a checkpoint: %s", reason)
 
     def requested(self, accelerator) -> bool:
-        """True on every process as soon as any process was signalled (one tiny collective with several)."""
-        flag = self.signal_name is not None
+        """True on every process as soon as any process was signalled or asked to end early (one tiny
+        collective with several)."""
+        flags = (self.signal_name is not None, self.early_end is not None)
         if accelerator.num_processes == 1:
-            return flag
-        flag_t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-        stop = bool(accelerator.reduce(flag_t, reduction="sum").item() > 0)
-        if stop and self.signal_name is None:
+            return any(flags)
+        flag_t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+        signalled, ended = (accelerator.reduce(flag_t, reduction="sum") > 0).tolist()
+        if signalled and self.signal_name is None:
             self.signal_name = "a signal on another process"
-        return stop
+        if ended and self.early_end is None:
+            self.early_end = "asked on another process"
+        return signalled or ended
 
 
 @contextmanager

@@ -40,7 +40,7 @@ from .images import to_uint8_pictures
 from .losses import discriminator_loss, generator_loss, r1_penalty
 from .networks import build_discriminator, build_generator, generator_copy
 from .optim import make_optimizers, make_schedulers
-from .runcontrol import Preempted, StopRequest, crash_point, peers_lost, write_failure
+from .runcontrol import EndedEarly, Preempted, StopRequest, crash_point, peers_lost, write_failure
 from .runtime import make_accelerator, memory_format, precision_warning, prepare_networks
 from .tracking import Tracking, setup_logging, write_run_info
 
@@ -76,9 +76,16 @@ class Periodic:
                     or (self.at_end and last))
 
 
+# Called on the main process with (step, evaluation result) after each evaluation; a returned reason ends
+# the run early (checkpoint, then ``EndedEarly``): a sweep reports to its pruner this way.
+EvaluationCallback = Callable[[int, dict], Optional[str]]
+
+
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None):
+    def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None,
+                 on_evaluation: Optional[EvaluationCallback] = None):
         self.cfg = cfg
+        self.on_evaluation = on_evaluation
         self.run_dir = cfg.run_path
         self.acc = acc = accelerator or make_accelerator(cfg)
         self.log = setup_logging(self.run_dir, acc.is_main_process)
@@ -271,6 +278,8 @@ class Trainer:
                 if last:
                     break
             bar.close()
+        if self.stop.early_end is not None:  # before a signal: the caller's verdict on this run is final
+            raise EndedEarly(self.stop.early_end, self.final_checkpoint)
         if self.stop.signal_name is not None:
             raise Preempted(self.stop.signal_name, self.final_checkpoint)
         self.log.info("training finished at step %d; final checkpoint %s", state.step, self.final_checkpoint)
@@ -355,6 +364,8 @@ class Trainer:
             provenance = {"step": self.state.step, "epoch": self.step_epoch, "git_revision": self.git_revision}
             result = self.evaluation(self.output_generator(), self.acc.autocast(), self.state.step, provenance)
             self.tracking.log_metrics(result, self.state.step)
+            if self.on_evaluation is not None and (reason := self.on_evaluation(self.state.step, result)):
+                self.stop.end_early(reason)
         self.acc.wait_for_everyone()
         return result
 
