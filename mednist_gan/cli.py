@@ -5,11 +5,13 @@
     mednist-gan generate --model runs/debug/export/mednist_gan.ts --num-samples 16 --output-dir outputs
     mednist-gan evaluate --model runs/debug/export/model.pt --real-dir /data/MedNIST/Hand [--baseline seed.pt]
     mednist-gan train-classifier --data-root /data/MedNIST   # the feature extractor behind FMD
+    mednist-gan sweep configs/sweeps/quality.yaml [key=value ...] [--parallel 4]   # Optuna trials (docs/sweeps.md)
+    mednist-gan sweep-report configs/sweeps/quality.yaml   # leaderboard, importances, history, best generator
     mednist-gan config-help                      # every config key with its default and meaning
 
 Errors caused by input (config, data, checkpoints, arguments) print one line and exit with 2;
 training failures (a non-finite loss, a lost process, a failed save) print one line and exit with 1;
-a run stopped by a signal after its checkpoint exits with 3. ``--debug`` shows the traceback.
+a run (or a sweep worker) stopped by a signal after its checkpoint exits with 3. ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -78,9 +80,33 @@ def _parser() -> argparse.ArgumentParser:
     tc.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, so the run is reproducible)")
     tc.add_argument("--limit-per-class", type=int, default=None, help="use only the first N images of each class")
 
+    sw = sub.add_parser("sweep", help="run trials of a search space (configs/sweeps/*.yaml) with Optuna: a worker; "
+                                      "start several (slurm/sweep.sbatch) for a parallel sweep")
+    sw.add_argument("spec", type=Path, help="search-space file (configs/sweeps/quality.yaml, ...)")
+    sw.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides for every trial, e.g. data.root=/data/MedNIST")
+    sw.add_argument("--parallel", type=int, default=1,
+                    help="trials this worker runs side by side (slurm/sweep.sbatch: TRIALS_PER_GPU)")
+    sw.add_argument("--worker-id", default=None,
+                    help="who claims trials, so that a restarted worker resumes its own (default: the SLURM array "
+                         "task or job, else this host's name)")
+    sw.add_argument("--sweep-dir", type=Path, default=None, help="the sweep's folder (default: the file's sweep_dir, "
+                                                                  "else sweeps/<name>)")
+    sw.add_argument("--trial", type=int, default=None,
+                    help="run this one claimed trial in this process (what a worker starts for each trial)")
+    sw.add_argument("--dry-run", action="store_true", help="check the search space, print it and exit")
+
+    rep = sub.add_parser("sweep-report", help="a sweep's leaderboard, parameter importances, history plot, and "
+                                              "the best trial's generator exported")
+    rep.add_argument("sweep", type=Path, help="the search-space file, or the sweep's folder (with its optuna.journal)")
+    rep.add_argument("overrides", nargs="*", metavar="key=value", help="the overrides the sweep was started with")
+    rep.add_argument("--sweep-dir", type=Path, default=None, help="the sweep's folder, when the sweep was run with it")
+    rep.add_argument("--out", type=Path, default=None, help="where the report goes (default: <sweep_dir>/report)")
+    rep.add_argument("--no-export", action="store_true", help="do not export the best trial's generator")
+
     sub.add_parser("config-help", help="list every config key with its default and meaning")
 
-    for p in (parser, train, export, gen, ev, tc):
+    for p in (parser, train, export, gen, ev, tc, sw, rep):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -162,6 +188,34 @@ def _train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import load_sweep, run_trial, run_worker
+
+    spec = load_sweep(args.spec, args.overrides, args.sweep_dir)
+    if args.dry_run:
+        print(f"sweep {spec.name}: {spec.trials} trials in {spec.sweep_dir}, storage {spec.storage}, objective "
+              f"{spec.metric} ({spec.direction}), sampler {spec.sampler['kind']}, pruner {spec.pruner['kind']}")
+        for p in spec.params:
+            print(f"  {p.key}: {p.describe()}")
+        return 0
+    if args.trial is None:
+        return run_worker(spec, args.parallel, args.worker_id, debug=args.debug)
+    from .runcontrol import PREEMPTED_EXIT_CODE, Preempted
+
+    try:
+        return run_trial(spec, args.trial)
+    except Preempted as exc:
+        print(f"mednist-gan: trial {args.trial} {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+
+
+def _sweep_report(args: argparse.Namespace) -> int:
+    from .sweep_report import sweep_report
+
+    sweep_report(args.sweep, args.overrides, args.sweep_dir, args.out, export=not args.no_export)
+    return 0
+
+
 def _config_help(args: argparse.Namespace) -> int:
     from .config import describe_fields
 
@@ -170,7 +224,8 @@ def _config_help(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "export": _export, "generate": _generate, "evaluate": _evaluate,
-            "train-classifier": _train_classifier, "config-help": _config_help}
+            "train-classifier": _train_classifier, "sweep": _sweep, "sweep-report": _sweep_report,
+            "config-help": _config_help}
 
 
 def _one_line_warnings() -> None:
