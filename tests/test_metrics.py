@@ -124,6 +124,18 @@ def test_memorization_flags_copies_of_training_images_and_not_unseen_ones(hands,
     assert copies["threshold"] == unseen["threshold"] > 0 and copies["percentile"] == 1.0
 
 
+def test_memorization_without_unseen_images_uses_each_training_images_nearest_other(hands):
+    """A generator trained on every real image there is (the shipped Hand generator): training rows measured to
+    their nearest *other* training row stand in for unseen images, and give about the same threshold."""
+    sets = hands["pixels"]
+    copies = memorization(sets["train"][:500], None, sets["train"])
+    unseen = memorization(sets["other"], None, sets["train"])
+    real = memorization(sets["other"], sets["held_out"], sets["train"])
+    assert copies["share"] > 0.95 and unseen["share"] < 0.05, (copies, unseen)
+    assert unseen["threshold"] == pytest.approx(real["threshold"], rel=0.15)
+    assert unseen["held_out_median"] == pytest.approx(real["held_out_median"], rel=0.1)
+
+
 # ----------------------------------------------------------------------------- the classifier's view
 
 def test_class_accuracy_of_real_images_and_of_mislabelled_ones(split):
@@ -181,7 +193,7 @@ label = torch.tensor([0, 1, 2, 3])
     (lambda: precision_recall(points, points, k=0), "precision_recall: k must be an integer >= 1, got 0"),
     (lambda: density_coverage(points, torch.full((2, 3), float("nan"))), "density_coverage: fake has non-finite"),
     (lambda: density_coverage(torch.rand(10), points), r"density_coverage: real must be a tensor of rows \(N, D\)"),
-    (lambda: nearest_distances(points, points[:5], exclude_self=True), "exclude_self needs one set as queries and"),
+    (lambda: nearest_distances(points, points[:5], exclude_self=True), "exclude_self needs the queries to be the reference.s first rows"),
     (lambda: memorization(points, points, points),
      "memorization: held_out has 10 rows; percentile=1 needs at least 100"),
     (lambda: memorization(points, points, points, percentile=0), r"percentile must be in \(0, 100\), got 0"),
