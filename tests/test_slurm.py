@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -229,3 +230,122 @@ def test_preempted_elastic_job_requeues_and_is_not_restarted_by_the_launcher(slu
     assert "resumed from" not in first and first.count("process group: world size 2") == 1  # no elastic restart
     assert f"resumed from {run / 'checkpoints' / ('step_' + saved.group(1))}" in requeued
     assert "training finished at step 30" in requeued and ckpt.find_latest(run).name == "step_000030"
+
+
+SWEEP = """\
+base: {base}
+overrides: [data.root={root}, data.cache_dir={cache}, train.epochs=10, eval.num_samples=8, eval.keep_best=false,
+            log.tracker=wandb]
+sweep_dir: {sweep_dir}
+trials: 6
+budget: {{max_steps: 6, eval_every_steps: 3}}
+sampler: {{kind: tpe, seed: 0}}
+pruner: {{kind: median, startup_trials: 1}}
+enqueue:  # four sound trials first; the fifth diverges (a learning rate of 1) and is pruned at its first evaluation
+  - {{optim.g_lr: 2.0e-4, train.loss: bce}}
+  - {{optim.g_lr: 2.0e-4, train.loss: ns}}
+  - {{optim.g_lr: 4.0e-4, train.loss: hinge}}
+  - {{optim.g_lr: 1.0e-4, train.loss: ns}}
+  - {{optim.g_lr: 1.0, train.loss: bce}}
+params:
+  optim.g_lr: {{low: 1.0e-4, high: 1.0, log: true}}
+  train.loss: {{choices: [bce, ns, hinge]}}
+"""
+
+
+def test_sweep_array_shares_one_journal_prunes_resumes_a_preempted_trial_and_reports(slurm_env, tmp_path,
+                                                                                     mednist_root):
+    """slurm/sweep.sbatch as an array of two tasks on the two nodes, two trials side by side in each
+    (TRIALS_PER_GPU=2 on CPU); task 0 gets SLURM's warning mid-trial, checkpoints, is requeued and finishes
+    the same trials from their checkpoints; the report lists every trial once and exports the best one."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from mednist_gan.generate import load_model
+    from mednist_gan.sweep import load_sweep, make_storage
+    from wandb_records import config as wandb_config
+    from wandb_records import read_records
+
+    from helpers import CONFIGS, run_cli
+
+    started = time.monotonic()
+    sweep_dir, space = tmp_path / "sweep", tmp_path / "tiny.yaml"
+    space.write_text(SWEEP.format(base=CONFIGS / "debug.yaml", root=mednist_root, cache=tmp_path / "cache",
+                                  sweep_dir=sweep_dir))
+    logs = [tmp_path / "task_0.out", tmp_path / "task_1.out"]
+    # One whole node per task (two cores each), so that the tasks run on both nodes.
+    array = _sbatch(slurm_env, "slurm/sweep.sbatch", tmp_path / "task_%a.out", str(space),
+                    sbatch_options=("--array=0-1", "--cpus-per-task=2"), TRIALS_PER_GPU="2")
+    task0, task1 = f"{array}_0", f"{array}_1"
+
+    # SLURM's preemption warning for task 0 once one of its trials has trained two iterations.
+    deadline = time.monotonic() + 300
+    while True:
+        text = logs[0].read_text() if logs[0].is_file() else ""
+        mine = [int(n) for n in re.findall(r"trial (\d+): new", text)]
+        trial_logs = [sweep_dir / "trials" / f"trial_{n:04d}" / "train.log" for n in mine]
+        if any(p.is_file() and " step 2 " in p.read_text() for p in trial_logs):
+            break
+        assert time.monotonic() < deadline, "task 0 never got a trial to step 2:\n" + text[-3000:]
+        time.sleep(0.5)
+    _preempt_and_wait_for_the_requeue(slurm_env, task0, logs[0])
+    assert _wait(slurm_env, task0) == "COMPLETED", logs[0].read_text()[-3000:]
+    assert _wait(slurm_env, task1) == "COMPLETED", logs[1].read_text()[-3000:]
+    swept = time.monotonic() - started
+
+    first, requeued = re.split(r"\S+ job \d+ \(sweep worker [^)]*\) on \S+, restart 1\n", logs[0].read_text(),
+                               maxsplit=1)
+    nodes = {re.search(r"\) on (\S+), restart 0", log.read_text()).group(1) for log in logs}
+    assert len(nodes) == 2 and nodes <= set(_node_names(slurm_env)), nodes  # one task on each node
+    assert "up to 2 at a time here" in first and "requeueing job" in first
+    interrupted = [int(n) for n in re.findall(r"trial (\d+): stopped by a signal after its checkpoint", first)]
+    assert interrupted and set(interrupted) <= set(mine), first[-3000:]
+
+    study = optuna.load_study(study_name="tiny", storage=make_storage(load_sweep(space).storage))
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), \
+        [(t.number, t.state) for t in trials]
+    # Two workers shared one journal: each trial was claimed once (a trial's log says how it started, once).
+    for t in trials:
+        log = (sweep_dir / "trials" / f"trial_{t.number:04d}" / "train.log").read_text()
+        assert log.count(f"training tiny-trial_{t.number:04d}:") == (2 if t.number in interrupted else 1), log
+    # The diverging trial was pruned at its first evaluation: a checkpoint after the next iteration, then its end.
+    pruned = trials[4]
+    assert pruned.state == TrialState.PRUNED and pruned.last_step == 3 and pruned.params["optim.g_lr"] == 1.0
+    pruned_log = (sweep_dir / "trials" / "trial_0004" / "train.log").read_text()
+    assert "trial 4 pruned by the median pruner at step 3" in pruned_log and "ended early at" in pruned_log
+    assert ckpt.find_latest(sweep_dir / "trials" / "trial_0004").name == "step_000004"
+    assert not (sweep_dir / "trials" / "trial_0004" / "export").exists()
+    # The interrupted trials: checkpoint on the warning, resumed from it after the requeue, run to the end.
+    for n in interrupted:
+        run = sweep_dir / "trials" / f"trial_{n:04d}"
+        log = (run / "train.log").read_text()
+        saved = re.search(rf"trial {n} stopped by SIGUSR1 at (\S+?);", first)
+        assert saved and Path(saved.group(1)).parent == run / "checkpoints", first[-3000:]
+        assert "received SIGUSR1: saving a checkpoint" in log and re.findall(r"resumed from (\S+)", log) == [
+            saved.group(1)], log
+    assert re.search(rf"trial ({'|'.join(map(str, interrupted))}): (resuming it|taking it over)",
+                     requeued + logs[1].read_text())
+    # Every trial an ordinary W&B run (offline here), grouped by the sweep, with its parameters in its config.
+    for t in trials:
+        offline = sorted((sweep_dir / "trials" / f"trial_{t.number:04d}" / "tracker" / "wandb").glob("offline-run-*"))
+        records = read_records(next(offline[-1].glob("run-*.wandb")))
+        assert next(r.run.run_group for r in records if r.WhichOneof("record_type") == "run") == "tiny"
+        assert wandb_config(records)["optim.g_lr"] == pytest.approx(t.params["optim.g_lr"])
+
+    report = run_cli("sweep-report", str(space), env={"SLURM_CONF": str(SLURM_CONF)})
+    assert report.returncode == 0, report.stderr
+    print(f"\n{report.stdout}sweep of 6 trials on 2 array tasks (with one preemption and requeue): {swept:.0f} s")
+    table = [line.split() for line in report.stdout.splitlines()[2:8]]
+    assert sorted(int(row[0]) for row in table) == list(range(6)), report.stdout  # every trial once
+    assert {row[1] for row in table} <= {"complete", "pruned"}
+    best = study.best_trial
+    assert table[0][:2] == [str(best.number), "complete"]
+    exported = sweep_dir / "report" / "best_trial"
+    provenance = json.loads((exported / "export.json").read_text())
+    assert provenance["sweep"]["trial"] == best.number and provenance["step"] == 6
+    for name in ("mednist_gan.ts", "mednist_gan.pt2", "model.pt"):
+        generate, latent_size = load_model(exported / name)
+        assert generate(torch.randn(2, latent_size)).shape == (2, 1, 64, 64)
+    assert (sweep_dir / "report" / "history.png").stat().st_size > 1000
+    assert len((sweep_dir / "report" / "leaderboard.csv").read_text().splitlines()) == 7
