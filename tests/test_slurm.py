@@ -273,9 +273,11 @@ def test_sweep_array_shares_one_journal_prunes_resumes_a_preempted_trial_and_rep
     space.write_text(SWEEP.format(base=CONFIGS / "debug.yaml", root=mednist_root, cache=tmp_path / "cache",
                                   sweep_dir=sweep_dir))
     logs = [tmp_path / "task_0.out", tmp_path / "task_1.out"]
-    # One whole node per task (two cores each), so that the tasks run on both nodes.
+    # One whole node per task (all its cores), so that the tasks run on both nodes.
+    cores = subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], env=slurm_env, capture_output=True, text=True,
+                           timeout=30).stdout.split()
     array = _sbatch(slurm_env, "slurm/sweep.sbatch", tmp_path / "task_%a.out", str(space),
-                    sbatch_options=("--array=0-1", "--cpus-per-task=2"), TRIALS_PER_GPU="2")
+                    sbatch_options=("--array=0-1", f"--cpus-per-task={min(map(int, cores))}"), TRIALS_PER_GPU="2")
     task0, task1 = f"{array}_0", f"{array}_1"
 
     # SLURM's preemption warning for task 0 once one of its trials has trained two iterations.
