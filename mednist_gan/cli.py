@@ -4,7 +4,9 @@
     mednist-gan export --checkpoint runs/debug/checkpoints/step_000008 --out exported/
     mednist-gan generate --model runs/debug/export/mednist_gan.ts --num-samples 16 --output-dir outputs
     mednist-gan evaluate --model runs/debug/export/model.pt --real-dir /data/MedNIST/Hand [--baseline seed.pt]
+    mednist-gan evaluate --model conditional.pt2 --real-dir /data/MedNIST --class all [--usefulness]
     mednist-gan train-classifier --data-root /data/MedNIST   # the feature extractor behind FMD
+    mednist-gan train-encoder --data-root /data/MedNIST      # the self-supervised encoder behind FD-SSL
     mednist-gan sweep configs/sweeps/quality.yaml [key=value ...] [--parallel 4]   # Optuna trials (docs/sweeps.md)
     mednist-gan sweep-report configs/sweeps/quality.yaml   # leaderboard, importances, history, best generator
     mednist-gan config-help                      # every config key with its default and meaning
@@ -55,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="latent distribution: normal (how mednist-gan trains) or uniform (the seed bundle's inference)")
     gen.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
 
-    ev = sub.add_parser("evaluate", help="FMD, KID and MS-SSIM diversity of generators against real images")
+    ev = sub.add_parser("evaluate", help="score generators against real images: distances in two feature spaces, "
+                                         "precision/recall, density/coverage, diversity, memorization, class accuracy")
     ev.add_argument("--model", type=Path, action="append", default=[], required=True,
                     help="mednist_gan.pt2, mednist_gan.ts, model.pt or a checkpoint folder, or any .pt2/TorchScript "
                          "generator: latents (N, L) -> images (N, 1, 64, 64) in [0, 1]; repeat to compare several")
@@ -69,7 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--latent-size", type=int, default=None,
                     help="L for a .pt2/TorchScript generator that does not show it (read from the model otherwise)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--classifier", type=Path, default=None, help="feature extractor weights (default: the shipped one)")
+    ev.add_argument("--classifier", type=Path, default=None,
+                    help="classifier weights for FMD, KID and class accuracy (default: the shipped one)")
+    ev.add_argument("--encoder", type=Path, default=None,
+                    help="self-supervised encoder weights for FD-SSL, precision/recall, density/coverage and "
+                         "memorization (default: the shipped one)")
+    ev.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME",
+                    help="score against this class's real images (--real-dir then holds the class folders); "
+                         "repeat, or 'all' for every class folder; a class-conditional generator is sampled with its label")
+    ev.add_argument("--usefulness", type=int, nargs="?", const=1000, default=0, metavar="PER_CLASS",
+                    help="with --class all and class-conditional generators: train a classifier on PER_CLASS (default "
+                         "1000) generated images of each class only and report its accuracy on real held-out images, "
+                         "beside one trained on as many real images")
     ev.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where the JSON result goes")
 
     tc = sub.add_parser("train-classifier", help="train the MedNIST classifier whose features FMD uses")
@@ -79,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     tc.add_argument("--seed", type=int, default=0)
     tc.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, so the run is reproducible)")
     tc.add_argument("--limit-per-class", type=int, default=None, help="use only the first N images of each class")
+
+    te = sub.add_parser("train-encoder", help="train the self-supervised MedNIST encoder: the second feature space "
+                                              "of the quality metrics (no labels)")
+    te.add_argument("--data-root", type=Path, required=True, help="MedNIST folder with the six class folders")
+    te.add_argument("--out", type=Path, default=None, help="weights file (default: the package's shipped file)")
+    te.add_argument("--epochs", type=int, default=5)
+    te.add_argument("--seed", type=int, default=0)
+    te.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, so the run is reproducible)")
+    te.add_argument("--limit-per-class", type=int, default=None, help="use only the first N images of each class")
 
     sw = sub.add_parser("sweep", help="run trials of a search space (configs/sweeps/*.yaml) with Optuna: a worker; "
                                       "start several (slurm/sweep.sbatch) for a parallel sweep")
@@ -106,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config-help", help="list every config key with its default and meaning")
 
-    for p in (parser, train, export, gen, ev, tc, sw, rep):
+    for p in (parser, train, export, gen, ev, tc, te, sw, rep):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -157,7 +180,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.num_samples is not None and args.num_samples < 2:
         raise MednistGanError(f"--num-samples {args.num_samples}: expected an integer >= 2")
-    real_dir = args.real_dir or SAMPLE_ROOT / "Hand"
+    real_dir = args.real_dir or (SAMPLE_ROOT if args.classes else SAMPLE_ROOT / "Hand")
     if not real_dir.is_dir():
         raise MednistGanError(f"--real-dir {real_dir}: no such folder")
     ensure_writable_folder(args.out.resolve().parent, "--out")  # before minutes of scoring, not after
@@ -165,7 +188,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     latents = ("normal", "uniform") if args.latent == "both" else (args.latent,)
     models = [(str(m), m, latents) for m in args.model]
     models += [(f"baseline {b}", b, ("normal", "uniform")) for b in args.baseline]
-    result = evaluate(models, real_dir, args.num_samples, args.seed, args.classifier, latent_size=args.latent_size)
+    result = evaluate(models, real_dir, args.num_samples, args.seed, args.classifier, latent_size=args.latent_size,
+                      encoder=args.encoder, classes=args.classes or None, usefulness=args.usefulness)
     print(format_table(result))
     write_json(result, args.out)
     print(f"wrote {args.out}")
@@ -216,6 +240,22 @@ def _sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_encoder(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .encoder import WEIGHTS_FILE, train_encoder
+    from .files import ensure_writable_folder
+
+    ensure_writable_folder((args.out or WEIGHTS_FILE).resolve().parent, "--out")
+    command = "mednist-gan " + " ".join(shlex.quote(a) for a in args.argv)
+    card = train_encoder(args.data_root, args.out or WEIGHTS_FILE, epochs=args.epochs, seed=args.seed,
+                         threads=args.threads, limit_per_class=args.limit_per_class, command=command)
+    r = card["results"]
+    print(f"held-out view retrieval {r['view_retrieval_top1']:.1%} on 1,000 images; "
+          f"wrote {args.out or WEIGHTS_FILE} (sha256 {card['sha256'][:12]})")
+    return 0
+
+
 def _config_help(args: argparse.Namespace) -> int:
     from .config import describe_fields
 
@@ -224,7 +264,7 @@ def _config_help(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "export": _export, "generate": _generate, "evaluate": _evaluate,
-            "train-classifier": _train_classifier, "sweep": _sweep, "sweep-report": _sweep_report,
+            "train-classifier": _train_classifier, "train-encoder": _train_encoder, "sweep": _sweep, "sweep-report": _sweep_report,
             "config-help": _config_help}
 
 

@@ -184,11 +184,17 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every_epochs: Optional[int] = _f(None, "score the generator (FMD, KID, MS-SSIM diversity) every N epochs; null = never")
+    every_epochs: Optional[int] = _f(None, "score the generator (FMD, FD-SSL, KID, precision/recall, density/coverage, "
+                                                 "MS-SSIM diversity) every N epochs; null = never")
     every_steps: Optional[int] = _f(None, "score the generator every N iterations; null = never")
     num_samples: int = _f(1000, "generated and real (training) images per evaluation")
-    keep_best: bool = _f(True, "export the generator with the lowest FMD so far to <run_dir>/best")
-    classifier: Optional[str] = _f(None, "feature extractor weights; null = the classifier shipped in the package")
+    keep_best: bool = _f(True, "export the generator with the lowest eval.best_metric so far to <run_dir>/best")
+    best_metric: Literal["fd_ssl", "fmd", "kid", "kid_ssl"] = _f(
+        "fd_ssl", "the score (lower is better) that picks the generator kept in <run_dir>/best: fd_ssl (the self-supervised "
+        "encoder's Frechet distance, the space that agrees with the eye, docs/quality.md), fmd, kid or kid_ssl")
+    classifier: Optional[str] = _f(None, "classifier weights (FMD, KID); null = the classifier shipped in the package")
+    encoder: Optional[str] = _f(None, "self-supervised encoder weights (FD-SSL, precision/recall, density/coverage); "
+                                      "null = the encoder shipped in the package")
 
     def check(self) -> None:
         _require(self.every_epochs is None or self.every_epochs >= 1, "eval.every_epochs", self.every_epochs, "an integer >= 1 or null")

@@ -1,4 +1,5 @@
-"""Evaluation during training: FMD, KID and diversity of the output generator, and the best generator so far.
+"""Evaluation during training: the output generator's scores in both feature spaces (FMD, FD-SSL, KID,
+precision/recall, density/coverage, diversity; see ``quality.py``), and the best generator so far.
 
 Runs on the main process only. The real images are a fixed subset of the training images (seeded),
 the generated ones come from fixed latents (seed + 2,000,003), so scores are comparable over a run.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,42 +32,50 @@ class InTrainingEvaluation:
         self.best_dir = Path(run_dir) / BEST_DIR
         self.num_samples = min(cfg.eval.num_samples, len(images))
         self.meter = None  # built at the first evaluation: it loads the feature extractor
-        self.best_fmd = read_best_fmd(self.best_dir, log) if cfg.eval.keep_best else math.inf
+        self.best_key = f"eval/{cfg.eval.best_metric}"
+        self.best = read_best_score(self.best_dir, self.best_key, log) if cfg.eval.keep_best else math.inf
 
     def __call__(self, generator: torch.nn.Module, autocast, step: int, provenance: dict) -> dict:
-        """Score ``generator`` (under ``autocast``); export it to ``best/`` when its FMD is the lowest so far."""
+        """Score ``generator`` (under ``autocast``); export it to ``best/`` when its ``eval.best_metric`` is the
+        lowest so far."""
         from .quality import QualityMeter, sample_images
 
         cfg, n = self.cfg, self.num_samples
         if self.meter is None:
             pick = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(cfg.train.seed))[:n]
             self.meter = QualityMeter(scale_intensity(self.images[pick]), cfg.eval.classifier, seed=cfg.train.seed,
-                                      device=self.device)
+                                      device=self.device, encoder=cfg.eval.encoder)
         with autocast:
             images = sample_images(generator, cfg.model.latent_size, n, cfg.train.seed + LATENT_SEED_OFFSET, "normal",
                                    device=self.device)
         scores = self.meter.score(images)
-        result = {"eval/fmd": scores.fmd, "eval/kid": scores.kid, "eval/diversity": scores.diversity,
+        result = {**{f"eval/{key}": value for key, value in asdict(scores).items()},
                   "eval/diversity_real": self.meter.real_diversity}
-        self.log.info("evaluation at step %d: FMD %.3f KID %.5f diversity %.4f (real %.4f)", step, scores.fmd,
-                      scores.kid, scores.diversity, self.meter.real_diversity)
-        if cfg.eval.keep_best and scores.fmd < self.best_fmd:
-            self.best_fmd = scores.fmd
+        self.log.info("evaluation at step %d: FMD %.3f FD-SSL %.3f precision %.3f recall %.3f diversity %.4f (real %.4f)",
+                      step, scores.fmd, scores.fd_ssl, scores.precision, scores.recall, scores.diversity,
+                      self.meter.real_diversity)
+        if cfg.eval.keep_best and result[self.best_key] < self.best:
+            self.best = result[self.best_key]
             export_generator(generator_copy(cfg.model, generator), cfg.model, self.best_dir,
                              {**provenance, "eval": {**result, "num_samples": n}, "config": cfg.to_dict()})
-            self.log.info("new best FMD %.3f: exported to %s", scores.fmd, self.best_dir)
+            self.log.info("new best %s %.3f: exported to %s", cfg.eval.best_metric, self.best, self.best_dir)
         return result
 
 
-def read_best_fmd(best_dir: Path, log: logging.Logger) -> float:
-    """The FMD of the generator kept in ``best_dir`` by an earlier (resumed) run; inf when there is none.
+def read_best_score(best_dir: Path, key: str, log: logging.Logger) -> float:
+    """The score ``key`` (e.g. ``eval/fd_ssl``) of the generator kept in ``best_dir`` by an earlier (resumed) run;
+    inf when there is none, or when its record predates that score (the next evaluation then starts a new best).
 
     A ``best_dir`` whose record cannot be read is moved aside (``damaged-best``), never overwritten.
     """
     if not best_dir.exists():
         return math.inf
     try:
-        return float(json.loads((best_dir / PROVENANCE_FILE).read_text())["eval"]["eval/fmd"])
+        scores = json.loads((best_dir / PROVENANCE_FILE).read_text())["eval"]
+        if key not in scores:
+            log.info("%s was kept by another measure than %s: the next evaluation starts a new best", best_dir, key)
+            return math.inf
+        return float(scores[key])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         moved = ckpt.set_aside(best_dir)
         log.warning("%s/export.json is unreadable (%s: %s): moved %s to %s; the next evaluation starts a new best",

@@ -120,13 +120,15 @@ def _torchscript_latent_size(module: torch.jit.ScriptModule) -> Optional[int]:
     return None
 
 
-def run_generator(net: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, model: Path,
-                  image_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """``net(latents)``, held to the documented interface: images (N, 1, H, W) (H, W = ``image_size`` if given)."""
+def run_generator(net: Callable[..., torch.Tensor], latents: torch.Tensor, model: Path,
+                  image_size: Optional[tuple[int, int]] = None, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``net(latents)`` (``net(latents, labels)`` for a class-conditional generator), held to the documented
+    interface: images (N, 1, H, W) (H, W = ``image_size`` if given)."""
     try:
-        images = net(latents)
+        images = net(latents) if labels is None else net(latents, labels)
     except Exception as exc:  # a foreign generator that does not take (N, L) latents
-        raise MednistGanError(f"--model {model}: failed on latents of shape {tuple(latents.shape)} "
+        given = f"latents of shape {tuple(latents.shape)}" + ("" if labels is None else " and class labels")
+        raise MednistGanError(f"--model {model}: failed on {given} "
                               f"({type(exc).__name__}: {first_line(exc, 120)})") from None
     shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
     if (not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[:2]) != (len(latents), 1)

@@ -1,72 +1,125 @@
-"""Sample-quality numbers that need no internet: FMD, KID and MS-SSIM diversity.
+"""Sample-quality numbers that need no internet, in two feature spaces, each against its real-vs-real floor.
 
-- **FMD** (Frechet MedNIST Distance): the Frechet distance of ``monai.metrics.FIDMetric`` on the shipped MedNIST classifier's
-  features (see ``classifier.py``) of N generated and N real images.
-- **KID**: the unbiased squared MMD with the cubic polynomial kernel (Binkowski et al., 2018) on the
-  same features, averaged over subsets; unbiased, so it can go slightly below 0 for equal distributions.
-- **Diversity**: mean MS-SSIM (``monai.metrics.MultiScaleSSIMMetric``) over random pairs of distinct
-  images; a collapsed generator scores much higher than the real images do.
+Feature spaces (both shipped in ``assets/``, both trained on MedNIST by the project's own commands):
 
-Every comparison has a floor: the same numbers between two disjoint halves of the real images.
-Images are compared as users get them: MONAI orientation, truncated to uint8 levels like a saved PNG.
+- **classifier** (``classifier.py``): a CNN trained to tell the six classes apart. **FMD** (Frechet MedNIST
+  Distance, ``monai.metrics.FIDMetric``'s formula) and **KID** are computed on its features.
+- **encoder** (``encoder.py``): a self-supervised (SimCLR) CNN trained without labels. **FD-SSL** and
+  **KID-SSL** are the same distances on its features; precision/recall (Kynkaanniemi et al., 2019) and
+  density/coverage (Naeem et al., 2020) use it too: fidelity and diversity as separate numbers. Which space
+  agrees with the eye on blurred images and generator artefacts is measured in docs/quality.md.
+
+Besides: **diversity** (mean MS-SSIM of random pairs, ``monai.metrics.MultiScaleSSIMMetric``; a collapsed
+generator scores much higher than the real images do), **memorization** (the share of generated images
+closer to a training image than 99% of real unseen images are, in pixels and in encoder features),
+**class accuracy** (the share the classifier assigns to the intended class) and, for a conditional generator
+of all six classes, **usefulness** (a classifier trained on generated images only, tested on real ones).
+
+Every number has a floor: the same number for real images (two disjoint halves, real held-out images, a
+classifier trained on real images). Images are compared as users get them: MONAI orientation, truncated to
+uint8 levels like a saved PNG.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from .files import write_atomic
-from .classifier import load_classifier, to_evaluation_pixels
+from . import metrics
+from .classifier import CLASSES, load_classifier, to_evaluation_pixels
 from .data import list_images, load_images, scale_intensity
+from .encoder import load_encoder
 from .errors import MednistGanError, output_error
+from .files import PROVENANCE_FILE, write_atomic
 
 # 3 scales so that a 7-pixel window still fits the coarsest (16x16) scale of a 64x64 image;
 # MS-SSIM's first three weights (Wang et al., 2003), renormalised.
 MS_SSIM_WEIGHTS = (0.0448 / 0.6305, 0.2856 / 0.6305, 0.3001 / 0.6305)
 MS_SSIM_KERNEL = 7
+PR_K, DC_K = 3, 5  # neighbourhood sizes: Kynkaanniemi et al.'s and Naeem et al.'s defaults
 
 
 @dataclass
 class Scores:
-    fmd: float
-    kid: float
+    fmd: float  # Frechet distance, classifier features
+    fd_ssl: float  # Frechet distance, self-supervised encoder features
+    kid: float  # KID, classifier features
+    kid_ssl: float  # KID, encoder features
+    precision: float  # share of generated images inside the real images' k-NN manifold (encoder features)
+    recall: float  # share of real images inside the generated images' manifold
+    density: float  # Naeem et al.: about 1 for real images, above for images crowded where real ones are
+    coverage: float  # share of real images with a generated image among their k nearest
     diversity: float  # mean pairwise MS-SSIM of the evaluated images (lower = more diverse)
 
+    COLUMNS = (("FMD", "fmd", 8, ".3f"), ("FD-SSL", "fd_ssl", 8, ".3f"), ("KIDx1e3", "kid", 8, ".2f"),
+               ("prec", "precision", 6, ".3f"), ("recall", "recall", 6, ".3f"), ("dens", "density", 6, ".3f"),
+               ("cover", "coverage", 6, ".3f"), ("MS-SSIM", "diversity", 7, ".4f"))
+
+    @classmethod
+    def header(cls) -> str:
+        return " ".join(f"{title:>{width}}" for title, _, width, _ in cls.COLUMNS)
+
     def row(self) -> str:
-        return f"{self.fmd:10.3f} {self.kid * 1000:10.3f} {self.diversity:10.4f}"
+        values = {**asdict(self), "kid": self.kid * 1000}
+        return " ".join(f"{values[key]:{width}{fmt}}" for _, key, width, fmt in self.COLUMNS)
 
 
 class QualityMeter:
-    """Real reference features computed once; then scores for any batch of images in [0, 1]."""
+    """Real reference features (both spaces) computed once; then scores for any batch of images in [0, 1]."""
 
     def __init__(self, real: torch.Tensor, classifier: Optional[Path] = None, seed: int = 0,
-                 pairs: int = 1000, batch_size: int = 500, device: str | torch.device = "cpu"):
+                 pairs: int = 1000, batch_size: int = 500, device: str | torch.device = "cpu",
+                 encoder: Optional[Path] = None):
         self.device = torch.device(device)
-        self.net = load_classifier(classifier).to(self.device)
+        self.nets = {"classifier": load_classifier(classifier).to(self.device),
+                     "encoder": load_encoder(encoder).to(self.device)}
         self.seed, self.pairs, self.batch_size = seed, pairs, batch_size
         pixels = to_evaluation_pixels(real)
         self.real_features = self.features(pixels)
         self.real_diversity = diversity(pixels, pairs, seed, self.device)
 
+    @property
+    def classifier(self) -> torch.nn.Module:
+        return self.nets["classifier"]
+
     @torch.no_grad()
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Classifier features of images already quantised by ``to_evaluation_pixels``."""
-        out = [self.net.features(pixels[i:i + self.batch_size].to(self.device)).double().cpu()
-               for i in range(0, len(pixels), self.batch_size)]
-        return torch.cat(out)
+    def features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of images already quantised by ``to_evaluation_pixels``, per space (float64, CPU)."""
+        return {space: torch.cat([net.features(pixels[i:i + self.batch_size].to(self.device)).double().cpu()
+                                  for i in range(0, len(pixels), self.batch_size)])
+                for space, net in self.nets.items()}
 
     def score(self, images: torch.Tensor) -> Scores:
         pixels = to_evaluation_pixels(images)
-        feats = self.features(pixels)
-        return Scores(fmd=fmd(feats, self.real_features), kid=kid(feats, self.real_features, seed=self.seed),
+        return self.score_features(self.features(pixels), pixels)
+
+    def score_features(self, feats: dict[str, torch.Tensor], pixels: torch.Tensor) -> Scores:
+        real = self.real_features
+        fewest = min(len(real["encoder"]), len(feats["encoder"])) - 1  # a handful of images: smaller neighbourhoods
+        p, r = metrics.precision_recall(real["encoder"], feats["encoder"], k=min(PR_K, fewest))
+        d, c = metrics.density_coverage(real["encoder"], feats["encoder"], k=min(DC_K, fewest))
+        return Scores(fmd=fmd(feats["classifier"], real["classifier"]), fd_ssl=fmd(feats["encoder"], real["encoder"]),
+                      kid=kid(feats["classifier"], real["classifier"], seed=self.seed),
+                      kid_ssl=kid(feats["encoder"], real["encoder"], seed=self.seed),
+                      precision=p, recall=r, density=d, coverage=c,
                       diversity=diversity(pixels, self.pairs, self.seed, self.device))
+
+
+def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Images (N, 1, H, W) each blurred with MONAI's ``GaussianSmooth`` in 2-D.
+
+    The batch goes in as channels: passed (N, 1, H, W) directly, MONAI would see one 3-D image with a spatial
+    axis of size 1 and, padding that axis with zeros, darken it (sigma 1.5 kept 26% of the brightness) -
+    what the project's first sanity table called "blurred"."""
+    from monai.transforms import GaussianSmooth
+
+    return GaussianSmooth(sigma=sigma)(images[:, 0])[:, None]
 
 
 FMD_EPS = 1e-6  # added to both covariances' diagonals when their product is singular (as FID implementations do)
@@ -157,11 +210,12 @@ def split_halves(real: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, t
     return real[order[:n]], real[order[n:2 * n]]
 
 
-def sample_images(model: Callable[[torch.Tensor], torch.Tensor], latent_size: int, n: int, seed: int,
+def sample_images(model: Callable[..., torch.Tensor], latent_size: int, n: int, seed: int,
                   latent: str, batch_size: int = 500, device: str | torch.device = "cpu",
-                  source: Optional[Path] = None, progress: Optional[str] = None) -> torch.Tensor:
+                  source: Optional[Path] = None, progress: Optional[str] = None, label: Optional[int] = None) -> torch.Tensor:
     """N images from seeded latents; with ``source`` (the model's file) the output is held to the documented
-    interface, (N, 1, 64, 64), in one line; ``progress`` names a bar shown on a terminal."""
+    interface, (N, 1, 64, 64), in one line; ``progress`` names a bar shown on a terminal. ``label``: the class
+    index for a class-conditional generator, called as ``model(latents, labels)``."""
     from .generate import make_latents, progress_bar, run_generator
 
     z = make_latents(n, latent_size, seed, latent)
@@ -169,57 +223,205 @@ def sample_images(model: Callable[[torch.Tensor], torch.Tensor], latent_size: in
     with torch.inference_mode(), progress_bar(n, progress or "", enabled=progress is not None) as bar:
         for i in range(0, n, batch_size):
             batch = z[i:i + batch_size].to(device)
-            images = model(batch) if source is None else run_generator(model, batch, source, (64, 64))
+            labels = None if label is None else torch.full((len(batch),), label, dtype=torch.long, device=device)
+            if source is not None:
+                images = run_generator(model, batch, source, (64, 64), labels)
+            else:
+                images = model(batch) if labels is None else model(batch, labels)
             out.append(images.float().cpu())
             bar.update(len(batch))
     return torch.cat(out)
 
 
+def generator_classes(path: Path) -> Optional[list[str]]:
+    """The class names of a class-conditional generator (``export.json``'s ``classes`` beside the file, or in
+    the folder); None for an unconditional one."""
+    path = Path(path)
+    record = (path if path.is_dir() else path.parent) / PROVENANCE_FILE
+    try:
+        classes = json.loads(record.read_text()).get("classes") if record.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None  # generate.load_model has already refused an unreadable record beside an exported file
+    return list(classes) if classes else None
+
+
+@dataclass
+class _Model:
+    name: str
+    path: Path
+    latents: tuple[str, ...]
+    net: Callable[..., torch.Tensor]
+    latent_size: int
+    classes: Optional[list[str]]
+
+    def label(self, name: Optional[str]) -> Optional[int]:
+        return None if self.classes is None else self.classes.index(name)
+
+
+def _load_models(models: list[tuple[str, Path, tuple[str, ...]]], classes: list[Optional[str]],
+                 latent_size: Optional[int], device: str) -> list[_Model]:
+    from .generate import load_model
+
+    loaded = []
+    for name, path, latents in models:
+        net, size = load_model(path, latent_size)
+        own = generator_classes(path)
+        if own is None and len(classes) > 1:
+            raise MednistGanError(f"--model {path}: an unconditional generator (one class); scoring it against "
+                                  f"{len(classes)} classes needs a class-conditional one (export.json 'classes')")
+        if own is not None:
+            missing = [c for c in classes if c not in own]
+            if None in classes or missing:
+                raise MednistGanError(f"--model {path}: a class-conditional generator of {', '.join(own)}; "
+                                      f"name the class to score with --class (got {missing or 'none'})")
+        loaded.append(_Model(name, Path(path), latents, net.to(device), size, own))
+    return loaded
+
+
+def _class_folders(real_dir: Path, classes: Optional[list[str]]) -> list[tuple[Optional[str], Path]]:
+    """(class name, folder) pairs: ``real_dir`` itself without ``classes`` (named when it is a class folder)."""
+    real_dir = Path(real_dir)
+    if not classes:
+        return [(real_dir.name if real_dir.name in CLASSES else None, real_dir)]
+    if classes == ["all"]:
+        classes = [c for c in CLASSES if (real_dir / c).is_dir()]
+        if not classes:
+            raise MednistGanError(f"--real-dir {real_dir}: no MedNIST class folders ({', '.join(CLASSES)}) for --class all")
+    for name in classes:
+        if not (real_dir / name).is_dir():
+            raise MednistGanError(f"--class {name}: no folder {real_dir / name} (--real-dir must hold the class folders)")
+    return [(name, real_dir / name) for name in classes]
+
+
 def evaluate(models: list[tuple[str, Path, tuple[str, ...]]], real_dir: Path, num_samples: Optional[int] = None,
              seed: int = 0, classifier: Optional[Path] = None, pairs: int = 1000,
-             device: Optional[str] = None, latent_size: Optional[int] = None) -> dict:
+             device: Optional[str] = None, latent_size: Optional[int] = None, encoder: Optional[Path] = None,
+             classes: Optional[list[str]] = None, usefulness: int = 0) -> dict:
     """Scores of each (name, model, latent distributions) and of the real-vs-real floor, as a dict.
 
-    The real images, their features and their diversity are computed once for all models; on the GPU
-    when there is one (``device`` overrides). A model is any generator ``generate.load_model`` takes;
-    ``latent_size`` is for those that cannot tell theirs.
+    ``real_dir`` is one folder of real images, or with ``classes`` (names, or ``["all"]``) the MedNIST folder
+    holding the class folders: each class is scored on its own against its real images, a class-conditional
+    generator sampled with that class's label. The real images of a class, their features and their diversity
+    are computed once for all models; on the GPU when there is one (``device`` overrides). A model is any
+    generator ``generate.load_model`` takes; ``latent_size`` is for those that cannot tell theirs.
+    ``usefulness`` (images per class; 0 = off): also train the classifier's architecture on that many generated
+    images of every class (conditional generators only) and test it on real held-out images, beside the same
+    training on as many real images.
     """
-    from .generate import load_model, progress_bar
+    from .generate import progress_bar
 
-    real = load_real_images(real_dir)
+    folders = _class_folders(real_dir, classes)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = _load_models(models, [name for name, _ in folders], latent_size, device)  # fail early
+    if usefulness and (sorted(name for name, _ in folders) != sorted(CLASSES) or any(m.classes is None for m in loaded)):
+        raise MednistGanError(f"--usefulness: needs class-conditional generators scored on all six classes "
+                              f"({', '.join(CLASSES)}; --class all)")
+    blocks = []
+    with progress_bar(len(folders) * (1 + sum(len(m.latents) for m in loaded)), "evaluate", unit="row") as bar:
+        for name, folder in folders:
+            blocks.append(_evaluate_class(name, folder, loaded, num_samples, seed, classifier, encoder, pairs, device, bar))
+    common = {"seed": seed, "classifier": str(classifier or "shipped"), "encoder": str(encoder or "shipped"),
+              "feature_size": blocks[0].pop("feature_sizes")["classifier"], "memorization_percentile": MEMORIZATION_PERCENTILE}
+    for block in blocks[1:]:
+        common["feature_sizes"] = block.pop("feature_sizes")
+    if len(blocks) == 1:
+        return {**common, **blocks[0]}
+    result = {**common, "real_dir": str(real_dir), "classes": blocks}
+    if usefulness:
+        result["usefulness"] = _usefulness(loaded, Path(real_dir), [name for name, _ in folders], usefulness, seed, device)
+    return result
+
+
+MEMORIZATION_PERCENTILE = 1.0
+HELD_OUT_FOR_MEMORIZATION = 1000  # real images whose nearest *other* real image sets the threshold
+
+
+def _evaluate_class(name: Optional[str], folder: Path, loaded: list[_Model], num_samples: Optional[int], seed: int,
+                    classifier: Optional[Path], encoder: Optional[Path], pairs: int, device: str, bar) -> dict:
+    real = load_real_images(folder)
     if len(real) < 4:
-        raise MednistGanError(f"--real-dir {real_dir}: {len(real)} images; the real-vs-real floor needs at least 4")
+        raise MednistGanError(f"--real-dir {folder}: {len(real)} images; the real-vs-real floor needs at least 4")
     n = num_samples or min(5000, len(real) // 2)
     if 2 * n > len(real):
         raise MednistGanError(f"--num-samples {n}: the real-vs-real floor needs 2 x {n} real images, "
-                              f"but --real-dir {real_dir} has {len(real)}")
+                              f"but --real-dir {folder} has {len(real)}")
     half_a, half_b = split_halves(real, n, seed)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = [(name, path, latents, *load_model(path, latent_size)) for name, path, latents in models]  # fail early
-    with progress_bar(1 + sum(len(latents) for _, _, latents in models), "evaluate", unit="row") as bar:
-        meter = QualityMeter(half_a, classifier, seed=seed, pairs=pairs, device=device)
-        rows = [{"name": "real vs real (floor)", "model": str(real_dir), "latent": None,
-                 **asdict(meter.score(half_b))}]
-        bar.update()
-        for name, path, latents, net, size in loaded:
-            net = net.to(device)
-            for latent in latents:
-                images = sample_images(net, size, n, seed + 1, latent, device=device, source=path,
-                                       progress=f"generate ({latent})")
-                rows.append({"name": name, "model": str(path), "latent": latent, **asdict(meter.score(images))})
-                bar.update()
-    return {"num_samples": n, "real_dir": str(real_dir), "real_images": len(real), "seed": seed,
-            "real_diversity": meter.real_diversity, "feature_size": int(meter.real_features.shape[1]),
-            "classifier": str(classifier or "shipped"), "rows": rows}
+    meter = QualityMeter(half_a, classifier, seed=seed, pairs=pairs, device=device, encoder=encoder)
+    # Memorization: every real image is a training image of the generator (the usual case: it trained on this
+    # folder); real unseen images are stood in for by a seeded subset, each measured to its nearest *other* one.
+    train_pixels = to_evaluation_pixels(real[torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))])
+    train = {"pixels": train_pixels.flatten(1), "encoder": meter.features(train_pixels)["encoder"]}
+    held_out = min(HELD_OUT_FOR_MEMORIZATION, len(real) - 1)
+    label = CLASSES.index(name) if name in CLASSES else None
+
+    def row(title: str, model: Optional[_Model], latent: Optional[str], images: torch.Tensor) -> dict:
+        pixels = to_evaluation_pixels(images)
+        feats = meter.features(pixels)
+        if model is None:  # real images are training images here: the floor is the unseen images' own share
+            memo = {space: {"share": MEMORIZATION_PERCENTILE / 100} for space in ("pixels", "encoder")}
+        else:
+            memo = {space: metrics.memorization(x, None, train[space], MEMORIZATION_PERCENTILE, held_out)
+                    for space, x in (("pixels", pixels.flatten(1)), ("encoder", feats["encoder"]))}
+        accuracy = (metrics.class_accuracy(pixels, torch.full((len(pixels),), label), meter.classifier)[name]
+                    if label is not None else None)
+        return {"name": title, "model": None if model is None else str(model.path), "latent": latent,
+                **asdict(meter.score_features(feats, pixels)),
+                "memorization_pixels": memo["pixels"]["share"], "memorization_encoder": memo["encoder"]["share"],
+                "class_accuracy": accuracy, "memorization": memo}
+
+    rows = [row("real vs real (floor)", None, None, half_b)]
+    bar.update()
+    for model in loaded:
+        for latent in model.latents:
+            images = sample_images(model.net, model.latent_size, n, seed + 1, latent, device=device, source=model.path,
+                                   progress=f"generate ({latent})", label=model.label(name))
+            rows.append(row(model.name, model, latent, images))
+            bar.update()
+    return {"class": name, "num_samples": n, "real_dir": str(folder), "real_images": len(real),
+            "real_diversity": meter.real_diversity,
+            "feature_sizes": {space: int(f.shape[1]) for space, f in meter.real_features.items()}, "rows": rows}
+
+
+def _usefulness(loaded: list[_Model], real_root: Path, classes: list[str], per_class: int, seed: int, device: str) -> dict:
+    """Train-on-synthetic, test-on-real for each conditional model, beside train-on-real (the floor)."""
+    from .classifier import load_split
+
+    split = load_split(real_root, USEFULNESS_HOLDOUT, seed)
+    out = {}
+    for model in loaded:
+        images, labels = [], []
+        for c in classes:
+            images.append(sample_images(model.net, model.latent_size, per_class, seed + 3, "normal", device=device,
+                                        source=model.path, label=model.label(c)))
+            labels.append(torch.full((per_class,), CLASSES.index(c)))
+        out[model.name] = metrics.usefulness(torch.cat(images), torch.cat(labels), *split["train"], *split["test"],
+                                             seed=seed)
+    return out
+
+
+USEFULNESS_HOLDOUT = 0.1  # the classifier's split: the same real images are held out
 
 
 def format_table(result: dict) -> str:
-    lines = [f"N = {result['num_samples']} generated vs {result['num_samples']} real images "
-             f"({result['real_dir']}); real images' own diversity {result['real_diversity']:.4f}",
-             f"{'':34} {'latent':8} {'FMD':>10} {'KID x1e3':>10} {'MS-SSIM':>10}"]
-    for row in result["rows"]:
-        scores = Scores(row["fmd"], row["kid"], row["diversity"])
-        lines.append(f"{row['name'][:34]:34} {row['latent'] or '-':8} {scores.row()}")
+    blocks = result.get("classes") or [result]
+    lines = []
+    for block in blocks:
+        title = f"class {block['class']}: " if block["class"] else ""
+        lines += [f"{title}N = {block['num_samples']} generated vs {block['num_samples']} real images "
+                  f"({block['real_dir']}); real images' own diversity {block['real_diversity']:.4f}",
+                  f"{'':30} {'latent':7} {Scores.header()} {'memo-px':>7} {'memo-ssl':>8} {'class':>6}"]
+        for row in block["rows"]:
+            scores = Scores(**{f.name: row[f.name] for f in fields(Scores)})
+            acc = "-" if row["class_accuracy"] is None else f"{row['class_accuracy']:.3f}"
+            lines.append(f"{row['name'][:30]:30} {row['latent'] or '-':7} {scores.row()} "
+                         f"{row['memorization_pixels']:7.3f} {row['memorization_encoder']:8.3f} {acc:>6}")
+    lines.append(f"FMD, KID: classifier features; FD-SSL, prec/recall/dens/cover, memo-ssl: self-supervised encoder "
+                 f"features; memo: share closer to a training image than {100 - result['memorization_percentile']:g}% "
+                 f"of real unseen images (floor row: real unseen images themselves); class: share the classifier "
+                 f"assigns to the class")
+    for name, u in (result.get("usefulness") or {}).items():
+        lines.append(f"usefulness of {name}: a classifier trained on its images scores {u['synthetic_accuracy']['all']:.4f} "
+                     f"on real held-out images (trained on real images: {u['real_accuracy']['all']:.4f})")
     return "\n".join(lines)
 
 

@@ -468,15 +468,17 @@ def _wandb_settings(timeout: Optional[int] = None):
 
 
 def plot_loss_curves(metrics_file: Path, out: Path) -> Optional[Path]:
-    """The losses and D outputs over steps, and the in-training FMD when evaluation ran, as a PNG for
-    people who use no tracker. A step logged twice (a resumed run) is plotted with its last values."""
-    train, fmd = {}, {}
+    """The losses and D outputs over steps, and the in-training distances (FMD, FD-SSL) when evaluation ran, as a
+    PNG for people who use no tracker. A step logged twice (a resumed run) is plotted with its last values."""
+    train, distances = {}, {"eval/fmd": {}, "eval/fd_ssl": {}}
     for row in read_metrics(metrics_file):  # a line cut short by a killed process is left out
         if "loss_d" in row:
             train[row["step"]] = row
-        value = row.get("eval/fmd")
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            fmd[row["step"]] = value
+        for key, seen in distances.items():
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                seen[row["step"]] = value
+    evaluated = any(distances.values())
     if not train:
         return None
     import matplotlib
@@ -486,7 +488,7 @@ def plot_loss_curves(metrics_file: Path, out: Path) -> Optional[Path]:
 
     steps = sorted(train)
     rows = [train[s] for s in steps]
-    fig, axes = plt.subplots(1, 3 if fmd else 2, figsize=(15 if fmd else 10, 3.5))
+    fig, axes = plt.subplots(1, 3 if evaluated else 2, figsize=(15 if evaluated else 10, 3.5))
     ax_loss, ax_d = axes[:2]
     for key in ("loss_d", "loss_g"):
         ax_loss.plot(steps, [r.get(key) for r in rows], label=key)
@@ -494,10 +496,11 @@ def plot_loss_curves(metrics_file: Path, out: Path) -> Optional[Path]:
         ax_d.plot(steps, [r.get(key) for r in rows], label=key)
     ax_loss.set(xlabel="iteration", title="losses")
     ax_d.set(xlabel="iteration", title="mean D output", ylim=(0, 1))
-    if fmd:
-        eval_steps = sorted(fmd)
-        axes[2].plot(eval_steps, [fmd[s] for s in eval_steps], "o-", label="eval/fmd")
-        axes[2].set(xlabel="iteration", title="FMD (in-training evaluation; lower is better)")
+    for key, seen in distances.items():
+        if seen:
+            eval_steps = sorted(seen)
+            axes[2].plot(eval_steps, [seen[s] for s in eval_steps], "o-", label=key)
+            axes[2].set(xlabel="iteration", title="in-training evaluation (lower is better)")
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)

@@ -230,15 +230,15 @@ def test_unwritable_run_records_warn_once_and_training_records_go_on(tmp_path, c
 
 
 def test_an_unreadable_best_record_is_moved_aside_not_overwritten(tmp_path):
-    from mednist_gan.evaluation import read_best_fmd
+    from mednist_gan.evaluation import read_best_score
 
     best = tmp_path / "best"
     best.mkdir()
     (best / "model.pt").write_bytes(b"weights")
     (best / "export.json").write_text("{")
-    assert read_best_fmd(best, logging.getLogger("mednist_gan")) == float("inf")
+    assert read_best_score(best, "eval/fmd", logging.getLogger("mednist_gan")) == float("inf")
     assert not best.exists() and (tmp_path / "damaged-best" / "model.pt").read_bytes() == b"weights"
-    assert read_best_fmd(best, logging.getLogger("mednist_gan")) == float("inf")  # nothing there: a new best
+    assert read_best_score(best, "eval/fmd", logging.getLogger("mednist_gan")) == float("inf")  # nothing there: a new best
 
 
 # ----------------------------------------------------------------------------- destinations that cannot be written
