@@ -237,10 +237,10 @@ def load_sweep(path: Path, overrides: Sequence[str] = (), sweep_dir: Optional[Pa
     if isinstance(objective, str):
         objective = {"metric": objective}
     spec.mapping(objective, "objective", ("metric", "direction"))
-    metric = objective.get("metric", "eval/fmd")
+    metric = objective.get("metric", "eval/fd_ssl")
     direction = objective.get("direction", "minimize")
     spec.expect(isinstance(metric, str) and bool(metric), "objective.metric", metric,
-                "a key of the in-training evaluation's results, e.g. eval/fmd")
+                "a key of the in-training evaluation's results, e.g. eval/fd_ssl")
     spec.expect(direction in ("minimize", "maximize"), "objective.direction", direction, "minimize or maximize")
 
     sampler = spec.kind(data.get("sampler"), "sampler", SAMPLER_OPTIONS, "tpe")

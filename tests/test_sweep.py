@@ -46,7 +46,7 @@ def _space(tmp_path: Path, text: str = SPACE, name: str = "space.yaml", **fields
 def test_a_search_space_gives_each_trial_an_ordinary_run_config(tmp_path):
     spec = load_sweep(_space(tmp_path), ["data.limit=32"])
     assert [p.key for p in spec.params] == ["optim.g_lr", "train.loss", "train.d_train_steps"]
-    assert spec.metric == "eval/fmd" and spec.direction == "minimize"  # the defaults
+    assert spec.metric == "eval/fd_ssl" and spec.direction == "minimize"  # the defaults
     assert spec.sampler == {"kind": "tpe"} and spec.pruner == {"kind": "median"}
     assert spec.storage == str(tmp_path / "sweep" / "optuna.journal")
     cfg = spec.trial_config(7, {"optim.g_lr": 3e-3, "train.loss": "ns", "train.d_train_steps": 2})
@@ -177,7 +177,7 @@ def test_workers_of_one_sweep_must_agree_on_its_search_space(tmp_path):
 
 
 def test_a_trial_reports_its_objective_and_the_pruner_decides_before_the_last_step(tmp_path):
-    spec = load_sweep(_space(tmp_path, pruner={"kind": "median", "startup_trials": 1}))
+    spec = load_sweep(_space(tmp_path, pruner={"kind": "median", "startup_trials": 1}, objective="eval/fmd"))
     study = optuna.create_study(pruner=make_pruner(spec))
     study.add_trial(optuna.trial.create_trial(value=1.0, intermediate_values={2: 1.0, 4: 1.0}))  # a complete trial
     trial = study.ask()
