@@ -1,4 +1,5 @@
-"""The README's sample grids: the shipped generator, the seed bundle's weights and real Hand images.
+"""The sample grids: the shipped generator, the seed bundle's weights, real Hand images and the same real images
+blurred with sigma 1.5 (what the metrics' sanity table compares the generators with, docs/quality.md).
 
     python docs/make_figures.py [--data ../shared/data/mednist] [--seed-weights ../shared/upstream/mednist_gan_bundle_model.pt]
 
@@ -15,7 +16,7 @@ import torch
 
 from mednist_gan.generate import SHIPPED_MODEL, load_model, make_latents
 from mednist_gan.images import image_grid, save_png, to_uint8_pictures
-from mednist_gan.quality import load_real_images
+from mednist_gan.quality import blurred, load_real_images
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -40,7 +41,8 @@ def main() -> None:
     real = load_real_images(args.data / "Hand")
     pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:64]
     save_png(image_grid(to_uint8_pictures(real[pick]), columns=8), out / "real_grid.png")
-    print(f"wrote {out}/shipped_grid.png, seed_grid.png, real_grid.png")
+    save_png(image_grid(to_uint8_pictures(blurred(real[pick], 1.5)), columns=8), out / "real_blurred_grid.png")
+    print(f"wrote {out}/shipped_grid.png, seed_grid.png, real_grid.png, real_blurred_grid.png")
 
 
 if __name__ == "__main__":
