@@ -112,6 +112,36 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_s
     return correct / len(images)
 
 
+def fit(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int, lr: float,
+        seed: int, decay_to_zero: bool = False, log=None) -> nn.Module:
+    """Cross-entropy training with Adam, a seeded shuffle per epoch (seed + 1) and, with ``decay_to_zero``, the
+    learning rate decayed linearly to 0; ``log`` gets a line per epoch (and turns on a terminal progress bar)."""
+    from .generate import progress_bar
+
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    steps = epochs * -(-len(images) // batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps) if decay_to_zero else None
+    order_rng = torch.Generator().manual_seed(seed + 1)
+    for epoch in range(epochs):
+        net.train()
+        order = torch.randperm(len(images), generator=order_rng)
+        total = 0.0
+        with progress_bar(len(order), f"epoch {epoch + 1}/{epochs}", enabled=log is not None) as bar:
+            for start in range(0, len(order), batch_size):
+                index = order[start:start + batch_size]
+                loss = F.cross_entropy(net(images[index]), labels[index])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if schedule is not None:
+                    schedule.step()
+                total += loss.item() * len(index)
+                bar.update(len(index))
+        if log is not None:
+            log(f"epoch {epoch + 1}/{epochs}: training loss {total / len(order):.4f}")
+    return net.eval()
+
+
 def train_classifier(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 3, batch_size: int = 128,
                      lr: float = 1e-3, holdout: float = 0.1, seed: int = 0, threads: int = 2,
                      limit_per_class: Optional[int] = None, command: str = "", log=print) -> dict:
@@ -125,26 +155,8 @@ def train_classifier(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 3,
     torch.manual_seed(seed)
     split = load_split(data_root, holdout, seed, limit_per_class=limit_per_class)
     train_x, train_y = split["train"]
-    net = MedNISTClassifier()
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    order_rng = torch.Generator().manual_seed(seed + 1)
     started = time.perf_counter()
-    from .generate import progress_bar
-
-    for epoch in range(epochs):
-        net.train()
-        order = torch.randperm(len(train_x), generator=order_rng)
-        total = 0.0
-        with progress_bar(len(order), f"epoch {epoch + 1}/{epochs}") as bar:  # on a terminal only
-            for start in range(0, len(order), batch_size):
-                index = order[start:start + batch_size]
-                loss = F.cross_entropy(net(train_x[index]), train_y[index])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(index)
-                bar.update(len(index))
-        log(f"epoch {epoch + 1}/{epochs}: training loss {total / len(order):.4f}")
+    net = fit(MedNISTClassifier(), train_x, train_y, epochs, batch_size, lr, seed, log=log)
     result = {
         "train_accuracy": accuracy(net, train_x, train_y),
         "test_accuracy": accuracy(net, *split["test"]),
@@ -153,22 +165,30 @@ def train_classifier(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 3,
                              for i, name in enumerate(CLASSES)},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, lambda tmp: torch.save(net.state_dict(), tmp))  # never half a weights file
     card = {
-        "weights": out.name, "sha256": sha256_file(out),
         "classes": list(CLASSES), "architecture": "MedNISTClassifier (4 conv stages 16-32-64-64, BatchNorm, ReLU)",
         "features": f"{MedNISTClassifier.feature_size}: global mean of stage 4 (64) + 2x2 grid of stage-3 means (256)",
         "data": str(data_root), "split": f"per class, seeded permutation (seed {seed}), {holdout:.0%} held out",
         "training": {"epochs": epochs, "batch_size": batch_size, "optimizer": f"Adam lr {lr}", "seed": seed,
                      "threads": threads, "deterministic": True, "limit_per_class": limit_per_class},
         "results": result, "command": command,
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    if out.resolve() == WEIGHTS_FILE.resolve():
-        write_atomic(CARD_JSON, json.dumps(card, indent=2) + "\n")
-        write_atomic(CARD_MD, _card_markdown(card))
+    return save_with_card(net, out, card, (WEIGHTS_FILE, CARD_JSON, CARD_MD), _card_markdown)
+
+
+def save_with_card(net: nn.Module, out: Path, card: dict, shipped: tuple[Path, Path, Path], markdown) -> dict:
+    """Write a feature extractor's weights (atomically) and its card: the weights' name, sha256 and versions
+    added to ``card``. At the package's own path (``shipped``: weights, card JSON, card Markdown) the shipped
+    card is replaced; elsewhere the card goes beside the weights as JSON. Returns the card."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, lambda tmp: torch.save(net.state_dict(), tmp))  # never half a weights file
+    card = {"weights": out.name, "sha256": sha256_file(out), **card,
+            "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+    weights, card_json, card_md = shipped
+    if out.resolve() == weights.resolve():
+        write_atomic(card_json, json.dumps(card, indent=2) + "\n")
+        write_atomic(card_md, markdown(card))
     else:
         write_atomic(out.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
     return card

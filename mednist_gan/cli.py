@@ -196,19 +196,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_classifier(args: argparse.Namespace) -> int:
+def _train_feature_extractor(args: argparse.Namespace) -> int:
+    """``train-classifier`` and ``train-encoder``: the two feature extractors of the quality metrics."""
     import shlex
 
     from .files import ensure_writable_folder
-    from .classifier import WEIGHTS_FILE, train_classifier
 
-    ensure_writable_folder((args.out or WEIGHTS_FILE).resolve().parent, "--out")
+    if args.command == "train-classifier":
+        from .classifier import WEIGHTS_FILE, train_classifier as train_extractor
+
+        def summary(r: dict) -> str:
+            return f"held-out accuracy {r['test_accuracy']:.4%} on {r['test_images']} images"
+    else:
+        from .encoder import WEIGHTS_FILE, train_encoder as train_extractor
+
+        def summary(r: dict) -> str:
+            return f"held-out view retrieval {r['view_retrieval_top1']:.1%} on 1,000 images"
+    out = args.out or WEIGHTS_FILE
+    ensure_writable_folder(out.resolve().parent, "--out")
     command = "mednist-gan " + " ".join(shlex.quote(a) for a in args.argv)
-    card = train_classifier(args.data_root, args.out or WEIGHTS_FILE, epochs=args.epochs, seed=args.seed,
-                            threads=args.threads, limit_per_class=args.limit_per_class, command=command)
-    r = card["results"]
-    print(f"held-out accuracy {r['test_accuracy']:.4%} on {r['test_images']} images; "
-          f"wrote {args.out or WEIGHTS_FILE} (sha256 {card['sha256'][:12]})")
+    card = train_extractor(args.data_root, out, epochs=args.epochs, seed=args.seed, threads=args.threads,
+                           limit_per_class=args.limit_per_class, command=command)
+    print(f"{summary(card['results'])}; wrote {out} (sha256 {card['sha256'][:12]})")
     return 0
 
 
@@ -240,22 +249,6 @@ def _sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_encoder(args: argparse.Namespace) -> int:
-    import shlex
-
-    from .encoder import WEIGHTS_FILE, train_encoder
-    from .files import ensure_writable_folder
-
-    ensure_writable_folder((args.out or WEIGHTS_FILE).resolve().parent, "--out")
-    command = "mednist-gan " + " ".join(shlex.quote(a) for a in args.argv)
-    card = train_encoder(args.data_root, args.out or WEIGHTS_FILE, epochs=args.epochs, seed=args.seed,
-                         threads=args.threads, limit_per_class=args.limit_per_class, command=command)
-    r = card["results"]
-    print(f"held-out view retrieval {r['view_retrieval_top1']:.1%} on 1,000 images; "
-          f"wrote {args.out or WEIGHTS_FILE} (sha256 {card['sha256'][:12]})")
-    return 0
-
-
 def _config_help(args: argparse.Namespace) -> int:
     from .config import describe_fields
 
@@ -264,7 +257,7 @@ def _config_help(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "export": _export, "generate": _generate, "evaluate": _evaluate,
-            "train-classifier": _train_classifier, "train-encoder": _train_encoder, "sweep": _sweep, "sweep-report": _sweep_report,
+            "train-classifier": _train_feature_extractor, "train-encoder": _train_feature_extractor, "sweep": _sweep, "sweep-report": _sweep_report,
             "config-help": _config_help}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classifier import ASSETS, CLASSES, load_split
+from .classifier import ASSETS, CLASSES, load_split, save_with_card
 from .errors import CheckpointError, first_line
-from .files import sha256_file, write_atomic
 
 WEIGHTS_FILE = ASSETS / "encoder.pt"
 CARD_JSON = ASSETS / "encoder.json"
@@ -185,11 +183,7 @@ def train_encoder(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 5, ba
                                    for i, name in enumerate(CLASSES)},
               "view_retrieval_top1": view_retrieval(net, split["test"][0], seed),
               "seconds": round(time.perf_counter() - started, 1)}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, lambda tmp: torch.save(net.state_dict(), tmp))  # never half a weights file
     card = {
-        "weights": out.name, "sha256": sha256_file(out),
         "architecture": "MedNISTEncoder (4 stride-2 conv stages 32-64-128-128, BatchNorm, ReLU; projection head "
                         "256-64 for training only)",
         "features": f"{MedNISTEncoder.feature_size}: global mean of stage 4 (the representation before the head)",
@@ -199,14 +193,8 @@ def train_encoder(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 5, ba
         "training": {"epochs": epochs, "batch_size": batch_size, "optimizer": f"Adam lr {lr} (one-cycle), weight decay 1e-6",
                      "seed": seed, "threads": threads, "deterministic": True, "limit_per_class": limit_per_class},
         "results": result, "command": command,
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    if out.resolve() == WEIGHTS_FILE.resolve():
-        write_atomic(CARD_JSON, json.dumps(card, indent=2) + "\n")
-        write_atomic(CARD_MD, _card_markdown(card))
-    else:
-        write_atomic(out.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
-    return card
+    return save_with_card(net, out, card, (WEIGHTS_FILE, CARD_JSON, CARD_MD), _card_markdown)
 
 
 @torch.no_grad()

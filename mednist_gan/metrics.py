@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .classifier import CLASSES, MedNISTClassifier, load_classifier, to_evaluation_pixels
+from .classifier import CLASSES, MedNISTClassifier, fit, load_classifier, to_evaluation_pixels
 from .errors import MednistGanError
 
 BLOCK = 1 << 24  # distances computed at once: 64 MB of float32 (e.g. 1,677 queries x 10,000 references)
@@ -248,27 +247,14 @@ def class_accuracy(images: torch.Tensor, labels, classifier: Union[nn.Module, Pa
 
 def _train(images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int, lr: float,
            seed: int) -> MedNISTClassifier:
-    """``train_classifier``'s loss, optimizer and seeded shuffle per epoch, on images in memory, with the
-    learning rate decayed linearly to 0: without the decay, one of a few 2-epoch runs on 500 images per class
-    ended with a class at 58% held-out accuracy. Seeds a forked RNG: the caller's random streams stay as they were.
+    """``train_classifier``'s recipe (``classifier.fit``) on images in memory, with the learning rate decayed
+    linearly to 0: without the decay, one of a few 2-epoch runs on 500 images per class ended with a class at
+    58% held-out accuracy. Seeds a forked RNG: the caller's random streams stay as they were.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = MedNISTClassifier().train()
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    total = epochs * math.ceil(len(images) / batch_size)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total)
-    order_rng = torch.Generator().manual_seed(seed + 1)
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=order_rng)
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            loss = F.cross_entropy(net(images[index]), labels[index])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            decay.step()
-    return net.eval()
+        net = MedNISTClassifier()
+    return fit(net, images, labels, epochs, batch_size, lr, seed, decay_to_zero=True)
 
 
 def usefulness(synthetic_images: torch.Tensor, synthetic_labels, real_train_images: torch.Tensor, real_train_labels,
