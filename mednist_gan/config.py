@@ -296,19 +296,25 @@ def _require(ok: bool, key: str, value: Any, expected: str) -> None:
 
 # ----------------------------------------------------------------------------- loading
 
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """A YAML file's content ({} when empty); a syntax error is a one-line ConfigError naming ``what``, the
+    file and the line."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{what} {path}{where}: YAML syntax error: {problem}") from None
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Read one YAML file, merging the file it names under ``base`` (relative to it) underneath."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"config file {path}{where}: YAML syntax error: {problem}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
     base = data.pop("base", None)

@@ -45,19 +45,14 @@ class EndedEarly(Exception):
         self.reason, self.checkpoint = reason, checkpoint
 
 
-class StopRequest:
-    """Catches stop signals for the duration of a ``with`` block; ``requested`` agrees across processes.
+class CatchStopSignals:
+    """For the duration of a ``with`` block, the stop signals call ``self._on_signal(signum)``; the handlers
+    before it are restored after. ``signal_name`` is the last signal's name (None before one)."""
 
-    The first signal asks for a checkpoint after the current iteration; a second Ctrl-C stops at once.
-    ``end_early`` asks for the same without a signal (a sweep's pruner, from the main process).
-    """
+    signal_name: Optional[str] = None
+    _old: dict = {}
 
-    def __init__(self):
-        self.signal_name: Optional[str] = None
-        self.early_end: Optional[str] = None  # why the run ends before its last step, when asked to
-        self._old: dict = {}
-
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
             self._old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
             for s in STOP_SIGNALS:
@@ -68,6 +63,20 @@ class StopRequest:
         for s, handler in self._old.items():
             signal.signal(s, handler)
         self._old = {}
+
+    def _on_signal(self, signum: int) -> None:
+        raise NotImplementedError
+
+
+class StopRequest(CatchStopSignals):
+    """Catches stop signals for the duration of a ``with`` block; ``requested`` agrees across processes.
+
+    The first signal asks for a checkpoint after the current iteration; a second Ctrl-C stops at once.
+    ``end_early`` asks for the same without a signal (a sweep's pruner, from the main process).
+    """
+
+    def __init__(self):
+        self.early_end: Optional[str] = None  # why the run ends before its last step, when asked to
 
     def _on_signal(self, signum: int) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:

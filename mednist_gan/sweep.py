@@ -36,10 +36,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 
-from .config import Config, load_config
+from .config import Config, load_config, read_yaml
 from .errors import ConfigError, MednistGanError, TrainingError, first_line
 from .files import ensure_writable_folder, write_atomic
-from .runcontrol import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, STOP_SIGNALS
+from .runcontrol import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, CatchStopSignals
 
 SPEC_KEYS = ("name", "base", "overrides", "sweep_dir", "storage", "trials", "budget", "objective", "sampler",
              "pruner", "enqueue", "params")
@@ -199,13 +199,7 @@ def load_sweep(path: Path, overrides: Sequence[str] = (), sweep_dir: Optional[Pa
     spec = _Spec(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"sweep file {path}{where}: YAML syntax error: "
-                          f"{getattr(exc, 'problem', None) or first_line(exc)}") from None
+    data = read_yaml(path, "sweep file")
     spec.mapping(data, "", SPEC_KEYS)
 
     name = data.get("name", path.stem)
@@ -589,7 +583,7 @@ def _fail_trial(study, number: int, reason: str) -> None:
         study.tell(number, state=TrialState.FAIL)
 
 
-class _Stop:
+class _Stop(CatchStopSignals):
     """The worker's stop signals: no new trials, and SIGUSR1 (checkpoint and stop) to its trials.
 
     Trials start with SIGUSR1 ignored, so that one arriving before the trainer listens cannot kill them;
@@ -601,18 +595,7 @@ class _Stop:
     REMIND_EVERY_S = 2.0
 
     def __init__(self, children: dict):
-        self.children, self.signal_name, self._old = children, None, {}
-        self._reminded = 0.0
-
-    def __enter__(self) -> "_Stop":
-        self._old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-        for s in STOP_SIGNALS:
-            signal.signal(s, lambda signum, frame: self._on_signal(signum))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
+        self.children, self._reminded = children, 0.0
 
     def _on_signal(self, signum: int) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
