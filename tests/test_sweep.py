@@ -196,6 +196,23 @@ def test_a_trial_reports_its_objective_and_the_pruner_decides_before_the_last_st
         _Reporter(study.ask(), other, frozen)(2, {"eval/fmd": 5.0, "eval/kid": 0.25})
 
 
+def test_successive_halving_prunes_a_trial_behind_the_others_at_its_rung(tmp_path):
+    """The other pruner a search space may name: a trial reporting worse than the trials before it at the first
+    rung (step 2 with min_resource 2) is pruned there; one reporting as well as the best is promoted."""
+    spec = load_sweep(_space(tmp_path, pruner={"kind": "successive_halving", "min_resource": 2, "reduction_factor": 2},
+                             objective="eval/fmd"))
+    study = optuna.create_study(pruner=make_pruner(spec))
+    for value in (1.0, 2.0, 3.0):
+        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={2: value, 4: value}))
+    good, bad = study.ask(), study.ask()
+    for trial, value, pruned in ((good, 0.5, False), (bad, 9.0, True)):
+        reporter = _Reporter(trial, spec, frozen_trial(study, trial.number))
+        reporter.final_step = 6
+        verdict = reporter(2, {"eval/fmd": value})
+        assert (verdict is not None) == pruned, (value, verdict)
+    assert "pruned by the successive_halving pruner at step 2" in verdict
+
+
 def _hold_lock(path: Path) -> subprocess.Popen:
     """Another live process holding a worker's lock, as a running worker does."""
     code = textwrap.dedent(f"""
