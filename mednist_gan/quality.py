@@ -352,12 +352,15 @@ def _evaluate_class(name: Optional[str], folder: Path, loaded: list[_Model], num
     train_pixels = to_evaluation_pixels(real[torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))])
     train = {"pixels": train_pixels.flatten(1), "encoder": meter.features(train_pixels)["encoder"]}
     held_out = min(HELD_OUT_FOR_MEMORIZATION, len(real) - 1)
+    measurable = held_out * MEMORIZATION_PERCENTILE >= 100  # at least one unseen image below the percentile
     label = CLASSES.index(name) if name in CLASSES else None
 
     def row(title: str, model: Optional[_Model], latent: Optional[str], images: torch.Tensor) -> dict:
         pixels = to_evaluation_pixels(images)
         feats = meter.features(pixels)
-        if model is None:  # real images are training images here: the floor is the unseen images' own share
+        if not measurable:  # too few real images to tell the 1% closest apart: not reported
+            memo = {space: {"share": None} for space in ("pixels", "encoder")}
+        elif model is None:  # real images are training images here: the floor is the unseen images' own share
             memo = {space: {"share": MEMORIZATION_PERCENTILE / 100} for space in ("pixels", "encoder")}
         else:
             memo = {space: metrics.memorization(x, None, train[space], MEMORIZATION_PERCENTILE, held_out)
@@ -413,12 +416,12 @@ def format_table(result: dict) -> str:
         for row in block["rows"]:
             scores = Scores(**{f.name: row[f.name] for f in fields(Scores)})
             acc = "-" if row["class_accuracy"] is None else f"{row['class_accuracy']:.3f}"
-            lines.append(f"{row['name'][:30]:30} {row['latent'] or '-':7} {scores.row()} "
-                         f"{row['memorization_pixels']:7.3f} {row['memorization_encoder']:8.3f} {acc:>6}")
+            px, ssl = ("-" if row[key] is None else f"{row[key]:.3f}" for key in ("memorization_pixels", "memorization_encoder"))
+            lines.append(f"{row['name'][:30]:30} {row['latent'] or '-':7} {scores.row()} {px:>7} {ssl:>8} {acc:>6}")
     lines.append(f"FMD, KID: classifier features; FD-SSL, prec/recall/dens/cover, memo-ssl: self-supervised encoder "
-                 f"features; memo: share closer to a training image than {100 - result['memorization_percentile']:g}% "
-                 f"of real unseen images (floor row: real unseen images themselves); class: share the classifier "
-                 f"assigns to the class")
+                 f"features; memo: share at most as far from a training image as the closest "
+                 f"{result['memorization_percentile']:g}% of real unseen images (floor row: real unseen images "
+                 f"themselves; '-' with fewer than 101 real images); class: share the classifier assigns to the class")
     for name, u in (result.get("usefulness") or {}).items():
         lines.append(f"usefulness of {name}: a classifier trained on its images scores {u['synthetic_accuracy']['all']:.4f} "
                      f"on real held-out images (trained on real images: {u['real_accuracy']['all']:.4f})")
