@@ -156,6 +156,12 @@ class RuntimeConfig:
                                 "of page-faulting large tensors back in every step; same results, CPU steps faster, ~20% more resident memory")
     cpu_mask_dropout: bool = _f(True, "on CPU, draw dropout masks as rand >= p (same distribution, faster than PyTorch's CPU "
                                 "bernoulli; other masks)")
+    cuda_graphs: bool = _f(True, "on one CUDA GPU: run each iteration's discriminator phase and generator update as CUDA graphs "
+                           "(captured after 3 eager runs of each), without per-kernel launch overhead; runs eagerly, and says "
+                           "why, under train.precision=fp16, train.nonfinite=skip, train.detect_anomaly or several processes")
+    fused_adam: bool = _f(True, "on CUDA: Adam's fused kernel, one launch per optimizer step (the same update up to rounding)")
+    tf32: bool = _f(True, "on Ampere or newer GPUs: TensorFloat-32 in fp32 convolutions and matrix products (PyTorch's own "
+                    "default allows it for convolutions only); false = strict fp32")
 
     def check(self) -> None:
         _require(self.num_threads is None or self.num_threads >= 1, "runtime.num_threads", self.num_threads, "an integer >= 1 or null")

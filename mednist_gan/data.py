@@ -160,17 +160,21 @@ def scale_intensity(images: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- DataLoader
 
-class ImageTensorDataset(Dataset):
-    """Indexes the cached uint8 tensor; scaling and augmentation happen later, batched, on the device."""
+class IndexDataset(Dataset):
+    """The positions 0..N-1 of the images: batches of indices, gathered from the images on the device.
 
-    def __init__(self, images: torch.Tensor):
-        self.images = images
+    The decoded images (uint8; all of MedNIST is about 240 MB) live on the training device, so a batch
+    costs one small index copy and one gather there; scaling and augmentation follow, batched, on the device.
+    """
+
+    def __init__(self, num_items: int):
+        self.num_items = num_items
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.num_items
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
+    def __getitem__(self, index: int) -> int:
+        return index
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -201,14 +205,15 @@ class EpochShuffleSampler(Sampler[int]):
         return max(self.num_items - self._skipped(), 0)
 
 
-def build_dataloader(images: torch.Tensor, global_batch_size: int, seed: int, pin_memory: bool = False) -> DataLoader:
-    """Batches of the *global* size; Accelerate (split_batches=True) hands each process its slice."""
+def build_dataloader(num_items: int, global_batch_size: int, seed: int, pin_memory: bool = False) -> DataLoader:
+    """Index batches of the *global* size; Accelerate (split_batches=True) hands each process its slice."""
     return DataLoader(
-        ImageTensorDataset(images),
+        IndexDataset(num_items),
         batch_size=global_batch_size,
-        sampler=EpochShuffleSampler(len(images), seed),
+        sampler=EpochShuffleSampler(num_items, seed),
         drop_last=False,
         num_workers=0,
+        # Pinned index batches reach a GPU with an asynchronous copy: the host never waits for the device.
         pin_memory=pin_memory,
         # A private generator keeps DataLoader start-up from drawing on the global RNG, which would
         # make a resumed run's augmentation and dropout differ from an uninterrupted run's.
@@ -262,35 +267,38 @@ def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def zoom(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def zoom(x: torch.Tensor, factor: torch.Tensor, min_factor: float = ZOOM_MIN, max_factor: float = ZOOM_MAX) -> torch.Tensor:
     """MONAI ``Zoom(factor, keep_size=True)`` per sample: area interpolation, centred edge-pad or crop.
 
-    MONAI resizes to ``floor(size * factor)`` pixels, so the zoom range gives only a handful of
-    distinct sizes; each size is one batched ``interpolate`` over the samples that share it.
+    MONAI resizes to ``floor(size * factor)`` pixels, so factors in ``[min_factor, max_factor]`` give only a
+    handful of sizes (57-70 for 64 pixels and the bundle's range); each size is one batched ``interpolate``
+    of the whole batch, kept for the samples of that size. Knowing the sizes from the range rather than
+    from the factors keeps the host from waiting for the device (no ``unique``, no indexing by a mask).
     """
     size = x.shape[-1]
-    new_sizes = torch.floor(size * factor.double()).long()
-    out = x.clone()
-    for s in new_sizes.unique().tolist():
+    new_sizes = torch.floor(size * factor.double()).long().view(-1, 1, 1, 1)
+    out = x
+    for s in range(math.floor(size * min_factor), math.floor(size * max_factor) + 1):
         if s == size:
             continue
-        idx = (new_sizes == s).nonzero().squeeze(1)
-        y = F.interpolate(x[idx], size=(s, s), mode="area")
+        y = F.interpolate(x, size=(s, s), mode="area")
         if s < size:
             before = (size - s) // 2
             y = F.pad(y, (before, size - s - before, before, size - s - before), mode="replicate")
         else:
             start = s // 2 - size // 2
             y = y[..., start:start + size, start:start + size]
-        out[idx] = y
+        out = torch.where(new_sizes == s, y, out)
     return out
 
 
 def apply_augment(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
-    """Rotate, flip, zoom (each where its mask is set), in the order of the bundle's Compose."""
-    x = x.clone()
-    idx = p.rotate.nonzero().squeeze(1)
-    x[idx] = rotate(x[idx], p.angle[idx])
+    """Rotate, flip, zoom (each where its mask is set), in the order of the bundle's Compose.
+
+    Each transform runs on the whole batch and is kept where its mask is set: a sample's result does not
+    depend on the others, and the host never waits for the device to learn which samples were picked.
+    """
+    x = torch.where(p.rotate.view(-1, 1, 1, 1), rotate(x, p.angle), x)
     x = flip(x, p.flip)
     return zoom(x, torch.where(p.zoom, p.factor, torch.ones_like(p.factor)))
 

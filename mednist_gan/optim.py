@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from .config import OptimConfig
 
 
-def make_optimizers(generator: torch.nn.Module, discriminator: torch.nn.Module,
-                    cfg: OptimConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+def make_optimizers(generator: torch.nn.Module, discriminator: torch.nn.Module, cfg: OptimConfig,
+                    fused: bool = False, capturable: bool = False,
+                    device: Optional[torch.device] = None) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for each network. ``capturable`` (for CUDA graphs) keeps the step counts and learning rates as
+    tensors on ``device``, so that a replayed update uses the schedule's current learning rate."""
     betas = tuple(cfg.betas)
-    return (torch.optim.Adam(generator.parameters(), lr=cfg.g_lr, betas=betas, foreach=cfg.foreach),
-            torch.optim.Adam(discriminator.parameters(), lr=cfg.d_lr, betas=betas, foreach=cfg.foreach))
+    options = {"fused": True} if fused else {"foreach": cfg.foreach}
+
+    def adam(net: torch.nn.Module, lr: float) -> torch.optim.Adam:
+        rate = torch.tensor(lr, device=device) if capturable else lr
+        return torch.optim.Adam(net.parameters(), lr=rate, betas=betas, capturable=capturable, **options)
+
+    return adam(generator, cfg.g_lr), adam(discriminator, cfg.d_lr)
 
 
 def make_schedulers(optimizers, cfg: OptimConfig, total_steps: int) -> list:

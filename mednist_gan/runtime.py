@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, InitProcessGroupKwargs
 
 from .config import Config, RuntimeConfig
 from .errors import ConfigError
@@ -35,6 +35,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
         torch.use_deterministic_algorithms(True)
     else:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.runtime.tf32
+    handlers = [  # a process that waits for a dead peer gives up after this long instead of hanging forever
+        InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))]
+    if cuda and cfg.runtime.cuda_graphs:  # autocast's cache of cast weights cannot outlive a graph capture
+        handlers.append(AutocastKwargs(cache_enabled=False))
     tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
     accelerator = Accelerator(
         log_with=tracker,
@@ -44,12 +51,33 @@ def make_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=cfg.train.precision,
         # Each loader batch is the global batch; every process takes its slice of it, so an iteration
         # sees the same images whatever the number of processes.
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # On a GPU, index batches come from pinned memory without the host waiting (DataLoader pin_memory).
+        dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=cuda),
         step_scheduler_with_optimizer=False,
-        # A process that waits for a dead peer gives up after this long instead of hanging forever.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
+        kwargs_handlers=handlers,
     )
     return accelerator
+
+
+def graph_capture(cfg: Config, device: torch.device, num_processes: int) -> tuple[bool, Optional[str]]:
+    """Whether this run replays its phases as CUDA graphs, and, when ``runtime.cuda_graphs`` asks for them on a GPU
+    but something rules them out, why (for the log)."""
+    if device.type != "cuda" or not cfg.runtime.cuda_graphs:
+        return False, None
+    blockers = [reason for blocked, reason in (
+        (cfg.train.precision == "fp16", "train.precision=fp16 (its loss scaler checks every step on the host)"),
+        (cfg.train.nonfinite == "skip", "train.nonfinite=skip (it checks every loss on the host)"),
+        (cfg.train.detect_anomaly, "train.detect_anomaly=true"),
+        (num_processes > 1, f"{num_processes} processes (capturing DDP's all-reduce is not supported yet)"),
+    ) if blocked]
+    if blockers:
+        return False, "runtime.cuda_graphs: phases run eagerly because of " + "; ".join(blockers)
+    return True, None
+
+
+def optimizer_options(rt: RuntimeConfig, device: torch.device, capture: bool) -> dict:
+    """Keyword arguments of ``optim.make_optimizers`` for this device: fused Adam on CUDA, capturable for graphs."""
+    return {"fused": device.type == "cuda" and rt.fused_adam, "capturable": capture, "device": device}
 
 
 def precision_warning(cfg: Config) -> Optional[str]:

@@ -36,12 +36,13 @@ from .errors import CheckpointError, ConfigError, TrainingError, first_line
 from .evaluation import InTrainingEvaluation
 from .export import checkpoint_provenance, export_generator
 from .files import EXPORT_DIR, write_atomic
+from .graphs import PhaseGraphs
 from .images import to_uint8_pictures
 from .losses import discriminator_loss, generator_loss, r1_penalty
 from .networks import build_discriminator, build_generator, generator_copy
 from .optim import make_optimizers, make_schedulers
 from .runcontrol import EndedEarly, Preempted, StopRequest, crash_point, peers_lost, write_failure
-from .runtime import make_accelerator, memory_format, precision_warning, prepare_networks
+from .runtime import graph_capture, make_accelerator, memory_format, optimizer_options, precision_warning, prepare_networks
 from .tracking import Tracking, setup_logging, write_run_info
 
 LATENT_RNG_FILE, AUGMENT_RNG_FILE = "latent_rng.pt", "augment_rng.pt"  # shared streams, saved by the main process
@@ -119,8 +120,15 @@ class Trainer:
         self.ema = None
         if cfg.train.ema_decay is not None:
             self.ema = generator_copy(cfg.model, G).to(acc.device).requires_grad_(False).eval()
-        opt_g, opt_d = make_optimizers(G, D, cfg.optim)
-        loader = build_dataloader(self.images, cfg.train.batch_size, cfg.train.seed, pin_memory=acc.device.type == "cuda")
+        capture, capture_off = graph_capture(cfg, acc.device, world)
+        if capture_off is not None:
+            self.log.info(capture_off)
+        # Each phase of an iteration runs as one CUDA graph (after a few eager runs) where the run allows it.
+        self.graphs = PhaseGraphs(enabled=capture)
+        opt_g, opt_d = make_optimizers(G, D, cfg.optim, **optimizer_options(cfg.runtime, acc.device, capture))
+        # The images stay on the training device; the loader hands out indices, gathered there (prepare_reals).
+        self.device_images = self.images.to(acc.device)
+        loader = build_dataloader(self.num_images, cfg.train.batch_size, cfg.train.seed, pin_memory=acc.device.type == "cuda")
         self.sampler = loader.sampler
         self.G, self.D, self.opt_g, self.opt_d, self.loader, *self.schedulers = acc.prepare(
             G, D, opt_g, opt_d, loader, *make_schedulers((opt_g, opt_d), cfg.optim, self.total_steps))
@@ -159,9 +167,10 @@ class Trainer:
                         generator=self.latent_rng, device=self.acc.device)
         return z[self.my_slice(n)]
 
-    def prepare_reals(self, batch: torch.Tensor) -> torch.Tensor:
+    def prepare_reals(self, indices: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a batch of image indices, as scaled (and augmented) float images on the device."""
         with torch.no_grad():
-            real = scale_intensity(batch)
+            real = scale_intensity(self.device_images[indices])
             if self.cfg.data.augment:
                 n = real.shape[0]
                 params = sample_augment_params(n * self.acc.num_processes, real.device, self.augment_rng)
@@ -169,21 +178,39 @@ class Trainer:
         return real.contiguous(memory_format=self.memory_format)
 
     def train_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One iteration on a batch of prepared real images; returns detached per-step metrics."""
-        acc, G, D, opts = self.acc, self.G, self.D, self.cfg.train
+        """One iteration on a batch of prepared real images; returns detached per-step metrics.
 
-        # Discriminator phase: the fake batch needs no graph, D only ever sees it detached.
-        with torch.no_grad():
-            fake = G(self.sample_latents(self.per_device_batch))
+        Latents come from the trainer's own generator here, outside the phases, which ``self.graphs`` may
+        replay as CUDA graphs (so nothing in a phase may depend on a Python value that changes per step).
+        """
+        opts = self.cfg.train
+        first = self.state.step * opts.d_train_steps
+        with_r1 = tuple(opts.r1_gamma > 0 and (first + i) % opts.r1_every == 0 for i in range(opts.d_train_steps))
+        d_metrics = self.graphs(("d", with_r1), lambda real, z: self.discriminator_phase(real, z, with_r1),
+                                real, self.sample_latents(self.per_device_batch))
+        g_losses = []
+        for j in range(opts.g_train_steps):
+            skipped = self.skipped_updates
+            g_losses.append(self.graphs(("g",), self.generator_update, self.sample_latents(self.per_device_g_batch))["loss_g"])
+            if self.skipped_updates == skipped:
+                self.update_ema(self.state.step * opts.g_train_steps + j)
+        self.lr_used = (self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"])
+        for scheduler in self.schedulers:
+            scheduler.step()
+        return {"loss_d": d_metrics.pop("loss_d"), "loss_g": torch.stack(g_losses).mean(), **d_metrics}
+
+    def discriminator_phase(self, real: torch.Tensor, z: torch.Tensor, with_r1: tuple[bool, ...]) -> dict[str, torch.Tensor]:
+        """One update of D per entry of ``with_r1`` (True: with the R1 penalty), all on ``real`` and one fake batch."""
+        acc, D, opts = self.acc, self.D, self.cfg.train
+        with torch.no_grad():  # D only ever sees the fake batch detached: it needs no graph
+            fake = self.G(z)
         d_losses, r1_values = [], []
-        for i in range(opts.d_train_steps):
+        for r1_now in with_r1:
             self.opt_d.zero_grad(set_to_none=True)
-            d_update = self.state.step * opts.d_train_steps + i
-            with_r1 = opts.r1_gamma > 0 and d_update % opts.r1_every == 0
-            real_in = real.detach().requires_grad_(True) if with_r1 else real
+            real_in = real.detach().requires_grad_(True) if r1_now else real
             real_logits, fake_logits = D(real_in), D(fake)
             loss_d = total_d = discriminator_loss(real_logits, fake_logits, opts.loss)
-            if with_r1:
+            if r1_now:
                 r1 = r1_penalty(real_logits, real_in)
                 total_d = loss_d + (opts.r1_gamma / 2 * opts.r1_every) * r1
                 r1_values.append(r1.detach())
@@ -192,31 +219,24 @@ class Trainer:
                 continue
             self.opt_d.step()
             d_losses.append(loss_d.detach())
-
-        # Generator phase: D's parameters need no gradient, and D's DDP wrapper must not wait for one.
-        g_losses = []
-        for j in range(opts.g_train_steps):
-            self.opt_g.zero_grad(set_to_none=True)
-            with frozen(D), acc.no_sync(D):
-                loss_g = generator_loss(D(G(self.sample_latents(self.per_device_g_batch))), opts.loss)
-            acc.backward(loss_g)
-            if not self._skip_nonfinite(loss_g, self.opt_g):
-                self.opt_g.step()
-                self.update_ema(self.state.step * opts.g_train_steps + j)
-            g_losses.append(loss_g.detach())
-        self.lr_used = (self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"])
-        for scheduler in self.schedulers:
-            scheduler.step()
-
         metrics = {
             "loss_d": torch.stack(d_losses).mean() if d_losses else loss_d.detach(),
-            "loss_g": torch.stack(g_losses).mean(),
             "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
             "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
         }
         if opts.r1_gamma > 0:  # NaN on iterations without an R1 update would poison the average: 0 there
             metrics["r1"] = torch.stack(r1_values).mean() if r1_values else torch.zeros((), device=acc.device)
         return metrics
+
+    def generator_update(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One update of G on latents ``z``; D's parameters need no gradient, and D's DDP wrapper must not wait for one."""
+        self.opt_g.zero_grad(set_to_none=True)
+        with frozen(self.D), self.acc.no_sync(self.D):
+            loss_g = generator_loss(self.D(self.G(z)), self.cfg.train.loss)
+        self.acc.backward(loss_g)
+        if not self._skip_nonfinite(loss_g, self.opt_g):
+            self.opt_g.step()
+        return {"loss_g": loss_g.detach()}
 
     @torch.no_grad()
     def update_ema(self, t: int) -> None:
@@ -343,7 +363,7 @@ class Trainer:
             return
         now = time.perf_counter()
         metrics["images_per_s"] = steps * self.cfg.train.batch_size / (now - self._window_start)
-        metrics["lr_g"], metrics["lr_d"] = self.lr_used  # of the last iteration
+        metrics["lr_g"], metrics["lr_d"] = (float(lr) for lr in self.lr_used)  # of the last iteration (tensors under graphs)
         metrics["epoch"] = self.step_epoch
         self._window_start = now
         self.tracking.log_metrics(metrics, self.state.step)

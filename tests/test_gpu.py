@@ -1,0 +1,116 @@
+"""The GPU step: phases replayed as CUDA graphs equal the eager phases, and an iteration never waits on the host.
+
+These need a CUDA GPU (CUDA graphs, fused Adam and TF32 exist only there); elsewhere they are skipped with
+that reason. ``benchmarks/gpu_check.sh`` runs this file on a GPU machine; CI has none. CUDA graphs are used
+with one process only (see ``runtime.graph_capture``), so there is no two-process variant here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mednist_gan.config import load_config
+from mednist_gan.runtime import graph_capture
+from mednist_gan.trainer import Trainer
+
+from helpers import CONFIGS, reset_accelerate
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs, fused Adam, TF32)")
+
+STEPS = 10
+
+
+def _config(tmp_path, mednist_root, *overrides):
+    # Dropout off: a graph draws its masks from other offsets of the default generator than eager code does.
+    return load_config(CONFIGS / "debug.yaml", [
+        f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.limit=128", "train.batch_size=32", "train.d_train_steps=3", "model.d_dropout=0", "runtime.tf32=false",
+        "train.deterministic=false", "log.sample_every=null", *overrides])
+
+
+def _run(cfg, steps: int = STEPS):
+    """``steps`` iterations as ``fit`` runs them; the per-step metrics, the final weights, and the trainer."""
+    trainer = Trainer(cfg)
+    batches, metrics = iter(trainer.loader), []
+    for _ in range(steps):
+        step_metrics = trainer.train_step(trainer.prepare_reals(next(batches)))
+        metrics.append({k: v.item() for k, v in step_metrics.items()})
+        trainer.state.step += 1
+    nets = {"G": trainer.acc.unwrap_model(trainer.G), "D": trainer.acc.unwrap_model(trainer.D)}
+    if trainer.ema is not None:
+        nets["EMA"] = trainer.ema
+    weights = {f"{name}.{k}": v.detach().float().cpu().clone() for name, net in nets.items()
+               for k, v in net.state_dict().items()}
+    return metrics, weights, trainer
+
+
+@cuda
+@pytest.mark.parametrize("options", [
+    [],
+    ["train.r1_gamma=2.0", "train.loss=ns"],
+    ["train.r1_gamma=2.0", "train.r1_every=2"],  # lazy R1: two patterns of updates, two discriminator graphs
+    ["train.ema_decay=0.9", "train.ema_warmup=true", "optim.warmup_steps=4", "optim.decay=cosine"],
+    ["train.precision=bf16", "train.g_train_steps=2"],
+], ids=["bundle", "r1", "lazy-r1", "ema-schedule", "bf16"])
+def test_captured_phases_equal_eager_phases(tmp_path, mednist_root, options):
+    eager_metrics, eager_weights, _ = _run(_config(tmp_path / "eager", mednist_root, "runtime.cuda_graphs=false", *options))
+    reset_accelerate()
+    graph_metrics, graph_weights, trainer = _run(_config(tmp_path / "graph", mednist_root, *options))
+    assert trainer.graphs.graphs, "no phase was captured"
+    assert max(trainer.graphs.calls.values()) > trainer.graphs.warmup + 2, "too few replays to compare"
+    tol = {"rtol": 2e-2, "atol": 2e-3} if "train.precision=bf16" in options else {"rtol": 1e-3, "atol": 1e-5}
+    for step, (a, b) in enumerate(zip(eager_metrics, graph_metrics)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], **{"rel": tol["rtol"], "abs": tol["atol"]}), f"step {step} {key}"
+    for key, value in eager_weights.items():
+        assert torch.allclose(graph_weights[key], value, **tol), key
+    # The replayed updates did change the weights (a graph that replays nothing would also 'agree' with itself).
+    fresh = _run(_config(tmp_path / "fresh", mednist_root, "runtime.cuda_graphs=false", *options), steps=0)[1]
+    assert any(not torch.allclose(fresh[k], v) for k, v in graph_weights.items() if k.startswith("G."))
+
+
+@cuda
+@pytest.mark.parametrize("graphs", ["true", "false"])
+def test_an_iteration_never_waits_for_the_device(tmp_path, mednist_root, graphs):
+    """From index batch to the EMA update, nothing inside an iteration synchronises the host with the GPU."""
+    cfg = _config(tmp_path, mednist_root, f"runtime.cuda_graphs={graphs}", "train.r1_gamma=1.0",
+                  "train.ema_decay=0.99", "optim.warmup_steps=10", "model.d_dropout=0.25")
+    trainer = Trainer(cfg)
+    batches = iter(trainer.loader)
+    for _ in range(trainer.graphs.warmup + 1):  # eager warm-up runs and the capture may synchronise
+        trainer.train_step(trainer.prepare_reals(next(batches)))
+        trainer.state.step += 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.train_step(trainer.prepare_reals(next(batches)))
+            trainer.state.step += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_the_gpu_path_uses_fused_capturable_adam_and_device_images(tmp_path, mednist_root):
+    trainer = Trainer(_config(tmp_path, mednist_root))
+    group = trainer.opt_d.optimizer.param_groups[0]
+    assert group["fused"] and group["capturable"] and isinstance(group["lr"], torch.Tensor)
+    assert trainer.device_images.is_cuda and trainer.device_images.dtype == torch.uint8
+    assert torch.backends.cudnn.allow_tf32 is False  # runtime.tf32=false
+
+
+def test_graph_capture_is_used_only_where_it_can_be(tmp_path, mednist_root):
+    """On one GPU by default; never on CPU; eagerly, with the reason, where a setting needs the host every step."""
+    cuda_device, cpu = torch.device("cuda", 0), torch.device("cpu")
+    cfg = _config(tmp_path, mednist_root)
+    assert graph_capture(cfg, cuda_device, 1) == (True, None)
+    assert graph_capture(cfg, cpu, 1) == (False, None)
+    assert graph_capture(_config(tmp_path, mednist_root, "runtime.cuda_graphs=false"), cuda_device, 1) == (False, None)
+    for override, words in (("train.precision=fp16", "train.precision=fp16"), ("train.nonfinite=skip", "nonfinite=skip"),
+                            ("train.detect_anomaly=true", "detect_anomaly")):
+        used, reason = graph_capture(_config(tmp_path, mednist_root, override), cuda_device, 1)
+        assert not used and words in reason and reason.startswith("runtime.cuda_graphs:")
+    used, reason = graph_capture(cfg, cuda_device, 2)
+    assert not used and "2 processes" in reason
