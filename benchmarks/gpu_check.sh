@@ -1,21 +1,37 @@
 #!/usr/bin/env bash
-# The GPU checks behind docs/benchmarks.md's GPU rows: a short GPU training at each precision, the
-# CPU test files that also run on a GPU, and the benchmarks. Run from the repository root on a GPU
-# machine with this project importable (PYTHONPATH=.) and the data at $MEDNIST_ROOT.
-#   MEDNIST_ROOT=/data/MedNIST MEDNIST_GAN_UPSTREAM=/path/model.pt OUT=results benchmarks/gpu_check.sh
+# Every GPU check behind docs/benchmarks.md's GPU rows, in one run with a time limit per step: the GPU tests
+# (captured phases equal eager ones, no host sync inside an iteration), the training benchmark against the
+# MONAI pipeline (fp32, bf16, eager), one GPU's step at smaller batches with the 8-GPU projection, generation
+# and where its time goes, and (on a host CPU with AMX-BF16) the CPU's bf16 against fp32.
+# Run from the repository root on a GPU machine with this project importable and the Hand images at
+# $MEDNIST_ROOT/Hand; each step's output goes to $OUT/<step>.txt.
+#   MEDNIST_ROOT=/data/MedNIST MEDNIST_GAN_UPSTREAM=/path/model.pt OUT=results bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
-nvidia-smi -L
-python3 -c "import torch, monai, accelerate; print('torch', torch.__version__, 'monai', monai.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())"
-for p in no bf16 fp16; do
-    echo "== debug training on the GPU, precision $p"
-    python3 -m mednist_gan train --config configs/debug.yaml data.root="$MEDNIST_ROOT" run_dir="/tmp/gpu_$p" \
-        train.precision=$p train.max_steps=20 train.epochs=20 2>&1 | grep -E "training|step 20|finished|error" | cut -c1-200
-done
-echo "== tests on the GPU"
-python3 -m pytest -q -x -p no:cacheprovider tests/test_training.py tests/test_export_generate.py tests/test_data.py 2>&1 | tail -4
-echo "== benchmarks"
-python3 benchmarks/bench_generate.py --weights "$MEDNIST_GAN_UPSTREAM" --num-samples 2000 2>&1 | tee "$OUT/bench_generate.txt" | tail -4
-python3 benchmarks/bench_data.py --data "$MEDNIST_ROOT" 2>&1 | tee "$OUT/bench_data.txt" | tail -4
-python3 benchmarks/bench_train.py --data "$MEDNIST_ROOT" --iters 10 --workers 8 2>&1 | tee "$OUT/bench_train.txt" | tail -8
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the whole output, show its end
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    rc=$?
+    tail -n "${TAIL:-25}" "$OUT/$name.txt" | cut -c1-400
+    echo "== $name: rc=$rc after $((SECONDS - start))s"
+}
+
+{
+    nvidia-smi -L
+    python3 -c "import torch, monai, accelerate; print('torch', torch.__version__, 'monai', monai.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())"
+    grep -m1 "model name" /proc/cpuinfo; grep -o -w -m1 "amx_bf16" /proc/cpuinfo; nproc
+} 2>&1 | tee "$OUT/machine.txt"
+
+step test_gpu 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py
+step bench_train 150 python3 benchmarks/bench_train.py --data "$MEDNIST_ROOT" --iters 10 --workers 8 --no-tuned-reference
+TAIL=40 step bench_scaling 150 python3 benchmarks/bench_scaling.py --data "$MEDNIST_ROOT" --iters 30
+step bench_generate 50 python3 benchmarks/bench_generate.py --weights "$MEDNIST_GAN_UPSTREAM" --num-samples 2000 --repeats 3
+step profile_generate 25 python3 benchmarks/profile_generate.py --weights "$MEDNIST_GAN_UPSTREAM" --num-samples 2000
+if grep -q -w amx_bf16 /proc/cpuinfo; then
+    CUDA_VISIBLE_DEVICES="" step cpu_precision 60 python3 benchmarks/bench_cpu_precision.py --data "$MEDNIST_ROOT" --iters 2
+fi

@@ -6,7 +6,8 @@ run eagerly: they are ordinary training steps that also create the optimizer sta
 its kernels. The next call captures the phase (recording its kernels without running them) into static
 input and output tensors, and every call from then on copies its inputs into the static ones, replays
 the graph and returns copies of the outputs. Phases that differ in Python-level choices (which of the
-discriminator updates carry the R1 penalty) are captured under different keys.
+discriminator updates carry the R1 penalty) are captured under different keys, and inputs of another
+shape (the smaller last batch of an epoch) under another graph.
 
 A graph replays exactly the kernels it recorded, so what a phase reads must live in tensors that stay in
 place: the weights and optimizer state (updated in place), learning rates held as tensors (capturable
@@ -31,6 +32,7 @@ class PhaseGraphs:
         self.calls: Counter = Counter()
 
     def __call__(self, key: Hashable, phase: Phase, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = (key, *(tuple(value.shape) for value in inputs))  # an epoch's last, smaller batch: a graph of its own
         self.calls[key] += 1
         if not self.enabled or (key not in self.graphs and self.calls[key] <= self.warmup):
             return phase(*inputs)
