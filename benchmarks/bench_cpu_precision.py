@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,12 +40,11 @@ def main() -> int:
     args = parser.parse_args()
     print(machine(), "|", cpu_flags(), "|", os.cpu_count(), "cores")
     seconds = {"no": [], "bf16": []}
-    with tempfile.TemporaryDirectory() as cache:
-        for _ in range(2):
-            for precision in seconds:
-                r = time_steps("bundle.yaml", [f"train.precision={precision}", f"train.batch_size={args.batch}"],
-                               args.data, Path(cache), args.iters, warmup=1)
-                seconds[precision].append(r["s_per_iter"])
+    for _ in range(2):
+        for precision in seconds:
+            r = time_steps("bundle.yaml", [f"train.precision={precision}", f"train.batch_size={args.batch}"],
+                           args.data, args.iters, warmup=1)
+            seconds[precision].append(r["s_per_iter"])
     for precision, values in seconds.items():
         print(f"bundle iteration, batch {args.batch}, precision {precision:>4}: "
               + ", ".join(f"{v:.2f}" for v in values) + " s/iter")

@@ -37,7 +37,7 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def time_steps(config: str, overrides: list[str], data: Path, cache: Path, iters: int, warmup: int = 6) -> dict:
+def time_steps(config: str, overrides: list[str], data: Path, iters: int, warmup: int = 6) -> dict:
     """Seconds per iteration (``iters`` timed after ``warmup``), FLOPs of one iteration, and parameter counts."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -47,7 +47,7 @@ def time_steps(config: str, overrides: list[str], data: Path, cache: Path, iters
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(REPO / "configs" / config, [
-            f"data.root={data}", f"run_dir={tmp}", f"data.cache_dir={cache}", "log.sample_every=null",
+            f"data.root={data}", f"run_dir={tmp}", "log.sample_every=null",
             "export.at_end=false", "eval.every_steps=null", "eval.every_epochs=null", *overrides])
         trainer = Trainer(cfg)
         indices = next(iter(trainer.loader))
@@ -114,28 +114,27 @@ def main() -> int:
     print(machine())
     peaks = {k: matmul_peak_tflops(k) for k in ("fp32", "tf32", "bf16")}
     print("measured matmul peak (8192^3): " + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in peaks.items()))
-    with tempfile.TemporaryDirectory() as cache:
-        rows = {}
-        print(f"\nbundle recipe (configs/bundle.yaml, d_train_steps 5), one process, {args.iters} timed iterations:")
-        print(f"{'per-device batch':>16} {'precision':>9} {'phases':>7} {'s/iter':>9} {'images/s':>10} {'TFLOP/s':>8}")
-        for batch, precision, graphs in itertools.product((600, 300, 150, 75), ("no", "bf16"), ("true", "false")):
-            r = time_steps("bundle.yaml", [f"train.batch_size={batch}", f"train.precision={precision}",
-                                           f"runtime.cuda_graphs={graphs}"], args.data, Path(cache), args.iters)
-            rows[batch, precision, graphs] = r
-            mode = "graphs" if r["captured"] else "eager"
-            print(f"{batch:>16} {precision:>9} {mode:>7} {r['s_per_iter']:9.4f} {batch / r['s_per_iter']:10.0f} "
-                  f"{r['flops'] / r['s_per_iter'] / 1e12:8.2f}")
+    rows = {}
+    print(f"\nbundle recipe (configs/bundle.yaml, d_train_steps 5), one process, {args.iters} timed iterations:")
+    print(f"{'per-device batch':>16} {'precision':>9} {'phases':>7} {'s/iter':>9} {'images/s':>10} {'TFLOP/s':>8}")
+    for batch, precision, graphs in itertools.product((600, 300, 150, 75), ("no", "bf16"), ("true", "false")):
+        r = time_steps("bundle.yaml", [f"train.batch_size={batch}", f"train.precision={precision}",
+                                       f"runtime.cuda_graphs={graphs}"], args.data, args.iters)
+        rows[batch, precision, graphs] = r
+        mode = "graphs" if r["captured"] else "eager"
+        print(f"{batch:>16} {precision:>9} {mode:>7} {r['s_per_iter']:9.4f} {batch / r['s_per_iter']:10.0f} "
+              f"{r['flops'] / r['s_per_iter'] / 1e12:8.2f}")
 
-        print("\nrecipes at their own batch, fp32 (TF32 convolutions, runtime.tf32) and bf16, CUDA graphs:")
-        for config in ("bundle.yaml", "quality.yaml"):
-            for precision in ("no", "bf16"):
-                r = time_steps(config, [f"train.precision={precision}"], args.data, Path(cache), args.iters)
-                peak = peaks["bf16" if precision == "bf16" else "tf32"]
-                achieved = r["flops"] / r["s_per_iter"] / 1e12
-                print(f"  {config:13s} {precision:>4}: batch {r['batch']:4d}, {r['s_per_iter'] * 1e3:7.2f} ms/iter, "
-                      f"{r['batch'] / r['s_per_iter']:9.0f} images/s, {r['flops'] / 1e9:6.1f} GFLOP/iter, "
-                      f"{achieved:6.2f} TFLOP/s = {100 * achieved / peak:4.1f}% of the "
-                      f"{'bf16' if precision == 'bf16' else 'tf32'} matmul peak; G {r['g_params']:,} / D {r['d_params']:,} params")
+    print("\nrecipes at their own batch, fp32 (TF32 convolutions, runtime.tf32) and bf16, CUDA graphs:")
+    for config in ("bundle.yaml", "quality.yaml"):
+        for precision in ("no", "bf16"):
+            r = time_steps(config, [f"train.precision={precision}"], args.data, args.iters)
+            peak = peaks["bf16" if precision == "bf16" else "tf32"]
+            achieved = r["flops"] / r["s_per_iter"] / 1e12
+            print(f"  {config:13s} {precision:>4}: batch {r['batch']:4d}, {r['s_per_iter'] * 1e3:7.2f} ms/iter, "
+                  f"{r['batch'] / r['s_per_iter']:9.0f} images/s, {r['flops'] / 1e9:6.1f} GFLOP/iter, "
+                  f"{achieved:6.2f} TFLOP/s = {100 * achieved / peak:4.1f}% of the "
+                  f"{'bf16' if precision == 'bf16' else 'tf32'} matmul peak; G {r['g_params']:,} / D {r['d_params']:,} params")
 
     r = rows[600, "no", "true"]
     reduces = r["d_train_steps"] + r["g_train_steps"]

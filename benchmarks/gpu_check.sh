@@ -27,11 +27,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the whole outpu
     grep -m1 "model name" /proc/cpuinfo; grep -o -w -m1 "amx_bf16" /proc/cpuinfo; nproc
 } 2>&1 | tee "$OUT/machine.txt"
 
-step test_gpu 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py
-step bench_train 150 python3 benchmarks/bench_train.py --data "$MEDNIST_ROOT" --iters 10 --workers 8 --no-tuned-reference
-TAIL=40 step bench_scaling 150 python3 benchmarks/bench_scaling.py --data "$MEDNIST_ROOT" --iters 30
-step bench_generate 50 python3 benchmarks/bench_generate.py --weights "$MEDNIST_GAN_UPSTREAM" --num-samples 2000 --repeats 3
+step test_gpu 140 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py
+step bench_train 140 python3 benchmarks/bench_train.py --data "$MEDNIST_ROOT" --iters 10 --workers 8 --no-tuned-reference
+TAIL=40 step bench_scaling 140 python3 benchmarks/bench_scaling.py --data "$MEDNIST_ROOT" --iters 30
+step bench_generate 45 python3 benchmarks/bench_generate.py --weights "$MEDNIST_GAN_UPSTREAM" --num-samples 2000 --repeats 3
 step profile_generate 25 python3 benchmarks/profile_generate.py --weights "$MEDNIST_GAN_UPSTREAM" --num-samples 2000
 if grep -q -w amx_bf16 /proc/cpuinfo; then
-    CUDA_VISIBLE_DEVICES="" step cpu_precision 60 python3 benchmarks/bench_cpu_precision.py --data "$MEDNIST_ROOT" --iters 2
+    CUDA_VISIBLE_DEVICES="" step cpu_precision 50 python3 benchmarks/bench_cpu_precision.py --data "$MEDNIST_ROOT" --iters 2
 fi
