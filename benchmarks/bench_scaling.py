@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _report import machine  # noqa: E402
+from _report import flop_counter, machine  # noqa: E402
 
 
 def _reset_accelerate() -> None:
@@ -40,7 +40,6 @@ def _reset_accelerate() -> None:
 def time_steps(config: str, overrides: list[str], data: Path, iters: int, warmup: int = 6) -> dict:
     """Seconds per iteration (``iters`` timed after ``warmup``), FLOPs of one iteration, and parameter counts."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from mednist_gan.config import load_config
     from mednist_gan.trainer import Trainer
@@ -56,8 +55,13 @@ def time_steps(config: str, overrides: list[str], data: Path, iters: int, warmup
             trainer.train_step(trainer.prepare_reals(indices))
             trainer.state.step += 1
 
-        with FlopCounterMode(display=False) as counter:  # the first call of every phase runs eagerly
-            step()
+        # FLOPs of as many eager iterations as lazy R1 takes to repeat (graphs off: replays are invisible to the counter).
+        window = cfg.train.r1_every if cfg.train.r1_gamma > 0 else 1
+        trainer.graphs.enabled, captured = False, trainer.graphs.enabled
+        with flop_counter() as counter:
+            for _ in range(window):
+                step()
+        trainer.graphs.enabled = captured
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         for _ in range(warmup):
             step()
@@ -68,7 +72,7 @@ def time_steps(config: str, overrides: list[str], data: Path, iters: int, warmup
         sync()
         seconds = (time.perf_counter() - start) / iters
         G, D = trainer.acc.unwrap_model(trainer.G), trainer.acc.unwrap_model(trainer.D)
-        result = {"s_per_iter": seconds, "flops": counter.get_total_flops(), "captured": bool(trainer.graphs.graphs),
+        result = {"s_per_iter": seconds, "flops": counter.get_total_flops() / window, "captured": bool(trainer.graphs.graphs),
                   "g_params": sum(p.numel() for p in G.parameters()), "d_params": sum(p.numel() for p in D.parameters()),
                   "d_train_steps": cfg.train.d_train_steps, "g_train_steps": cfg.train.g_train_steps,
                   "batch": cfg.train.batch_size}
@@ -114,6 +118,8 @@ def main() -> int:
     parser.add_argument("--bus-gbps", type=float, default=360.0,
                         help="assumed all-reduce bus bandwidth, GB/s (NCCL on 8 NVLink-4 GPUs: about 360-480)")
     parser.add_argument("--latency-us", type=float, default=25.0, help="assumed latency of one small NCCL all-reduce, us")
+    parser.add_argument("--batches", type=int, nargs="*", default=[600, 300, 150, 75],
+                        help="per-device batches of the bundle recipe to time (none: only the recipes' rows)")
     args = parser.parse_args()
 
     import torch
@@ -127,7 +133,7 @@ def main() -> int:
     rows = {}
     print(f"\nbundle recipe (configs/bundle.yaml, d_train_steps 5), one process, {args.iters} timed iterations:")
     print(f"{'per-device batch':>16} {'precision':>9} {'phases':>7} {'s/iter':>9} {'images/s':>10} {'TFLOP/s':>8}")
-    for batch, precision, graphs in itertools.product((600, 300, 150, 75), ("no", "bf16"), ("true", "false")):
+    for batch, precision, graphs in itertools.product(args.batches, ("no", "bf16"), ("true", "false")):
         r = try_time_steps("bundle.yaml", [f"train.batch_size={batch}", f"train.precision={precision}",
                                            f"runtime.cuda_graphs={graphs}"], args.data, args.iters)
         if r is None:
@@ -151,8 +157,8 @@ def main() -> int:
                   f"{'bf16' if precision == 'bf16' else 'tf32'} matmul peak; G {r['g_params']:,} / D {r['d_params']:,} params")
 
     r = rows.get((600, "no", "true")) or rows.get((600, "no", "false"))
-    if r is None:
-        return 1
+    if r is None:  # no batch rows asked for (the recipes only), or none ran
+        return 1 if args.batches else 0
     reduces = r["d_train_steps"] + r["g_train_steps"]
     volume = 4 * (r["d_train_steps"] * r["d_params"] + r["g_train_steps"] * r["g_params"])
     n = args.gpus
@@ -162,7 +168,7 @@ def main() -> int:
           f"(D {4 * r['d_params'] / 1e6:.2f} MB x {r['d_train_steps']}, G {4 * r['g_params'] / 1e6:.2f} MB x {r['g_train_steps']}); "
           f"assumed {args.latency_us:g} us + {args.bus_gbps:g} GB/s bus bandwidth -> {comm * 1e3:.2f} ms per iteration on {n} GPUs")
     per_device = 600 // n
-    nearest = min((600, 300, 150, 75), key=lambda b: abs(b - per_device))
+    nearest = min(args.batches, key=lambda b: abs(b - per_device))
     for precision in ("no", "bf16"):
         if (600, precision, "true") not in rows:
             continue

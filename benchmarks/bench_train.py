@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from _report import verdict  # noqa: E402
+from _report import flop_counter, verdict  # noqa: E402
 
 TARGET, GPU_TARGET = 2.0, 6.0  # issue #7 on CPU; issue #18 on one GPU
 BATCH = 600
@@ -135,8 +135,6 @@ def run_ours(data: Path, iters: int, processes: int, overrides: list[str], windo
 
 def count_flops(data: Path) -> float:
     """FLOPs of one full iteration (5 D updates + 1 G update, forward and backward) at batch 600."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from mednist_gan.config import load_config
     from mednist_gan.trainer import Trainer
 
@@ -144,7 +142,7 @@ def count_flops(data: Path) -> float:
         cfg = load_config(REPO / "configs" / "bundle.yaml", [f"data.root={data}", f"run_dir={tmp}", "data.limit=600"])
         trainer = Trainer(cfg)
         real = trainer.prepare_reals(next(iter(trainer.loader)))
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             trainer.train_step(real)
     return counter.get_total_flops()
 
@@ -184,7 +182,7 @@ def _side(args) -> int:
 def _spawn(side: str, args, processes: int = 1, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--iters", str(args.iters), "--data", str(args.data),
            "--workers", str(args.workers), "--processes", str(processes), "--window", str(args.window)]
-    cmd += [f"--override={o}" for o in args.override + extra]
+    cmd += [f"--override={o}" for o in [*args.override, *extra]]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -6,14 +6,16 @@
 # Run from the repository root on a GPU machine with this project importable and the Hand images at
 # $MEDNIST_ROOT/Hand; each step's output goes to $OUT/<step>.txt.
 #   MEDNIST_ROOT=/data/MedNIST MEDNIST_GAN_UPSTREAM=/path/model.pt OUT=results bash benchmarks/gpu_check.sh
+# SKIP="profile_generate cpu_precision" leaves steps out; SCALING_ARGS="--batches" times only the recipes' rows.
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the whole output, show its end
+step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the whole output, show its end (not if NAME is in $SKIP)
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
+    case " ${SKIP:-} " in *" $name "*) return 0 ;; esac
     echo "== $name (limit ${limit}s)"
     timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
     rc=$?
@@ -27,11 +29,26 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the whole outpu
     grep -m1 "model name" /proc/cpuinfo; grep -o -w -m1 "amx_bf16" /proc/cpuinfo; nproc
 } 2>&1 | tee "$OUT/machine.txt"
 
-step test_gpu 140 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py
+step test_gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step bench_train 140 python3 benchmarks/bench_train.py --data "$MEDNIST_ROOT" --iters 10 --workers 8 --no-tuned-reference
-TAIL=40 step bench_scaling 140 python3 benchmarks/bench_scaling.py --data "$MEDNIST_ROOT" --iters 30
+TAIL=40 step bench_scaling 140 python3 benchmarks/bench_scaling.py --data "$MEDNIST_ROOT" --iters 30 ${SCALING_ARGS:-}
 step bench_generate 45 python3 benchmarks/bench_generate.py --weights "$MEDNIST_GAN_UPSTREAM" --num-samples 2000 --repeats 3
 step profile_generate 25 python3 benchmarks/profile_generate.py --weights "$MEDNIST_GAN_UPSTREAM" --num-samples 2000
+# The whole loop on the GPU: the bundle's recipe and the quality recipe (lazy R1, EMA, cosine schedule) through
+# `mednist-gan train`, with checkpoints, samples and evaluation between captured iterations, then a resume.
+train_gpu() {
+    local run=/tmp/gpu_runs
+    rm -rf "$run"
+    python3 -m mednist_gan train --config configs/bundle.yaml data.root="$MEDNIST_ROOT" run_dir=$run/bundle \
+        train.max_steps=300 train.log_every=50 checkpoint.every_steps=100 log.sample_every=100 eval.every_steps=150 \
+        log.tracker=none || return 1
+    python3 -m mednist_gan train --config configs/quality.yaml data.root="$MEDNIST_ROOT" run_dir=$run/quality \
+        train.max_steps=400 eval.every_steps=200 log.sample_every=200 log.tracker=none || return 1
+    python3 -m mednist_gan train --config configs/quality.yaml data.root="$MEDNIST_ROOT" run_dir=$run/quality \
+        train.max_steps=500 eval.every_steps=200 log.sample_every=200 log.tracker=none || return 1
+    grep -h -E "CUDA|training |step (50|100|200|300|400|500) |eval|resumed|finished" $run/*/train.log | cut -c1-330
+}
+TAIL=40 step train_gpu 120 bash -c "$(declare -f train_gpu); train_gpu"
 if grep -q -w amx_bf16 /proc/cpuinfo; then
     CUDA_VISIBLE_DEVICES="" step cpu_precision 50 python3 benchmarks/bench_cpu_precision.py --data "$MEDNIST_ROOT" --iters 2
 fi

@@ -23,25 +23,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from _report import machine, verdict  # noqa: E402
+from _report import flop_counter, machine, verdict  # noqa: E402
 
 HAND_IMAGES = 10_000
-
-
-class _NoModules:
-    parents = {"Global"}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def measure(config: Path, data: Path, iters: int) -> dict:
     import torch
     from accelerate.state import AcceleratorState, GradientState
-    from torch.utils.flop_counter import FlopCounterMode
 
     from mednist_gan.config import load_config
     from mednist_gan.trainer import Trainer
@@ -57,10 +46,7 @@ def measure(config: Path, data: Path, iters: int) -> dict:
         real = trainer.prepare_reals(next(iter(trainer.loader)))
         trainer.train_step(real)  # warm-up
         window = max(1, cfg.train.r1_every if cfg.train.r1_gamma > 0 else 1)
-        counter = FlopCounterMode(display=False)
-        # Its per-module tracker hooks break autograd.grad (R1); totals need no module breakdown.
-        counter.mod_tracker = _NoModules()
-        with counter:
+        with flop_counter() as counter:
             for _ in range(window):
                 trainer.train_step(real)
                 trainer.state.step += 1

@@ -25,6 +25,15 @@ def make_optimizers(generator: torch.nn.Module, discriminator: torch.nn.Module, 
     return adam(generator, cfg.g_lr), adam(discriminator, cfg.d_lr)
 
 
+def keep_lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Learning rates of a capturable optimizer back to tensors on ``device`` after ``load_state_dict``, which puts
+    back what the checkpoint holds (a float from a CPU or eager run, or a tensor on the device that saved it): a CUDA
+    graph reads the tensor at every replay, where a float would stay the value it was captured with."""
+    for group in optimizer.param_groups:
+        if group.get("capturable") and not (isinstance(group["lr"], torch.Tensor) and group["lr"].device == device):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+
 def make_schedulers(optimizers, cfg: OptimConfig, total_steps: int) -> list:
     """One ``LambdaLR`` per optimizer when the config schedules the learning rate, else none."""
     if not cfg.scheduled:
