@@ -37,6 +37,12 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+def _step(trainer, indices) -> None:
+    """One iteration as ``fit`` runs it, on a fixed index batch."""
+    trainer.train_step(trainer.prepare_reals(indices))
+    trainer.state.step += 1
+
+
 def time_steps(config: str, overrides: list[str], data: Path, iters: int, warmup: int = 6) -> dict:
     """Seconds per iteration (``iters`` timed after ``warmup``), FLOPs of one iteration, and parameter counts."""
     import torch
@@ -51,24 +57,20 @@ def time_steps(config: str, overrides: list[str], data: Path, iters: int, warmup
         trainer = Trainer(cfg)
         indices = next(iter(trainer.loader))
 
-        def step() -> None:
-            trainer.train_step(trainer.prepare_reals(indices))
-            trainer.state.step += 1
-
         # FLOPs of as many eager iterations as lazy R1 takes to repeat (graphs off: replays are invisible to the counter).
         window = cfg.train.r1_every if cfg.train.r1_gamma > 0 else 1
         trainer.graphs.enabled, captured = False, trainer.graphs.enabled
         with flop_counter() as counter:
             for _ in range(window):
-                step()
+                _step(trainer, indices)
         trainer.graphs.enabled = captured
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         for _ in range(warmup):
-            step()
+            _step(trainer, indices)
         sync()
         start = time.perf_counter()
         for _ in range(iters):
-            step()
+            _step(trainer, indices)
         sync()
         seconds = (time.perf_counter() - start) / iters
         G, D = trainer.acc.unwrap_model(trainer.G), trainer.acc.unwrap_model(trainer.D)
@@ -143,18 +145,21 @@ def main() -> int:
         print(f"{batch:>16} {precision:>9} {mode:>7} {r['s_per_iter']:9.4f} {batch / r['s_per_iter']:10.0f} "
               f"{r['flops'] / r['s_per_iter'] / 1e12:8.2f}")
 
-    print("\nrecipes at their own batch, fp32 (TF32 convolutions, runtime.tf32) and bf16, CUDA graphs:")
-    for config in ("bundle.yaml", "quality.yaml"):
-        for precision in ("no", "bf16"):
-            r = try_time_steps(config, [f"train.precision={precision}"], args.data, args.iters)
-            if r is None:
-                continue
-            peak = peaks["bf16" if precision == "bf16" else "tf32"]
-            achieved = r["flops"] / r["s_per_iter"] / 1e12
-            print(f"  {config:13s} {precision:>4}: batch {r['batch']:4d}, {r['s_per_iter'] * 1e3:7.2f} ms/iter, "
-                  f"{r['batch'] / r['s_per_iter']:9.0f} images/s, {r['flops'] / 1e9:6.1f} GFLOP/iter, "
-                  f"{achieved:6.2f} TFLOP/s = {100 * achieved / peak:4.1f}% of the "
-                  f"{'bf16' if precision == 'bf16' else 'tf32'} matmul peak; G {r['g_params']:,} / D {r['d_params']:,} params")
+    print("\nrecipes at their own batch, fp32 (TF32 convolutions, runtime.tf32) and bf16, CUDA graphs; then the bundle "
+          "without channels_last (instance norm computes in NCHW: channels_last costs a copy around every normalisation):")
+    for config, precision, extra in (*itertools.product(("bundle.yaml", "quality.yaml"), ("no", "bf16"), ([],)),
+                                     ("bundle.yaml", "no", ["runtime.channels_last=false"]),
+                                     ("bundle.yaml", "bf16", ["runtime.channels_last=false"])):
+        r = try_time_steps(config, [f"train.precision={precision}", *extra], args.data, args.iters)
+        if r is None:
+            continue
+        peak = peaks["bf16" if precision == "bf16" else "tf32"]
+        achieved = r["flops"] / r["s_per_iter"] / 1e12
+        layout = " NCHW" if extra else ""
+        print(f"  {config:13s} {precision:>4}{layout}: batch {r['batch']:4d}, {r['s_per_iter'] * 1e3:7.2f} ms/iter, "
+              f"{r['batch'] / r['s_per_iter']:9.0f} images/s, {r['flops'] / 1e9:6.1f} GFLOP/iter, "
+              f"{achieved:6.2f} TFLOP/s = {100 * achieved / peak:4.1f}% of the "
+              f"{'bf16' if precision == 'bf16' else 'tf32'} matmul peak; G {r['g_params']:,} / D {r['d_params']:,} params")
 
     r = rows.get((600, "no", "true")) or rows.get((600, "no", "false"))
     if r is None:  # no batch rows asked for (the recipes only), or none ran

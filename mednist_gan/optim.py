@@ -25,11 +25,24 @@ def make_optimizers(generator: torch.nn.Module, discriminator: torch.nn.Module, 
     return adam(generator, cfg.g_lr), adam(discriminator, cfg.d_lr)
 
 
-def keep_lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Learning rates of a capturable optimizer back to tensors on ``device`` after ``load_state_dict``, which puts
-    back what the checkpoint holds (a float from a CPU or eager run, or a tensor on the device that saved it): a CUDA
-    graph reads the tensor at every replay, where a float would stay the value it was captured with."""
-    for group in optimizer.param_groups:
+# How an optimizer computes its update, chosen per run (runtime.optimizer_options), not what the update is.
+IMPLEMENTATION_OPTIONS = ("capturable", "fused", "foreach")
+
+
+def keep_run_options(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Undo what ``load_state_dict`` should not carry over from the run that saved the checkpoint.
+
+    It puts back every param-group entry the checkpoint holds: this run's implementation choices (a checkpoint of
+    an eager or CPU run says capturable=False, of a GPU run fused=True) come back from the optimizer's construction,
+    and a capturable optimizer's learning rates become tensors on ``device`` again (saved as floats by an eager run,
+    or on the device that saved them): a CUDA graph reads that tensor at every replay, where a float would stay the
+    value it was captured with.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper, or a plain optimizer
+    for group in inner.param_groups:
+        for key in IMPLEMENTATION_OPTIONS:
+            if key in inner.defaults:
+                group[key] = inner.defaults[key]
         if group.get("capturable") and not (isinstance(group["lr"], torch.Tensor) and group["lr"].device == device):
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
 

@@ -40,7 +40,7 @@ from .graphs import PhaseGraphs
 from .images import to_uint8_pictures
 from .losses import discriminator_loss, generator_loss, r1_penalty
 from .networks import build_discriminator, build_generator, generator_copy
-from .optim import keep_lr_on_device, make_optimizers, make_schedulers
+from .optim import keep_run_options, make_optimizers, make_schedulers
 from .runcontrol import EndedEarly, Preempted, StopRequest, crash_point, peers_lost, write_failure
 from .runtime import graph_capture, make_accelerator, memory_format, optimizer_options, precision_warning, prepare_networks
 from .tracking import Tracking, setup_logging, write_run_info
@@ -443,7 +443,7 @@ class Trainer:
         except RuntimeError as exc:  # shape/key mismatch from load_state_dict
             raise CheckpointError(f"{path}: does not fit these networks: {first_line(exc)}") from None
         for optimizer in (self.opt_g, self.opt_d):
-            keep_lr_on_device(optimizer, self.acc.device)
+            keep_run_options(optimizer, self.acc.device)
         try:
             self.latent_rng.set_state(torch.load(path / LATENT_RNG_FILE, weights_only=True))
             if (path / AUGMENT_RNG_FILE).is_file():

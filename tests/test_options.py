@@ -239,3 +239,28 @@ def test_resume_into_ema_from_a_run_without_it_is_refused(tmp_path, mednist_root
     reset_accelerate()
     with pytest.raises(CheckpointError, match="has no ema.safetensors, but the config sets train.ema_decay"):
         train(load_config(CONFIGS / "debug.yaml", [*common, "train.ema_decay=0.9"]))
+
+
+def test_a_checkpoint_does_not_carry_the_saving_runs_optimizer_implementation():
+    """load_state_dict puts back the saved param groups; the run's own choices (capturable for CUDA graphs, fused
+    on a GPU, foreach) and a capturable optimizer's learning-rate tensor come back after it (optim.keep_run_options).
+    (A capturable or fused step needs a GPU: tests/test_gpu.py resumes an eager checkpoint into captured phases.)"""
+    from mednist_gan.optim import keep_run_options
+
+    net = torch.nn.Linear(3, 2)
+    saved = torch.optim.Adam(net.parameters(), lr=1e-3, foreach=False)  # as an eager CPU run saves it: lr a float
+    net(torch.ones(1, 3)).sum().backward()
+    saved.step()
+    resumed = torch.optim.Adam(net.parameters(), lr=torch.tensor(2e-3), capturable=True, foreach=True)
+    resumed.load_state_dict(saved.state_dict())
+    group = resumed.param_groups[0]
+    assert (group["capturable"], group["foreach"], group["lr"]) == (False, False, 1e-3)  # what the checkpoint said
+    keep_run_options(resumed, torch.device("cpu"))
+    assert group["capturable"] and group["foreach"] and not group.get("fused")
+    assert isinstance(group["lr"], torch.Tensor) and float(group["lr"]) == pytest.approx(1e-3)  # the saved rate, as a tensor
+    assert resumed.state[next(iter(net.parameters()))]["step"] == 1  # the state itself is the checkpoint's
+    # A non-capturable optimizer keeps a float learning rate.
+    plain = torch.optim.Adam(net.parameters(), lr=5e-4)
+    plain.load_state_dict(saved.state_dict())
+    keep_run_options(plain, torch.device("cpu"))
+    assert plain.param_groups[0]["lr"] == 1e-3 and not plain.param_groups[0]["foreach"]
