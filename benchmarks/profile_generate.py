@@ -2,7 +2,8 @@
 
 Times, for N images of the seed weights: loading the model, the forward passes with the uint8 conversion
 and the copy to the host, PNG encoding alone, file writes alone (threads), and encoding plus writing with
-writer threads and with writer processes.
+writer threads and with forked writer processes (`generate` uses threads; processes are the candidate
+where the GIL caps the threads), each pool's start-up apart.
 
     python benchmarks/profile_generate.py [--num-samples 2000] [--weights ../shared/upstream/mednist_gan_bundle_model.pt]
 """
@@ -69,7 +70,9 @@ def main() -> int:
         for kind, pool in (("threads", ThreadPoolExecutor(writers)),
                            ("processes (fork)", ProcessPoolExecutor(writers, mp_context=multiprocessing.get_context("fork")))):
             with pool:
-                pool.submit(len, "warm").result()
+                t = stamp()
+                pool.submit(len, "warm").result()  # a fork pool starts all its workers at the first task
+                print(f"start the {kind:16s} pool  : {stamp() - t:7.3f} s")
                 t = stamp()
                 _write_all(pool, pictures, [Path(tmp) / f"{kind[0]}{i:05d}.png" for i in range(n)], writers)
                 print(f"encode + write, {kind:16s}: {stamp() - t:7.3f} s")

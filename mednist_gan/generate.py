@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import zipfile
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,11 +18,6 @@ from .files import PROVENANCE_FILE, ensure_writable_folder
 from .images import image_grid, save_png, to_uint8_pictures
 
 LATENTS = ("normal", "uniform")
-# From this many images on, PNGs are written by forked processes rather than threads: on a 16-core GPU host
-# they wrote 2,000 PNGs in 0.46 s against 0.82 s for threads (benchmarks/profile_generate.py), where a
-# thread holds the GIL between zlib calls and file writes; forking costs more than it saves for a few images.
-WRITER_PROCESSES_FROM = 256
-
 # The generator trained with configs/quality.yaml (see its MODEL_CARD.md), used when no --model is given.
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "generator" / "mednist_gan.ts"
 
@@ -167,13 +161,6 @@ def _save_pngs(pictures: np.ndarray, paths: list[Path]) -> None:
         save_png(picture, path)
 
 
-def _writer_pool(num_samples: int, writers: int) -> Executor:
-    """Threads, or for many images forked writer processes (they inherit everything, import nothing, use no GPU)."""
-    if num_samples >= WRITER_PROCESSES_FROM and "fork" in multiprocessing.get_all_start_methods():
-        return ProcessPoolExecutor(max_workers=writers, mp_context=multiprocessing.get_context("fork"))
-    return ThreadPoolExecutor(max_workers=writers)
-
-
 def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, batch_size: int = 256,
              grid: Optional[Path] = None, latent: str = "normal", device: Optional[str] = None,
              latent_size: Optional[int] = None) -> list[Path]:
@@ -196,8 +183,8 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
     paths = [output_dir / f"sample_{i:0{width}d}.png" for i in range(num_samples)]
     pictures, writes = [], []
     writers = max(2, os.cpu_count() or 2)
-    with torch.inference_mode(), _writer_pool(num_samples, writers) as pool, \
-            progress_bar(num_samples, "generate") as bar:
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=writers) as pool, \
+            progress_bar(num_samples, "generate") as bar:  # zlib releases the GIL
         for start in range(0, num_samples, batch_size):
             batch = to_uint8_pictures(run_generator(net, latents[start:start + batch_size].to(device), model))
             bar.update(len(batch))

@@ -17,8 +17,7 @@ from PIL import Image
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import load_config
 from mednist_gan.export import export_checkpoint
-from mednist_gan.errors import MednistGanError
-from mednist_gan.generate import SHIPPED_MODEL, generate
+from mednist_gan.generate import generate
 from mednist_gan.images import encode_png
 from mednist_gan.trainer import train
 
@@ -315,24 +314,3 @@ def test_generating_from_torchscript_does_not_import_monai(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["3", "False"]
 
-
-def test_writer_processes_write_the_same_files_as_writer_threads(tmp_path, monkeypatch):
-    """Many images go to forked writer processes, a few to threads: the files are the same bytes either way."""
-    import mednist_gan.generate as generation
-
-    n = 40
-    monkeypatch.setattr(generation, "WRITER_PROCESSES_FROM", n)
-    assert isinstance(generation._writer_pool(n, 2), generation.ProcessPoolExecutor)
-    by_processes = generate(SHIPPED_MODEL, n, tmp_path / "processes", seed=2, batch_size=16)
-    monkeypatch.setattr(generation, "WRITER_PROCESSES_FROM", n + 1)
-    assert isinstance(generation._writer_pool(n, 2), generation.ThreadPoolExecutor)
-    by_threads = generate(SHIPPED_MODEL, n, tmp_path / "threads", seed=2, batch_size=16)
-    assert [p.name for p in by_processes] == [p.name for p in by_threads]
-    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(by_processes, by_threads))
-    # A failed write in a worker process still reaches the caller as the one-line output error.
-    blocked = tmp_path / "blocked"
-    blocked.mkdir()
-    (blocked / "sample_00003.png").mkdir()  # a folder where a PNG must go
-    monkeypatch.setattr(generation, "WRITER_PROCESSES_FROM", n)
-    with pytest.raises(MednistGanError, match="--output-dir"):
-        generate(SHIPPED_MODEL, n, blocked, seed=2, batch_size=16)
