@@ -51,6 +51,9 @@ class DataConfig:
 class ModelConfig:
     """The networks. Only keys marked ``architecture`` change the parameters; a checkpoint resumes into the same ones."""
 
+    arch: Literal["monai", "resnet"] = _f("monai", "networks: 'monai' = MONAI's Generator/Discriminator (the g_* and d_* keys), "
+                                          "'resnet' = residual generator + spectrally normalised residual discriminator "
+                                          "(the resnet_* keys; docs/models.md)", architecture=True)
     latent_size: int = _f(64, "length of the generator's latent vector", architecture=True)
     start_shape: list[int] = _f([64, 8, 8], "generator: shape the latent is projected to (C, H, W)", architecture=True)
     g_channels: list[int] = _f([32, 16, 8, 1], "generator: output channels of each layer", architecture=True)
@@ -60,7 +63,11 @@ class ModelConfig:
     d_strides: list[int] = _f([2, 2, 2, 2, 1], "discriminator: stride of each layer", architecture=True)
     d_num_res_units: int = _f(1, "discriminator: residual units per layer", architecture=True)
     d_kernel_size: int = _f(5, "discriminator: convolution kernel size", architecture=True)
-    d_dropout: float = _f(0.25, "discriminator dropout (MONAI's default)")
+    d_dropout: float = _f(0.25, "discriminator dropout (MONAI's default; model.arch=monai)")
+    resnet_g_channels: int = _f(32, "model.arch=resnet: generator width; its stages have 16, 8, 4, 2, 1 times this many "
+                                "channels from 4x4 to 64x64", architecture=True)
+    resnet_d_channels: int = _f(32, "model.arch=resnet: discriminator width; its stages have 1, 2, 4, 8, 16 times this "
+                                "many channels from 64x64 down to 4x4", architecture=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -81,6 +88,12 @@ class ModelConfig:
         _require(len(self.image_shape) == 3, "model.image_shape", self.image_shape, "three integers (C, H, W)")
         _require(0.0 <= self.d_dropout < 1.0, "model.d_dropout", self.d_dropout, "a number in [0, 1)")
         _require(self.d_kernel_size >= 1, "model.d_kernel_size", self.d_kernel_size, "an integer >= 1")
+        for key in ("resnet_g_channels", "resnet_d_channels"):
+            _require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
+        if self.arch == "resnet":
+            c, h, w = self.image_shape
+            _require(c == 1 and h == w and h >= 8 and h & (h - 1) == 0, "model.image_shape", self.image_shape,
+                     "[1, S, S] with S a power of two >= 8 for model.arch=resnet")
 
 
 @dataclass(frozen=True)

@@ -270,8 +270,11 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
         if onnx:
             write_onnx(generator, staging / ONNX_FILE, model_cfg.latent_size)
             files.append(ONNX_FILE)
-        write_bundle(staging / MODEL_FILE, staging / BUNDLE_DIR, model_cfg)
         record = dict(provenance)
+        if model_cfg.arch == "monai":
+            write_bundle(staging / MODEL_FILE, staging / BUNDLE_DIR, model_cfg)
+        else:  # the bundle's inference.json builds MONAI's Generator; the .pt2 and .ts files need torch alone
+            record["bundle"] = f"not written: a MONAI bundle folder holds MONAI networks, this is model.arch={model_cfg.arch}"
         record.update({
             "mednist_gan_version": __version__,
             "latent_distribution": LATENT_DISTRIBUTION,

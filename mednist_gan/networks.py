@@ -1,16 +1,33 @@
-"""MONAI's Generator and Discriminator built from the config, initialised as the seed bundle does."""
+"""The networks a config names (``model.arch``): MONAI's Generator and Discriminator, initialised as the seed
+bundle does, or a residual generator and a spectrally normalised residual discriminator with a projection
+head (SNGAN/BigGAN-style, for 64x64 images, built here because MONAI has none).
+
+Both kinds map latents (N, L) to images (N, 1, H, W) in [0, 1] and images to logits (N, 1).
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from monai.networks import normal_init
 from monai.networks.nets import Discriminator, Generator
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 from .config import ModelConfig
 
+# Widths of the residual networks' stages, as multiples of model.resnet_g_channels / resnet_d_channels.
+G_WIDTHS = (16, 8, 4, 2, 1)  # 4x4 -> 8x8 -> 16x16 -> 32x32 -> 64x64
+D_WIDTHS = (1, 2, 4, 8, 16)  # 64x64 -> 32x32 -> 16x16 -> 8x8 -> 4x4
 
-def build_generator(cfg: ModelConfig, init: bool = True) -> Generator:
-    """The bundle's generator with its output Sigmoid as ``conv.activation`` (no parameters, same keys)."""
+
+def build_generator(cfg: ModelConfig, init: bool = True) -> nn.Module:
+    """The config's generator; MONAI's with the bundle's output Sigmoid as ``conv.activation`` (no parameters, same keys)."""
+    if cfg.arch == "resnet":
+        return ResNetGenerator(cfg.latent_size, cfg.resnet_g_channels, cfg.image_shape[-1], init=init)
     net = Generator(
         latent_shape=cfg.latent_size,
         start_shape=list(cfg.start_shape),
@@ -23,8 +40,10 @@ def build_generator(cfg: ModelConfig, init: bool = True) -> Generator:
     return net
 
 
-def build_discriminator(cfg: ModelConfig, init: bool = True) -> Discriminator:
-    """The bundle's discriminator, returning logits (``last_act=None``) so the losses are autocast-safe."""
+def build_discriminator(cfg: ModelConfig, init: bool = True) -> nn.Module:
+    """The config's discriminator, returning logits (MONAI's with ``last_act=None``) so the losses are autocast-safe."""
+    if cfg.arch == "resnet":
+        return ResNetDiscriminator(cfg.resnet_d_channels, cfg.image_shape[-1], init=init)
     net = Discriminator(
         in_shape=list(cfg.image_shape),
         channels=list(cfg.d_channels),
@@ -39,8 +58,128 @@ def build_discriminator(cfg: ModelConfig, init: bool = True) -> Discriminator:
     return net
 
 
-def generator_copy(cfg: ModelConfig, generator: torch.nn.Module) -> Generator:
+def generator_copy(cfg: ModelConfig, generator: torch.nn.Module) -> nn.Module:
     """A fresh CPU generator holding ``generator``'s weights (e.g. to export while training goes on)."""
     copy = build_generator(cfg, init=False)
     copy.load_state_dict(generator.state_dict())
     return copy
+
+
+# ----------------------------------------------------------------------------- residual networks
+
+def _stages(image_size: int) -> int:
+    """Resolution doublings between 4x4 and ``image_size`` (a power of two from 8 on; ModelConfig checks it)."""
+    return int(math.log2(image_size // 4))
+
+
+class ConditionalNorm(nn.Module):
+    """Group normalisation (batch-independent, so one and several processes compute the same) with a learned
+    affine, per class when ``num_classes`` > 0 (the conditional-BatchNorm idea without batch statistics)."""
+
+    def __init__(self, channels: int, num_classes: int = 0, groups: int = 16):
+        super().__init__()
+        self.norm = nn.GroupNorm(math.gcd(groups, channels), channels, affine=num_classes == 0)
+        self.embed = nn.Embedding(num_classes, 2 * channels) if num_classes else None
+        if self.embed is not None:
+            nn.init.zeros_(self.embed.weight)  # gain 1 + 0, bias 0: the plain normalisation at the start
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.norm(x)
+        if self.embed is not None and labels is not None:
+            gain, bias = self.embed(labels).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+            h = h * (1 + gain) + bias
+        return h
+
+
+class GeneratorBlock(nn.Module):
+    """norm-ReLU-upsample-conv3x3-norm-ReLU-conv3x3, plus an upsampled 1x1 shortcut (BigGAN's G block)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_classes: int = 0):
+        super().__init__()
+        self.norm1 = ConditionalNorm(in_channels, num_classes)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = ConditionalNorm(out_channels, num_classes)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = F.interpolate(F.relu(self.norm1(x, labels)), scale_factor=2.0, mode="nearest")
+        h = self.conv2(F.relu(self.norm2(self.conv1(h), labels)))
+        return h + self.shortcut(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class ResNetGenerator(nn.Module):
+    """Latents (N, L) [and class labels (N,)] -> images (N, 1, S, S) in [0, 1]: a linear layer to 4x4, then one
+    residual up-sampling block per doubling, widths ``channels`` x (16, 8, 4, 2, 1) (the last ones for S = 64)."""
+
+    def __init__(self, latent_size: int = 128, channels: int = 32, image_size: int = 64, num_classes: int = 0,
+                 init: bool = True):
+        super().__init__()
+        stages = _stages(image_size)
+        widths = [channels * m for m in G_WIDTHS[len(G_WIDTHS) - 1 - stages:]]
+        self.latent_shape = [latent_size]  # as MONAI's Generator says it (generate reads it)
+        self.start_channels = widths[0]
+        self.linear = nn.Linear(latent_size, widths[0] * 16)
+        self.blocks = nn.ModuleList([GeneratorBlock(a, b, num_classes) for a, b in zip(widths, widths[1:])])
+        self.norm = ConditionalNorm(widths[-1], num_classes)
+        self.out = nn.Conv2d(widths[-1], 1, 3, padding=1)
+        if init:
+            _xavier_init(self)
+
+    def forward(self, latents: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.linear(latents).view(latents.shape[0], self.start_channels, 4, 4)
+        for block in self.blocks:
+            h = block(h, labels)
+        return torch.sigmoid(self.out(F.relu(self.norm(h, labels))))
+
+
+class DiscriminatorBlock(nn.Module):
+    """(ReLU-)conv3x3-ReLU-conv3x3-avgpool plus a 1x1 shortcut, spectrally normalised (SNGAN's D block); the
+    first block takes the image itself: no ReLU before it, and its shortcut pools before the convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, first: bool = False):
+        super().__init__()
+        self.first = first
+        self.conv1 = spectral_norm(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.conv2 = spectral_norm(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.shortcut = spectral_norm(nn.Conv2d(in_channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.first else F.relu(x)
+        h = F.avg_pool2d(self.conv2(F.relu(self.conv1(h))), 2)
+        shortcut = self.shortcut(F.avg_pool2d(x, 2)) if self.first else F.avg_pool2d(self.shortcut(x), 2)
+        return h + shortcut
+
+
+class ResNetDiscriminator(nn.Module):
+    """Images (N, 1, S, S) [and class labels (N,)] -> logits (N, 1): residual down-sampling blocks to 4x4, widths
+    ``channels`` x (1, 2, 4, 8, 16), ReLU, a sum over positions, a linear layer, and with ``num_classes`` > 0 the
+    projection <embed(label), features> (Miyato & Koyama 2018); every layer spectrally normalised."""
+
+    def __init__(self, channels: int = 32, image_size: int = 64, num_classes: int = 0, init: bool = True):
+        super().__init__()
+        stages = _stages(image_size)
+        widths = [1] + [channels * m for m in D_WIDTHS[:stages]]
+        self.blocks = nn.Sequential(*[DiscriminatorBlock(a, b, first=i == 0)
+                                      for i, (a, b) in enumerate(zip(widths, widths[1:]))])
+        self.linear = spectral_norm(nn.Linear(widths[-1], 1))
+        self.embed = spectral_norm(nn.Embedding(num_classes, widths[-1])) if num_classes else None
+        if init:
+            _xavier_init(self)
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = F.relu(self.blocks(images)).sum(dim=(2, 3))
+        out = self.linear(h)
+        if self.embed is not None and labels is not None:
+            out = out + (self.embed(labels) * h).sum(dim=1, keepdim=True)
+        return out
+
+
+def _xavier_init(net: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for convolutions and linear layers (SNGAN's initialisation)."""
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            weight = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
+            nn.init.xavier_uniform_(weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)

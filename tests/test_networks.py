@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from mednist_gan.config import ModelConfig
-from mednist_gan.losses import discriminator_loss, generator_loss
-from mednist_gan.networks import build_discriminator, build_generator
+from mednist_gan.errors import ConfigError
+from mednist_gan.losses import discriminator_loss, generator_loss, r1_penalty
+from mednist_gan.networks import ResNetDiscriminator, ResNetGenerator, build_discriminator, build_generator
 from mednist_gan.runtime import MaskDropout, use_mask_dropout
 
 
@@ -59,3 +63,97 @@ def test_mask_dropout_keeps_state_dict_and_dropout_statistics():
     assert abs((y == 0).float().mean().item() - 0.25) < 0.01
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
     assert torch.equal(layer.eval()(x), x)
+
+
+# ----------------------------------------------------------------------------- residual networks (model.arch=resnet)
+
+@pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.parametrize("channels", [2, 8])
+@pytest.mark.parametrize("num_classes", [0, 3])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_resnet_shapes(image_size, channels, num_classes, batch):
+    torch.manual_seed(0)
+    G = ResNetGenerator(16, channels, image_size, num_classes)
+    D = ResNetDiscriminator(channels, image_size, num_classes)
+    labels = torch.randint(0, num_classes, (batch,)) if num_classes else None
+    images = G(torch.randn(batch, 16), labels)
+    assert images.shape == (batch, 1, image_size, image_size)
+    assert images.min() >= 0 and images.max() <= 1
+    assert D(images, labels).shape == (batch, 1)
+    stages = {32: 3, 64: 4}[image_size]
+    assert len(G.blocks) == len(D.blocks) == stages
+
+
+def test_resnet_generator_is_batch_independent_and_conditioned():
+    """Group normalisation: an image does not depend on the rest of its batch (so 1 and N processes agree);
+    with classes, the label changes the image, and the discriminator's projection changes the logit."""
+    torch.manual_seed(0)
+    G, D = ResNetGenerator(16, 4, 64, num_classes=3), ResNetDiscriminator(4, 64, num_classes=3)
+    for module in (*G.modules(), *D.modules()):
+        if isinstance(module, torch.nn.Embedding):  # zero at the start (no effect): give the labels one
+            torch.nn.init.normal_(module.weight)
+    z, labels = torch.randn(5, 16), torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        whole = G(z, labels)
+        assert torch.allclose(whole[2:3], G(z[2:3], labels[2:3]), atol=1e-6)
+        assert not torch.allclose(G(z, labels), G(z, (labels + 1) % 3), atol=1e-3)
+        assert not torch.allclose(D(whole, labels), D(whole, (labels + 1) % 3), atol=1e-4)
+
+
+def test_resnet_discriminator_is_spectrally_normalised_and_takes_r1():
+    torch.manual_seed(0)
+    D = ResNetDiscriminator(4, 64).train()
+    x = torch.rand(6, 1, 64, 64, requires_grad=True)
+    for _ in range(30):  # one power iteration per forward
+        logits = D(x)
+    for name, module in D.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            sigma = torch.linalg.matrix_norm(module.weight.detach().flatten(1), ord=2)
+            assert sigma == pytest.approx(1.0, rel=0.05), name
+    r1_penalty(logits, x).backward()  # the double backward reaches every weight (biases of a ReLU net: zero a.e.)
+    weights = [p for name, p in D.named_parameters() if name.endswith("weight.original")]
+    assert len(weights) == 3 * len(D.blocks) + 1
+    assert all(w.grad is not None and float(w.grad.abs().sum()) > 0 for w in weights)
+
+
+def test_resnet_exports_round_trip(tmp_path):
+    from mednist_gan.export import export_generator, load_generator_weights
+    from mednist_gan.generate import load_model
+
+    cfg = ModelConfig(arch="resnet", latent_size=16, resnet_g_channels=2, resnet_d_channels=2)
+    torch.manual_seed(0)
+    G = build_generator(cfg).eval()
+    out = export_generator(G, cfg, tmp_path / "export", {"config": {"model": dataclasses.asdict(cfg)}})
+    z = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = G(z)
+        assert torch.equal(load_generator_weights(out / "model.pt")(z), expected)  # architecture from export.json
+        for name in ("mednist_gan.ts", "mednist_gan.pt2"):
+            net, latent_size = load_model(out / name)
+            assert latent_size == 16 and torch.allclose(net(z), expected, atol=1e-6), name
+    assert not (out / "bundle").exists()
+    assert "not written" in json.loads((out / "export.json").read_text())["bundle"]
+
+
+def test_resnet_config_checks():
+    with pytest.raises(ConfigError, match=r"model.image_shape=\[1, 48, 48\] is not allowed"):
+        ModelConfig(arch="resnet", image_shape=[1, 48, 48]).check()
+    with pytest.raises(ConfigError, match="model.resnet_g_channels=0"):
+        ModelConfig(arch="resnet", resnet_g_channels=0).check()
+    ModelConfig(arch="resnet", image_shape=[1, 32, 32]).check()
+
+
+@pytest.mark.parametrize("name, arch", [("wide.yaml", "monai"), ("resnet.yaml", "resnet")])
+def test_model_size_presets_build_larger_networks(name, arch):
+    """Model size is a config choice: the presets' networks are several times the bundle's and make 64x64 images."""
+    from mednist_gan.config import load_config
+
+    from helpers import CONFIGS
+
+    cfg = load_config(CONFIGS / name).model
+    G, D = build_generator(cfg), build_discriminator(cfg)
+    assert cfg.arch == arch
+    assert sum(p.numel() for p in G.parameters()) > 5 * 314_892
+    assert sum(p.numel() for p in D.parameters()) > 5 * 136_727
+    with torch.no_grad():
+        assert D(G(torch.randn(2, cfg.latent_size))).shape == (2, 1)

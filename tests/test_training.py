@@ -191,3 +191,15 @@ def test_a_launcher_asking_for_another_precision_is_warned_about(tmp_path, medni
                        f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1",
                        "export.at_end=false", env={"ACCELERATE_MIXED_PRECISION": "no"})
     assert agreeing.returncode == 0 and "the launcher asks" not in agreeing.stdout
+
+
+def test_the_residual_networks_train_export_and_keep_their_architecture(debug_overrides):
+    """model.arch=resnet through the whole loop: steps, checkpoint, EMA, export; a resume names the changed arch."""
+    tiny = ["model.arch=resnet", "model.resnet_g_channels=2", "model.resnet_d_channels=2", "train.max_steps=2",
+            "train.ema_decay=0.9", "train.r1_gamma=1", "train.loss=hinge"]
+    trainer = train(_cfg(debug_overrides, *tiny))
+    assert trainer.state.step == 2 and type(trainer.acc.unwrap_model(trainer.G)).__name__ == "ResNetGenerator"
+    exported = trainer.run_dir / "export"
+    assert (exported / "mednist_gan.pt2").is_file() and not (exported / "bundle").exists()
+    with pytest.raises(CheckpointError, match="trained with model.arch='resnet', but the config says 'monai'"):
+        Trainer(_cfg(debug_overrides, "train.max_steps=3")).fit()
