@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import MEDNIST_CLASSES
 from .data import list_images, load_images, scale_intensity
 from .errors import CheckpointError, DataError, first_line
 from .files import sha256_file, write_atomic
 from .images import to_uint8
 
-CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
+CLASSES = MEDNIST_CLASSES
 ASSETS = Path(__file__).parent / "assets"
 WEIGHTS_FILE = ASSETS / "classifier.pt"
 CARD_JSON = ASSETS / "classifier.json"

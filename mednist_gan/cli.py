@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--latent", choices=("normal", "uniform"), default="normal",
                      help="latent distribution: normal (how mednist-gan trains) or uniform (the seed bundle's inference)")
     gen.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
+    gen.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                     help="a class-conditional generator's class to make (a name from its export.json 'classes'), or "
+                          "'all': --num-samples of each, into <output-dir>/<class>/, the grid a row per class")
 
     ev = sub.add_parser("evaluate", help="score generators against real images: distances in two feature spaces, "
                                          "precision/recall, density/coverage, diversity, memorization, class accuracy")
@@ -166,7 +169,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     keep_freed_host_memory()  # a process of its own: large batches reuse their pages instead of faulting them in
     paths = generate(args.model or SHIPPED_MODEL, args.num_samples, args.output_dir, seed=args.seed, batch_size=args.batch_size,
-                     grid=args.grid, latent=args.latent, device=args.device, latent_size=args.latent_size)
+                     grid=args.grid, latent=args.latent, device=args.device, latent_size=args.latent_size,
+                     class_name=args.class_name)
     print(f"wrote {len(paths)} PNGs to {args.output_dir}" + (f" and a grid to {args.grid}" if args.grid else ""))
     return 0
 

@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 MEDNIST_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/MedNIST.tar.gz"
 MEDNIST_MD5 = "0bc7306e7427e00ad1c5526a6677552d"
+MEDNIST_CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 
 
 def _f(default: Any, help: str, architecture: bool = False, **kw: Any) -> Any:
@@ -33,7 +34,9 @@ def _f(default: Any, help: str, architecture: bool = False, **kw: Any) -> Any:
 @dataclass(frozen=True)
 class DataConfig:
     root: Optional[str] = _f(None, "MedNIST folder holding <class_name>/*.jpeg; null = the small sample shipped in the package")
-    class_name: str = _f("Hand", "class folder to train on")
+    classes: list[str] = _f(["Hand"], "class folders to train on: one = an unconditional generator (the bundle's), several "
+                            "(or [all]: the six MedNIST classes) = one class-conditional generator of (latents, labels) "
+                            "with model.arch=resnet, classes sampled evenly")
     download: bool = _f(False, "download and verify MedNIST.tar.gz into root when the class folder is missing")
     url: str = _f(MEDNIST_URL, "where data.download fetches MedNIST.tar.gz from")
     md5: str = _f(MEDNIST_MD5, "published MD5 of MedNIST.tar.gz; the download is refused when it differs")
@@ -44,7 +47,15 @@ class DataConfig:
 
     def check(self) -> None:
         _require(self.limit is None or self.limit >= 1, "data.limit", self.limit, "an integer >= 1 or null")
-        _require(bool(self.class_name), "data.class_name", self.class_name, "a non-empty folder name")
+        _require(bool(self.classes) and all(self.classes), "data.classes", self.classes, "a list of class folder names")
+        _require(len(set(self.classes)) == len(self.classes), "data.classes", self.classes, "each class once")
+        _require(self.classes == ["all"] or "all" not in self.classes, "data.classes", self.classes,
+                 "[all] alone, or class folder names")
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class folders, with [all] spelled out."""
+        return list(MEDNIST_CLASSES) if self.classes == ["all"] else list(self.classes)
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,8 @@ class ModelConfig:
     d_num_res_units: int = _f(1, "discriminator: residual units per layer", architecture=True)
     d_kernel_size: int = _f(5, "discriminator: convolution kernel size", architecture=True)
     d_dropout: float = _f(0.25, "discriminator dropout (MONAI's default; model.arch=monai)")
+    classes: list[str] = _f([], "class names of a class-conditional generator, in label order: set from data.classes when it "
+                            "names several; empty = unconditional", architecture=True)
     resnet_g_channels: int = _f(32, "model.arch=resnet: generator width; its stages have 16, 8, 4, 2, 1 times this many "
                                 "channels from 4x4 to 64x64", architecture=True)
     resnet_d_channels: int = _f(32, "model.arch=resnet: discriminator width; its stages have 1, 2, 4, 8, 16 times this "
@@ -90,6 +103,8 @@ class ModelConfig:
         _require(self.d_kernel_size >= 1, "model.d_kernel_size", self.d_kernel_size, "an integer >= 1")
         for key in ("resnet_g_channels", "resnet_d_channels"):
             _require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
+        _require(not self.classes or self.arch == "resnet", "model.arch", self.arch,
+                 "'resnet' for a class-conditional generator (several data.classes): MONAI's networks take no labels")
         if self.arch == "resnet":
             c, h, w = self.image_shape
             _require(c == 1 and h == w and h >= 8 and h & (h - 1) == 0, "model.image_shape", self.image_shape,
@@ -264,6 +279,10 @@ class Config:
         return Path(self.run_dir if self.run_dir is not None else os.path.join("runs", self.name))
 
     def check(self) -> None:
+        names = self.data.class_names
+        derived = names if len(names) > 1 else []
+        _require(self.model.classes in ([], derived), "model.classes", self.model.classes,
+                 f"nothing: it is set from data.classes ({derived})")
         _require(bool(self.name), "name", self.name, "a non-empty string")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -285,6 +304,7 @@ LEGACY_KEYS: dict[str, Optional[str]] = {
     "train.channels_last": "runtime.channels_last",
     "train.num_threads": "runtime.num_threads",
     "train.keep_host_memory": "runtime.keep_host_memory",
+    "data.class_name": "data.classes",  # one class name -> a list of one
 }
 
 
@@ -292,20 +312,28 @@ class ConfigWarning(UserWarning):
     """A config that still loads but should be updated."""
 
 
-def _move_legacy_keys(data: dict) -> None:
+def _legacy(old: str, value: Any) -> Optional[tuple[str, Any]]:
+    """Where a moved key's value goes now (with a warning), or None for a removed key."""
     import warnings
 
-    for old, new in LEGACY_KEYS.items():
+    new = LEGACY_KEYS[old]
+    if new is None:
+        warnings.warn(f"config key {old} was removed (it changed nothing but speed); ignoring it", ConfigWarning, 3)
+        return None
+    warnings.warn(f"config key {old} is now {new}; please rename it", ConfigWarning, 3)
+    return new, [value] if new == "data.classes" and isinstance(value, str) else value
+
+
+def _move_legacy_keys(data: dict) -> None:
+    """Moved keys of one config file to their new place (a file that also sets the new key keeps its value)."""
+    for old in LEGACY_KEYS:
         section, key = old.split(".")
         if not isinstance(data.get(section), dict) or key not in data[section]:
             continue
-        value = data[section].pop(key)
-        if new is None:
-            warnings.warn(f"config key {old} was removed (it changed nothing but speed); ignoring it", ConfigWarning, 2)
-            continue
-        new_section, new_key = new.split(".")
-        data.setdefault(new_section, {}).setdefault(new_key, value)
-        warnings.warn(f"config key {old} is now {new}; please rename it", ConfigWarning, 2)
+        moved = _legacy(old, data[section].pop(key))
+        if moved is not None:
+            new_section, new_key = moved[0].split(".")
+            data.setdefault(new_section, {}).setdefault(new_key, moved[1])
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -336,6 +364,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    _move_legacy_keys(data)  # file by file, so that a file's old key overrides its base's new one
     base = data.pop("base", None)
     if base is None:
         return data
@@ -450,6 +479,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     settings = [(arg, *_parse_override(arg)) for arg in overrides]
     settings += [(f"{key}={value!r}", key.split("."), value) for key, value in (values or {}).items()]
     for arg, keys, value in settings:
+        if ".".join(keys) in LEGACY_KEYS:  # an old name on the command line still overrides the files
+            moved = _legacy(".".join(keys), value)
+            if moved is None:
+                continue
+            keys, value = moved[0].split("."), moved[1]
         node = data
         for k in keys[:-1]:
             child = node.setdefault(k, {})
@@ -457,9 +491,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
                 raise ConfigError(f"override {arg!r}: {k} is a value, not a section")
             node = child
         node[keys[-1]] = value
-    _move_legacy_keys(data)
     cfg = _build(Config, data, "")
     cfg.check()
+    names = cfg.data.class_names
+    if len(names) > 1:  # the generator learns these classes, in this order: its labels are their indices
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, classes=names))
+        cfg.model.check()
     return cfg
 
 

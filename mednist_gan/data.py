@@ -42,10 +42,12 @@ def resolve_root(cfg: DataConfig) -> Path:
     return Path(os.path.expanduser(cfg.root)) if cfg.root is not None else SAMPLE_ROOT
 
 
-def image_folder(cfg: DataConfig) -> Path:
-    """The folder holding the class's images, downloading MedNIST first when asked to."""
+def image_folder(cfg: DataConfig, class_name: Optional[str] = None) -> Path:
+    """The folder holding a class's images (the first of ``data.classes`` by default), downloading MedNIST first
+    when asked to."""
+    class_name = class_name or cfg.class_names[0]
     root = resolve_root(cfg)
-    candidates = [root / cfg.class_name, root / "MedNIST" / cfg.class_name]
+    candidates = [root / class_name, root / "MedNIST" / class_name]
     for folder in candidates:
         if folder.is_dir():
             return folder
@@ -54,9 +56,9 @@ def image_folder(cfg: DataConfig) -> Path:
         for folder in candidates:
             if folder.is_dir():
                 return folder
-        raise DataError(f"data.url={cfg.url}: the downloaded archive has no {cfg.class_name}/ folder")
+        raise DataError(f"data.url={cfg.url}: the downloaded archive has no {class_name}/ folder")
     raise DataError(
-        f"data.root={str(root)!r}: no {cfg.class_name}/ folder with images there "
+        f"data.root={str(root)!r}: no {class_name}/ folder with images there "
         "(point data.root at the MedNIST folder, or set data.download=true)"
     )
 
@@ -141,11 +143,21 @@ def load_images(files: list[Path], expected_hw: tuple[int, int] = (64, 64), cach
 
 
 def load_dataset(cfg: DataConfig, image_shape: list[int]) -> torch.Tensor:
-    """The configured class's images as a uint8 tensor (N, 1, H, W) in MONAI orientation."""
-    files = list_images(image_folder(cfg))
-    if cfg.limit is not None:
-        files = files[: cfg.limit]
-    return load_images(files, tuple(image_shape[1:]), cfg.cache_dir, cfg.bad_files)
+    """The configured classes' images as a uint8 tensor (N, 1, H, W) in MONAI orientation."""
+    return load_labelled_dataset(cfg, image_shape)[0]
+
+
+def load_labelled_dataset(cfg: DataConfig, image_shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 1, H, W) uint8 of every class of ``data.classes`` (``data.limit`` per class) and their labels
+    (N,) int64: the class's index in that list."""
+    images, labels = [], []
+    for label, name in enumerate(cfg.class_names):
+        files = list_images(image_folder(cfg, name))
+        if cfg.limit is not None:
+            files = files[: cfg.limit]
+        images.append(load_images(files, tuple(image_shape[1:]), cfg.cache_dir, cfg.bad_files))
+        labels.append(torch.full((len(images[-1]),), label, dtype=torch.long))
+    return torch.cat(images), torch.cat(labels)
 
 
 def scale_intensity(images: torch.Tensor) -> torch.Tensor:
@@ -180,13 +192,20 @@ class IndexDataset(Dataset):
 class EpochShuffleSampler(Sampler[int]):
     """A permutation that depends only on (seed, epoch): the same on every process and after a resume.
 
-    ``skip_in_epoch`` drops the first items of one epoch's permutation, so a run resumed mid-epoch
+    With ``labels`` of several classes, an epoch is as many draws (with replacement) in which every class is
+    equally likely, whatever its number of images: classes sampled evenly.
+
+    ``skip_in_epoch`` drops the first items of one epoch's order, so a run resumed mid-epoch
     continues with exactly the batches an uninterrupted run would have seen.
     """
 
-    def __init__(self, num_items: int, seed: int):
+    def __init__(self, num_items: int, seed: int, labels: Optional[torch.Tensor] = None):
         self.num_items, self.seed, self.epoch = num_items, seed, 0
         self._skip_epoch, self._skip = -1, 0
+        self.weights = None
+        if labels is not None and int(labels.max()) > 0:
+            counts = torch.bincount(labels)
+            self.weights = (1.0 / counts.double())[labels]
 
     def set_epoch(self, epoch: int) -> None:  # Accelerate's DataLoaderShard calls this at every epoch start
         self.epoch = epoch
@@ -199,18 +218,24 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_items, generator=g)[self._skipped():].tolist())
+        if self.weights is None:
+            order = torch.randperm(self.num_items, generator=g)
+        else:
+            order = torch.multinomial(self.weights, self.num_items, replacement=True, generator=g)
+        return iter(order[self._skipped():].tolist())
 
     def __len__(self) -> int:
         return max(self.num_items - self._skipped(), 0)
 
 
-def build_dataloader(num_items: int, global_batch_size: int, seed: int, pin_memory: bool = False) -> DataLoader:
-    """Index batches of the *global* size; Accelerate (split_batches=True) hands each process its slice."""
+def build_dataloader(num_items: int, global_batch_size: int, seed: int, pin_memory: bool = False,
+                     labels: Optional[torch.Tensor] = None) -> DataLoader:
+    """Index batches of the *global* size; Accelerate (split_batches=True) hands each process its slice.
+    ``labels`` of several classes: classes sampled evenly (``EpochShuffleSampler``)."""
     return DataLoader(
         IndexDataset(num_items),
         batch_size=global_batch_size,
-        sampler=EpochShuffleSampler(num_items, seed),
+        sampler=EpochShuffleSampler(num_items, seed, labels),
         drop_last=False,
         num_workers=0,
         # Pinned index batches reach a GPU with an asynchronous copy: the host never waits for the device.

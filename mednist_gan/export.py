@@ -119,16 +119,36 @@ class _Standalone(torch.nn.Module):
         return self.generator(latents)
 
 
+class _ConditionalStandalone(torch.nn.Module):
+    """Latents (N, latent) and class labels (N,) int64 -> images (N, 1, H, W) in [0, 1]."""
+
+    def __init__(self, generator: torch.nn.Module):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.generator(latents, labels)
+
+
+def _conditional(generator: torch.nn.Module) -> bool:
+    return bool(getattr(generator, "num_classes", 0))
+
+
 def _inference_module(generator: torch.nn.Module) -> torch.nn.Module:
     """A frozen copy for export: eval mode, no parameter requires grad (so ``net(z)`` builds no autograd graph).
 
     A copy, because the trainer hands over its live generator (or EMA) and keeps training it.
     """
-    return copy.deepcopy(_Standalone(generator)).to("cpu").eval().requires_grad_(False)
+    wrapper = _ConditionalStandalone if _conditional(generator) else _Standalone
+    return copy.deepcopy(wrapper(generator)).to("cpu").eval().requires_grad_(False)
 
 
-def _batch_dim() -> dict:
-    return {0: torch.export.Dim("batch", min=1)}
+def _example_inputs(generator: torch.nn.Module, latent_size: int) -> tuple[tuple[torch.Tensor, ...], tuple[dict, ...]]:
+    """Example inputs of the exported function (a batch of 2) and their dynamic batch dimension."""
+    batch = torch.export.Dim("batch", min=1)
+    if _conditional(generator):
+        return (torch.randn(2, latent_size), torch.zeros(2, dtype=torch.long)), ({0: batch}, {0: batch})
+    return (torch.randn(2, latent_size),), ({0: batch},)
 
 
 def write_torchscript(generator: torch.nn.Module, path: Path) -> None:
@@ -137,16 +157,15 @@ def write_torchscript(generator: torch.nn.Module, path: Path) -> None:
 
 
 def write_exported_program(generator: torch.nn.Module, path: Path, latent_size: int) -> None:
-    """``torch.export`` program, any batch size: ``torch.export.load(path).module()(latents)`` needs torch alone."""
-    example = torch.randn(2, latent_size)
-    program = torch.export.export(_inference_module(generator), (example,), dynamic_shapes=(_batch_dim(),),
-                                  strict=False)
+    """``torch.export`` program, any batch size: ``torch.export.load(path).module()(latents[, labels])`` needs torch alone."""
+    example, dynamic = _example_inputs(generator, latent_size)
+    program = torch.export.export(_inference_module(generator), example, dynamic_shapes=dynamic, strict=False)
     torch.export.save(program, str(path))
 
 
 def write_onnx(generator: torch.nn.Module, path: Path, latent_size: int) -> None:
     """ONNX through the ``torch.export``-based (dynamo) exporter, one self-contained file, any batch size."""
-    example = torch.randn(2, latent_size)
+    example, dynamic = _example_inputs(generator, latent_size)
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" and the like
@@ -155,9 +174,9 @@ def write_onnx(generator: torch.nn.Module, path: Path, latent_size: int) -> None
             # torch's own internals while exporting (e.g. its pytree LeafSpec deprecation): nothing a user can act on
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|onnxscript|copyreg)")
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|onnxscript|copyreg)")
-            torch.onnx.export(_inference_module(generator), (example,), str(path), input_names=["latents"],
-                              output_names=["images"], dynamic_shapes=(_batch_dim(),), dynamo=True,
-                              external_data=False, verbose=False)
+            torch.onnx.export(_inference_module(generator), example, str(path),
+                              input_names=["latents", "labels"][:len(example)], output_names=["images"],
+                              dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
     finally:
         onnx_log.setLevel(level)
 
@@ -281,6 +300,9 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
             "output": "images (N, 1, H, W) in [0, 1], MONAI orientation (transpose of the JPEG rows/columns)",
             "files": {name: {"sha256": sha256_file(staging / name)} for name in files},
         })
+        if model_cfg.classes:  # a class-conditional generator: label i makes class classes[i]
+            record["classes"] = list(model_cfg.classes)
+            record["inputs"] = "latents (N, latent_size) float32, labels (N,) int64: indices into classes"
         (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, default=str))
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

@@ -105,7 +105,7 @@ def _load_exported_program(path: Path) -> tuple[torch.nn.Module, Optional[int]]:
     inputs = [node for node in program.graph.nodes
               if node.op == "placeholder" and node.name in program.graph_signature.user_inputs]
     latent = None
-    if len(inputs) == 1:
+    if len(inputs) in (1, 2):  # latents, or latents and labels (a class-conditional generator)
         shape = getattr(inputs[0].meta.get("val"), "shape", ())
         if len(shape) == 2 and isinstance(shape[1], int):
             latent = int(shape[1])
@@ -161,10 +161,51 @@ def _save_pngs(pictures: np.ndarray, paths: list[Path]) -> None:
         save_png(picture, path)
 
 
+def generator_classes(path: Path) -> Optional[list[str]]:
+    """The class names of a class-conditional generator, in label order (``export.json``'s ``classes`` beside an
+    exported file or in an export folder; a checkpoint's model config); None for an unconditional one."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        if (folder / PROVENANCE_FILE).is_file():
+            classes = json.loads((folder / PROVENANCE_FILE).read_text()).get("classes")
+        elif path.is_dir():
+            from .checkpoint import read_meta, resolve
+
+            classes = read_meta(resolve(path))["config"]["model"].get("classes")
+        else:
+            classes = None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, MednistGanError):
+        return None  # load_model has already refused an unreadable record or checkpoint
+    return list(classes) if classes else None
+
+
+def chosen_classes(model: Path, classes: Optional[list[str]], asked: Optional[str]) -> list[Optional[str]]:
+    """The classes to generate: [None] for an unconditional generator; the one named by ``--class``, or every
+    class for ``--class all``, for a conditional one (which needs ``--class``)."""
+    if classes is None:
+        if asked is not None:
+            raise MednistGanError(f"--class {asked}: --model {model} is an unconditional generator (one class); "
+                                  "leave --class out")
+        return [None]
+    if asked is None:
+        raise MednistGanError(f"--model {model}: a class-conditional generator of {', '.join(classes)}; "
+                              "name the class with --class NAME, or --class all")
+    if asked == "all":
+        return list(classes)
+    if asked not in classes:
+        raise MednistGanError(f"--class {asked}: --model {model} makes {', '.join(classes)} (or --class all)")
+    return [asked]
+
+
 def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, batch_size: int = 256,
              grid: Optional[Path] = None, latent: str = "normal", device: Optional[str] = None,
-             latent_size: Optional[int] = None) -> list[Path]:
-    """Write ``num_samples`` PNGs (``sample_00000.png``, ...) and optionally a grid; returns the PNG paths."""
+             latent_size: Optional[int] = None, class_name: Optional[str] = None) -> list[Path]:
+    """Write ``num_samples`` PNGs (``sample_00000.png``, ...) and optionally a grid; returns the PNG paths.
+
+    A class-conditional generator makes the class ``class_name`` names, or with ``"all"`` ``num_samples`` of each
+    class into ``<output_dir>/<class>/`` from the same latents, and a grid with one row per class.
+    """
     if num_samples < 1:
         raise MednistGanError(f"--num-samples {num_samples}: expected an integer >= 1")
     if batch_size < 1:
@@ -173,26 +214,37 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
     if output_dir.exists() and not output_dir.is_dir():
         raise MednistGanError(f"--output-dir {output_dir}: exists and is not a folder")
     net, latent_size = load_model(model, latent_size)
+    classes = generator_classes(model)
+    chosen = chosen_classes(model, classes, class_name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device)
     latents = make_latents(num_samples, latent_size, seed, latent)
-    ensure_writable_folder(output_dir, "--output-dir")
+    per_class = len(chosen) > 1
+    folders = [output_dir / name if per_class else output_dir for name in chosen]
+    for folder in folders:
+        ensure_writable_folder(folder, "--output-dir")
     if grid is not None:
         ensure_writable_folder(Path(grid).parent, "--grid")
     width = max(5, len(str(num_samples - 1)))
-    paths = [output_dir / f"sample_{i:0{width}d}.png" for i in range(num_samples)]
-    pictures, writes = [], []
+    columns = min(8, num_samples) if per_class else None
+    shown = columns or 64  # the grid: the first 64 images, or the first 8 of every class
+    paths, pictures, writes = [], [], []
     writers = max(2, os.cpu_count() or 2)
     with torch.inference_mode(), ThreadPoolExecutor(max_workers=writers) as pool, \
-            progress_bar(num_samples, "generate") as bar:  # zlib releases the GIL
-        for start in range(0, num_samples, batch_size):
-            batch = to_uint8_pictures(run_generator(net, latents[start:start + batch_size].to(device), model))
-            bar.update(len(batch))
-            chunk = max(1, math.ceil(len(batch) / writers))  # one task per writer and batch, not one per image
-            writes += [pool.submit(_save_pngs, batch[i:i + chunk], paths[start + i:start + i + chunk])
-                       for i in range(0, len(batch), chunk)]
-            if start < 64:
-                pictures.append(batch[: 64 - start])
+            progress_bar(num_samples * len(chosen), "generate") as bar:  # zlib releases the GIL
+        for name, folder in zip(chosen, folders):
+            class_paths = [folder / f"sample_{i:0{width}d}.png" for i in range(num_samples)]
+            paths += class_paths
+            for start in range(0, num_samples, batch_size):
+                z = latents[start:start + batch_size].to(device)
+                labels = None if name is None else torch.full((len(z),), classes.index(name), dtype=torch.long, device=device)
+                batch = to_uint8_pictures(run_generator(net, z, model, labels=labels))
+                bar.update(len(batch))
+                chunk = max(1, math.ceil(len(batch) / writers))  # one task per writer and batch, not one per image
+                writes += [pool.submit(_save_pngs, batch[i:i + chunk], class_paths[start + i:start + i + chunk])
+                           for i in range(0, len(batch), chunk)]
+                if start < shown:
+                    pictures.append(batch[: shown - start])
         try:
             for write in writes:
                 write.result()  # re-raise the first failed write
@@ -200,7 +252,7 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
             raise output_error("--output-dir", output_dir, exc) from None
     if grid is not None:
         try:
-            save_png(image_grid(np.concatenate(pictures)), Path(grid))
+            save_png(image_grid(np.concatenate(pictures), columns), Path(grid))
         except OSError as exc:
             raise output_error("--grid", grid, exc) from None
     return paths

@@ -27,7 +27,7 @@ D_WIDTHS = (1, 2, 4, 8, 16)  # 64x64 -> 32x32 -> 16x16 -> 8x8 -> 4x4
 def build_generator(cfg: ModelConfig, init: bool = True) -> nn.Module:
     """The config's generator; MONAI's with the bundle's output Sigmoid as ``conv.activation`` (no parameters, same keys)."""
     if cfg.arch == "resnet":
-        return ResNetGenerator(cfg.latent_size, cfg.resnet_g_channels, cfg.image_shape[-1], init=init)
+        return ResNetGenerator(cfg.latent_size, cfg.resnet_g_channels, cfg.image_shape[-1], len(cfg.classes), init=init)
     net = Generator(
         latent_shape=cfg.latent_size,
         start_shape=list(cfg.start_shape),
@@ -43,7 +43,7 @@ def build_generator(cfg: ModelConfig, init: bool = True) -> nn.Module:
 def build_discriminator(cfg: ModelConfig, init: bool = True) -> nn.Module:
     """The config's discriminator, returning logits (MONAI's with ``last_act=None``) so the losses are autocast-safe."""
     if cfg.arch == "resnet":
-        return ResNetDiscriminator(cfg.resnet_d_channels, cfg.image_shape[-1], init=init)
+        return ResNetDiscriminator(cfg.resnet_d_channels, cfg.image_shape[-1], len(cfg.classes), init=init)
     net = Discriminator(
         in_shape=list(cfg.image_shape),
         channels=list(cfg.d_channels),
@@ -118,6 +118,7 @@ class ResNetGenerator(nn.Module):
         stages = _stages(image_size)
         widths = [channels * m for m in G_WIDTHS[len(G_WIDTHS) - 1 - stages:]]
         self.latent_shape = [latent_size]  # as MONAI's Generator says it (generate reads it)
+        self.num_classes = num_classes  # > 0: called as G(latents, labels)
         self.start_channels = widths[0]
         self.linear = nn.Linear(latent_size, widths[0] * 16)
         self.blocks = nn.ModuleList([GeneratorBlock(a, b, num_classes) for a, b in zip(widths, widths[1:])])

@@ -36,7 +36,7 @@ from .classifier import CLASSES, load_classifier, to_evaluation_pixels
 from .data import list_images, load_images, scale_intensity
 from .encoder import load_encoder
 from .errors import MednistGanError, output_error
-from .files import PROVENANCE_FILE, write_atomic
+from .files import write_atomic
 
 # 3 scales so that a 7-pixel window still fits the coarsest (16x16) scale of a 64x64 image;
 # MS-SSIM's first three weights (Wang et al., 2003), renormalised.
@@ -75,10 +75,11 @@ class QualityMeter:
 
     def __init__(self, real: torch.Tensor, classifier: Optional[Path] = None, seed: int = 0,
                  pairs: int = 1000, batch_size: int = 500, device: str | torch.device = "cpu",
-                 encoder: Optional[Path] = None):
+                 encoder: Optional[Path] = None, nets: Optional[dict[str, torch.nn.Module]] = None):
+        """``nets``: another meter's feature extractors, to share instead of loading them again."""
         self.device = torch.device(device)
-        self.nets = {"classifier": load_classifier(classifier).to(self.device),
-                     "encoder": load_encoder(encoder).to(self.device)}
+        self.nets = nets or {"classifier": load_classifier(classifier).to(self.device),
+                             "encoder": load_encoder(encoder).to(self.device)}
         self.seed, self.pairs, self.batch_size = seed, pairs, batch_size
         pixels = to_evaluation_pixels(real)
         self.real_features = self.features(pixels)
@@ -233,18 +234,6 @@ def sample_images(model: Callable[..., torch.Tensor], latent_size: int, n: int, 
     return torch.cat(out)
 
 
-def generator_classes(path: Path) -> Optional[list[str]]:
-    """The class names of a class-conditional generator (``export.json``'s ``classes`` beside the file, or in
-    the folder); None for an unconditional one."""
-    path = Path(path)
-    record = (path if path.is_dir() else path.parent) / PROVENANCE_FILE
-    try:
-        classes = json.loads(record.read_text()).get("classes") if record.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        return None  # generate.load_model has already refused an unreadable record beside an exported file
-    return list(classes) if classes else None
-
-
 @dataclass
 class _Model:
     name: str
@@ -260,7 +249,7 @@ class _Model:
 
 def _load_models(models: list[tuple[str, Path, tuple[str, ...]]], classes: list[Optional[str]],
                  latent_size: Optional[int], device: str) -> list[_Model]:
-    from .generate import load_model
+    from .generate import generator_classes, load_model
 
     loaded = []
     for name, path, latents in models:

@@ -327,11 +327,12 @@ class Tracking:
                         WANDB_STEP_FILE)
         return {**values, "train/step": step}, wandb_step
 
-    def log_samples(self, pictures, step: int) -> Path:
-        """Main process: a grid of upright uint8 pictures, as PNG in samples/ and to the tracker."""
+    def log_samples(self, pictures, step: int, columns: Optional[int] = None) -> Path:
+        """Main process: a grid of upright uint8 pictures (``columns`` a row, e.g. one row per class), as PNG in
+        samples/ and to the tracker."""
         from .images import image_grid, save_png
 
-        grid = image_grid(pictures)
+        grid = image_grid(pictures, columns)
         path = self.run_dir / SAMPLES_DIR / f"step_{step:06d}.png"
 
         def write() -> None:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, ModelConfig
-from .data import apply_augment, build_dataloader, load_dataset, sample_augment_params, scale_intensity
+from .data import apply_augment, build_dataloader, load_labelled_dataset, sample_augment_params, scale_intensity
 from .errors import CheckpointError, ConfigError, TrainingError, first_line
 from .evaluation import InTrainingEvaluation
 from .export import checkpoint_provenance, export_generator
@@ -101,7 +101,9 @@ class Trainer:
         self.per_device_g_batch = g_batch // world
 
         with acc.main_process_first():  # the main process decodes and fills the cache; the others read it
-            self.images = load_dataset(cfg.data, cfg.model.image_shape)
+            self.images, self.labels = load_labelled_dataset(cfg.data, cfg.model.image_shape)
+        # A class-conditional run (several data.classes): G and D take labels, the indices of model.classes.
+        self.num_classes = len(cfg.model.classes)
         self.num_images = len(self.images)
         if self.num_images < world:
             raise ConfigError(f"{self.num_images} images cannot feed {world} processes: use fewer processes or more data")
@@ -127,8 +129,9 @@ class Trainer:
         self.graphs = PhaseGraphs(enabled=capture)
         opt_g, opt_d = make_optimizers(G, D, cfg.optim, **optimizer_options(cfg.runtime, acc.device, capture))
         # The images stay on the training device; the loader hands out indices, gathered there (prepare_reals).
-        self.device_images = self.images.to(acc.device)
-        loader = build_dataloader(self.num_images, cfg.train.batch_size, cfg.train.seed, pin_memory=acc.device.type == "cuda")
+        self.device_images, self.device_labels = self.images.to(acc.device), self.labels.to(acc.device)
+        loader = build_dataloader(self.num_images, cfg.train.batch_size, cfg.train.seed,
+                                  pin_memory=acc.device.type == "cuda", labels=self.labels)
         self.sampler = loader.sampler
         self.G, self.D, self.opt_g, self.opt_d, self.loader, *self.schedulers = acc.prepare(
             G, D, opt_g, opt_d, loader, *make_schedulers((opt_g, opt_d), cfg.optim, self.total_steps))
@@ -143,10 +146,15 @@ class Trainer:
         # A fixed latent batch (its own seed, drawn once) makes sample grids comparable over time.
         self.fixed_latents = torch.randn(cfg.log.num_samples, cfg.model.latent_size,
                                          generator=torch.Generator().manual_seed(cfg.train.seed + SAMPLE_SEED_OFFSET))
+        # ...and for a conditional generator, one row of the grid per class (as many as fit).
+        self.fixed_labels = None
+        if self.num_classes:
+            per_class = max(1, cfg.log.num_samples // self.num_classes)
+            self.fixed_labels = torch.arange(cfg.log.num_samples) // per_class % self.num_classes
 
         self.state = TrainState()
         self.tracking = Tracking(cfg, acc, self.run_dir, self.log)
-        self.evaluation = (InTrainingEvaluation(cfg, self.images, self.run_dir, acc.device, self.log)
+        self.evaluation = (InTrainingEvaluation(cfg, self.images, self.run_dir, acc.device, self.log, self.labels)
                            if acc.is_main_process else None)
         self.stop = StopRequest()
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, metrics) not yet reduced
@@ -167,6 +175,23 @@ class Trainer:
                         generator=self.latent_rng, device=self.acc.device)
         return z[self.my_slice(n)]
 
+    def sample_labels(self, n: int) -> Optional[torch.Tensor]:
+        """Class labels for ``n`` generated images per process, uniform over the classes (None: unconditional)."""
+        if not self.num_classes:
+            return None
+        y = torch.randint(self.num_classes, (n * self.acc.num_processes,), generator=self.latent_rng, device=self.acc.device)
+        return y[self.my_slice(n)]
+
+    def real_labels(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
+        """The class labels of a batch of image indices (None: unconditional)."""
+        return self.device_labels[indices] if self.num_classes else None
+
+    def generate(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.G(z) if labels is None else self.G(z, labels)
+
+    def discriminate(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.D(images) if labels is None else self.D(images, labels)
+
     def prepare_reals(self, indices: torch.Tensor) -> torch.Tensor:
         """This process's slice of a batch of image indices, as scaled (and augmented) float images on the device."""
         with torch.no_grad():
@@ -177,21 +202,27 @@ class Trainer:
                 real = apply_augment(real, params[self.my_slice(n)])
         return real.contiguous(memory_format=self.memory_format)
 
-    def train_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One iteration on a batch of prepared real images; returns detached per-step metrics.
+    def train_step(self, real: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """One iteration on a batch of prepared real images (and their class labels, for a conditional run);
+        returns detached per-step metrics.
 
-        Latents come from the trainer's own generator here, outside the phases, which ``self.graphs`` may
-        replay as CUDA graphs (so nothing in a phase may depend on a Python value that changes per step).
+        Latents (and the generated images' labels) come from the trainer's own generator here, outside the
+        phases, which ``self.graphs`` may replay as CUDA graphs (so nothing in a phase may depend on a Python
+        value that changes per step).
         """
         opts = self.cfg.train
         first = self.state.step * opts.d_train_steps
         with_r1 = tuple(opts.r1_gamma > 0 and (first + i) % opts.r1_every == 0 for i in range(opts.d_train_steps))
-        d_metrics = self.graphs(("d", with_r1), lambda real, z: self.discriminator_phase(real, z, with_r1),
-                                real, self.sample_latents(self.per_device_batch))
+        z = self.sample_latents(self.per_device_batch)
+        conditions = () if labels is None else (labels, self.sample_labels(self.per_device_batch))
+        d_metrics = self.graphs(("d", with_r1), lambda real, z, *y: self.discriminator_phase(real, z, with_r1, *y),
+                                real, z, *conditions)
         g_losses = []
         for j in range(opts.g_train_steps):
             skipped = self.skipped_updates
-            g_losses.append(self.graphs(("g",), self.generator_update, self.sample_latents(self.per_device_g_batch))["loss_g"])
+            z = self.sample_latents(self.per_device_g_batch)
+            conditions = () if labels is None else (self.sample_labels(self.per_device_g_batch),)
+            g_losses.append(self.graphs(("g",), self.generator_update, z, *conditions)["loss_g"])
             if self.skipped_updates == skipped:
                 self.update_ema(self.state.step * opts.g_train_steps + j)
         self.lr_used = (self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"])
@@ -199,16 +230,18 @@ class Trainer:
             scheduler.step()
         return {"loss_d": d_metrics.pop("loss_d"), "loss_g": torch.stack(g_losses).mean(), **d_metrics}
 
-    def discriminator_phase(self, real: torch.Tensor, z: torch.Tensor, with_r1: tuple[bool, ...]) -> dict[str, torch.Tensor]:
+    def discriminator_phase(self, real: torch.Tensor, z: torch.Tensor, with_r1: tuple[bool, ...],
+                            real_labels: Optional[torch.Tensor] = None,
+                            fake_labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """One update of D per entry of ``with_r1`` (True: with the R1 penalty), all on ``real`` and one fake batch."""
-        acc, D, opts = self.acc, self.D, self.cfg.train
+        acc, opts = self.acc, self.cfg.train
         with torch.no_grad():  # D only ever sees the fake batch detached: it needs no graph
-            fake = self.G(z)
+            fake = self.generate(z, fake_labels)
         d_losses, r1_values = [], []
         for r1_now in with_r1:
             self.opt_d.zero_grad(set_to_none=True)
             real_in = real.detach().requires_grad_(True) if r1_now else real
-            real_logits, fake_logits = D(real_in), D(fake)
+            real_logits, fake_logits = self.discriminate(real_in, real_labels), self.discriminate(fake, fake_labels)
             loss_d = total_d = discriminator_loss(real_logits, fake_logits, opts.loss)
             if r1_now:
                 r1 = r1_penalty(real_logits, real_in)
@@ -228,11 +261,12 @@ class Trainer:
             metrics["r1"] = torch.stack(r1_values).mean() if r1_values else torch.zeros((), device=acc.device)
         return metrics
 
-    def generator_update(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One update of G on latents ``z``; D's parameters need no gradient, and D's DDP wrapper must not wait for one."""
+    def generator_update(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """One update of G on latents ``z`` (and labels); D's parameters need no gradient, and D's DDP wrapper must
+        not wait for one."""
         self.opt_g.zero_grad(set_to_none=True)
         with frozen(self.D), self.acc.no_sync(self.D):
-            loss_g = generator_loss(self.D(self.G(z)), self.cfg.train.loss)
+            loss_g = generator_loss(self.discriminate(self.generate(z, labels), labels), self.cfg.train.loss)
         self.acc.backward(loss_g)
         if not self._skip_nonfinite(loss_g, self.opt_g):
             self.opt_g.step()
@@ -285,7 +319,7 @@ class Trainer:
         with torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly), self.stop, \
                 peers_lost(lambda: ckpt.find_latest(self.run_dir), cfg.train.collective_timeout_s):
             for batch in self._batches():
-                self._pending.append((state.step + 1, self.train_step(self.prepare_reals(batch))))
+                self._pending.append((state.step + 1, self.train_step(self.prepare_reals(batch), self.real_labels(batch))))
                 state.step += 1
                 state.batch_in_epoch += 1
                 self.step_epoch = state.epoch  # the epoch this step belongs to, for the log
@@ -373,9 +407,11 @@ class Trainer:
     def log_samples(self) -> None:
         """Main process: the generator's images for the fixed latents, to samples/ and the tracker."""
         if self.acc.is_main_process:
+            generator, z = self.output_generator(), self.fixed_latents.to(self.acc.device)
             with torch.no_grad(), self.acc.autocast():
-                images = self.output_generator()(self.fixed_latents.to(self.acc.device))
-            self.tracking.log_samples(to_uint8_pictures(images), self.state.step)
+                images = generator(z) if self.fixed_labels is None else generator(z, self.fixed_labels.to(self.acc.device))
+            columns = None if self.fixed_labels is None else max(1, self.cfg.log.num_samples // self.num_classes)
+            self.tracking.log_samples(to_uint8_pictures(images), self.state.step, columns=columns)
 
     def evaluate(self) -> Optional[dict]:
         """Main process: FMD, KID and diversity of the output generator, logged; the best kept in ``best/``."""

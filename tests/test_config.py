@@ -27,7 +27,7 @@ def test_bundle_config_is_the_seed_recipe():
     assert (m.d_num_res_units, m.d_kernel_size, m.d_dropout) == (1, 5, 0.25)
     assert (o.g_lr, o.d_lr, o.betas) == (2e-4, 2e-4, [0.5, 0.999])
     assert (t.batch_size, t.epochs, t.d_train_steps, t.precision) == (600, 50, 5, "no")
-    assert cfg.data.class_name == "Hand" and cfg.data.augment
+    assert cfg.data.classes == ["Hand"] and cfg.data.augment
 
 
 def test_debug_is_an_overlay_on_bundle():

@@ -1,0 +1,141 @@
+"""Class-conditional training (several ``data.classes``): config, even class sampling, the loop, exports, generate."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mednist_gan import checkpoint as ckpt
+from mednist_gan.config import MEDNIST_CLASSES, ConfigWarning, load_config
+from mednist_gan.data import EpochShuffleSampler, load_labelled_dataset
+from mednist_gan.errors import ConfigError, MednistGanError
+from mednist_gan.generate import generate, generator_classes
+from mednist_gan.trainer import Trainer, train
+
+from helpers import CONFIGS, REPO, assert_close_up_to_adam_round_off, reset_accelerate, train_cmd
+
+TWO = "data.classes=[CXR, Hand]"
+TINY = ["model.arch=resnet", "model.resnet_g_channels=2", "model.resnet_d_channels=2", "model.latent_size=16"]
+
+
+def _cfg(tmp_path, mednist_root, *overrides):
+    return load_config(CONFIGS / "debug.yaml", [
+        f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.limit=16", "train.batch_size=8", TWO, *TINY, *overrides])
+
+
+def test_several_classes_make_a_conditional_model_config(tmp_path, mednist_root):
+    cfg = _cfg(tmp_path, mednist_root)
+    assert cfg.model.classes == ["CXR", "Hand"]
+    assert load_config(CONFIGS / "debug.yaml", ["data.classes=[all]", *TINY]).model.classes == list(MEDNIST_CLASSES)
+    assert load_config(CONFIGS / "debug.yaml").model.classes == []  # one class: unconditional, the bundle's
+    with pytest.raises(ConfigError, match="model.arch='monai' is not allowed: expected 'resnet' for a class-conditional"):
+        load_config(CONFIGS / "debug.yaml", [TWO])
+    with pytest.raises(ConfigError, match=r"model.classes=\['Hand'\] is not allowed: expected nothing: it is set from"):
+        load_config(CONFIGS / "debug.yaml", [TWO, *TINY, "model.classes=[Hand]"])
+    for bad, words in (("data.classes=[CXR, CXR]", "each class once"), ("data.classes=[all, CXR]", "[all] alone"),
+                       ("data.classes=[]", "a list of class folder names")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config(CONFIGS / "debug.yaml", [bad, *TINY])
+    with pytest.warns(ConfigWarning, match="data.class_name is now data.classes"):
+        assert load_config(CONFIGS / "debug.yaml", ["data.class_name=CXR"]).data.classes == ["CXR"]
+
+
+def test_labelled_data_and_even_class_sampling(tmp_path, mednist_root):
+    cfg = _cfg(tmp_path, mednist_root).data
+    images, labels = load_labelled_dataset(cfg, [1, 64, 64])
+    assert images.shape == (32, 1, 64, 64) and labels.tolist() == [0] * 16 + [1] * 16
+    # Uneven classes (90 of one, 10 of the other): an epoch draws both about equally, the same way every time.
+    uneven = torch.tensor([0] * 90 + [1] * 10)
+    sampler = EpochShuffleSampler(100, seed=3, labels=uneven)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    assert len(order) == 100 and order == list(sampler)
+    drawn = uneven[order].float().mean().item()
+    assert 0.35 < drawn < 0.65, drawn  # 10% of the images, half of the draws
+    sampler.skip_in_epoch(2, 40)
+    assert list(sampler) == order[40:]
+    sampler.set_epoch(3)
+    assert list(sampler) != order
+    assert sorted(EpochShuffleSampler(100, seed=3, labels=torch.zeros(100, dtype=torch.long))) == list(range(100))
+
+
+def test_conditional_training_exports_and_generates_every_class(tmp_path, mednist_root):
+    trainer = train(_cfg(tmp_path, mednist_root, "train.max_steps=2", "log.num_samples=12", "log.sample_every=1"))
+    assert trainer.num_classes == 2 and trainer.state.step == 2
+    grid = np.asarray(Image.open(sorted((trainer.run_dir / "samples").glob("*.png"))[-1]))
+    assert grid.shape == (2 * 66 + 2, 6 * 66 + 2)  # a row per class: 12 samples, 6 of each
+    export = trainer.run_dir / "export"
+    record = json.loads((export / "export.json").read_text())
+    assert record["classes"] == ["CXR", "Hand"] and "labels" in record["inputs"]
+    for model in (export / "mednist_gan.ts", export / "mednist_gan.pt2", export / "model.pt",
+                  ckpt.find_latest(trainer.run_dir)):
+        assert generator_classes(model) == ["CXR", "Hand"], model
+        one = generate(model, 3, tmp_path / model.name / "cxr", seed=1, class_name="CXR")
+        assert len(one) == 3 and all(p.parent.name == "cxr" for p in one)
+    every = generate(export / "mednist_gan.pt2", 3, tmp_path / "all", seed=1, class_name="all", grid=tmp_path / "g.png")
+    assert sorted({p.parent.name for p in every}) == ["CXR", "Hand"] and len(every) == 6
+    assert np.asarray(Image.open(tmp_path / "g.png")).shape == (2 * 66 + 2, 3 * 66 + 2)  # a row per class
+    # The label decides the image: the same latents as CXR and as Hand differ (the embedding has trained 2 steps).
+    cxr = np.asarray(Image.open(every[0]), dtype=np.int16)
+    hand = np.asarray(Image.open([p for p in every if p.parent.name == "Hand"][0]), dtype=np.int16)
+    assert np.abs(cxr - hand).max() > 0
+    with pytest.raises(MednistGanError, match="a class-conditional generator of CXR, Hand; name the class with --class"):
+        generate(export / "mednist_gan.pt2", 2, tmp_path / "x")
+    with pytest.raises(MednistGanError, match="--class Knee: .* makes CXR, Hand"):
+        generate(export / "mednist_gan.pt2", 2, tmp_path / "x", class_name="Knee")
+
+
+def test_an_unconditional_generator_refuses_a_class(tmp_path):
+    from mednist_gan.generate import SHIPPED_MODEL
+
+    with pytest.raises(MednistGanError, match="--class CXR: .* is an unconditional generator"):
+        generate(SHIPPED_MODEL, 2, tmp_path / "x", class_name="CXR")
+
+
+def test_conditional_evaluation_scores_each_class(tmp_path, mednist_root):
+    trainer = Trainer(_cfg(tmp_path, mednist_root, "eval.num_samples=16", "eval.keep_best=false"))
+    result = trainer.evaluation(trainer.output_generator(), trainer.acc.autocast(), 0, {})
+    assert {"eval/fd_ssl", "eval/CXR/fd_ssl", "eval/Hand/fd_ssl", "eval/Hand/fmd"} <= set(result)
+    assert result["eval/CXR/fd_ssl"] != result["eval/Hand/fd_ssl"]
+
+
+@pytest.mark.slow
+def test_conditional_resume_is_bitwise(tmp_path, mednist_root):
+    common = [f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "data.limit=16",
+              "train.batch_size=8", TWO, *TINY, "train.max_steps=4", "train.ema_decay=0.9", "export.at_end=false"]
+    straight = train(load_config(CONFIGS / "debug.yaml", [f"run_dir={tmp_path / 'a'}", *common]))
+    reset_accelerate()
+    interrupted = Trainer(load_config(CONFIGS / "debug.yaml", [f"run_dir={tmp_path / 'b'}", *common]))
+    interrupted.stop.requested = lambda acc: interrupted.state.step >= 2
+    interrupted.fit()
+    interrupted.tracking.finish()
+    reset_accelerate()
+    resumed = train(load_config(CONFIGS / "debug.yaml", [f"run_dir={tmp_path / 'b'}", *common]))
+    for a, b in ((straight.ema, resumed.ema), (straight.acc.unwrap_model(straight.D), resumed.acc.unwrap_model(resumed.D))):
+        for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), key
+
+
+@pytest.mark.slow
+def test_conditional_two_processes_equal_one(tmp_path, mednist_root):
+    """Labels of real and generated images follow the global batch: 2 x half batch ends where 1 x full batch does."""
+    common = ["--config", str(CONFIGS / "debug.yaml"), f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
+              "data.limit=16", "train.batch_size=8", TWO, *TINY, "train.max_steps=1", "export.at_end=false",
+              "train.deterministic=false", "train.d_train_steps=2"]
+    for n in (1, 2):
+        result = subprocess.run([*train_cmd(n), *common, f"run_dir={tmp_path / str(n)}"], cwd=REPO, capture_output=True,
+                                text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    for name, updates in (("model.safetensors", 1), ("model_1.safetensors", 2)):
+        a, b = (load_file(str(ckpt.find_latest(tmp_path / str(n)) / name)) for n in (1, 2))
+        assert_close_up_to_adam_round_off(a, b, lr=2e-4, betas=(0.5, 0.999), updates=updates, what=name)
