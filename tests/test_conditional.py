@@ -19,7 +19,7 @@ from mednist_gan.errors import ConfigError, MednistGanError
 from mednist_gan.generate import generate, generator_classes
 from mednist_gan.trainer import Trainer, train
 
-from helpers import CONFIGS, REPO, assert_close_up_to_adam_round_off, reset_accelerate, train_cmd
+from helpers import CONFIGS, REPO, assert_close_up_to_adam_round_off, reset_accelerate, run_cli, train_cmd
 
 TWO = "data.classes=[CXR, Hand]"
 TINY = ["model.arch=resnet", "model.resnet_g_channels=2", "model.resnet_d_channels=2", "model.latent_size=16"]
@@ -91,6 +91,14 @@ def test_conditional_training_exports_and_generates_every_class(tmp_path, mednis
         generate(export / "mednist_gan.pt2", 2, tmp_path / "x")
     with pytest.raises(MednistGanError, match="--class Knee: .* makes CXR, Hand"):
         generate(export / "mednist_gan.pt2", 2, tmp_path / "x", class_name="Knee")
+    # The command line: --class all writes a folder per class; no --class is one line and exit 2.
+    done = run_cli("generate", "--model", str(export / "mednist_gan.ts"), "--class", "all", "--num-samples", "2",
+                   "--output-dir", str(tmp_path / "cli"))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["CXR", "Hand"]
+    refused = run_cli("generate", "--model", str(export / "mednist_gan.ts"), "--output-dir", str(tmp_path / "no"))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1 and "--class" in refused.stderr
+    assert not (tmp_path / "no").exists()
 
 
 def test_an_unconditional_generator_refuses_a_class(tmp_path):
