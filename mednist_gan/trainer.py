@@ -225,7 +225,9 @@ class Trainer:
             g_losses.append(self.graphs(("g",), self.generator_update, z, *conditions)["loss_g"])
             if self.skipped_updates == skipped:
                 self.update_ema(self.state.step * opts.g_train_steps + j)
-        self.lr_used = (self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"])
+        # The rates this iteration used (a capturable optimizer's are tensors, which the schedulers refill in place).
+        self.lr_used = tuple(lr.clone() if isinstance(lr, torch.Tensor) else lr
+                             for lr in (self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"]))
         for scheduler in self.schedulers:
             scheduler.step()
         return {"loss_d": d_metrics.pop("loss_d"), "loss_g": torch.stack(g_losses).mean(), **d_metrics}
