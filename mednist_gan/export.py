@@ -174,6 +174,8 @@ def write_onnx(generator: torch.nn.Module, path: Path, latent_size: int) -> None
             # torch's own internals while exporting (e.g. its pytree LeafSpec deprecation): nothing a user can act on
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|onnxscript|copyreg)")
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|onnxscript|copyreg)")
+            # latents and labels share their batch dimension, which the exporter names once (and says so)
+            warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used", category=UserWarning)
             torch.onnx.export(_inference_module(generator), example, str(path),
                               input_names=["latents", "labels"][:len(example)], output_names=["images"],
                               dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
