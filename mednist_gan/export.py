@@ -244,6 +244,84 @@ def write_bundle(model_path: Path, bundle_dir: Path, model_cfg: ModelConfig) -> 
     (bundle_dir / "docs" / "README.md").write_text(_BUNDLE_README)
 
 
+def write_torchscript_bundle(torchscript: Path, bundle_dir: Path, model_cfg: ModelConfig) -> None:
+    """A MONAI bundle folder around the TorchScript generator (networks MONAI cannot build, e.g. model.arch=resnet):
+    ``python -m monai.bundle run inferring`` runs it with MONAI and torch alone. A class-conditional generator makes
+    the class ``class_index`` names (``--class_index 2`` on that command line; ``class_names`` lists them)."""
+    for sub in ("configs", "models", "docs"):
+        (bundle_dir / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(torchscript, bundle_dir / "models" / "model.ts")
+    size, classes = model_cfg.latent_size, list(model_cfg.classes)
+    labels = ("(torch.full((batchdata.shape[0],), @class_index, dtype=torch.long, device=@device),)" if classes else "()")
+    inputs = {"latent": {"type": "tuples", "format": "latent", "num_channels": 0, "spatial_shape": [size],
+                         "dtype": "float32", "value_range": [], "is_patch_data": False, "channel_def": {}}}
+    if classes:
+        inputs["label"] = {"type": "tuples", "format": "class index", "num_channels": 0, "spatial_shape": [],
+                           "dtype": "int64", "value_range": [0, len(classes) - 1], "is_patch_data": False,
+                           "channel_def": {str(i): name for i, name in enumerate(classes)}}
+    what = f"the MedNIST classes {', '.join(classes)} (one class-conditional generator)" if classes else "MedNIST images"
+    metadata = {
+        "version": __version__,
+        "monai_version": _version("monai"),
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": _version("numpy"),
+        "optional_packages_version": {"pillow": _version("PIL")},
+        "task": f"Generate 64x64 images of {what}",
+        "description": f"A {model_cfg.arch} generator trained with mednist-gan, as TorchScript (models/model.ts); "
+                       "latents are standard normal; outputs are images in [0, 1].",
+        "authors": "mednist-gan contributors",
+        "copyright": "Copyright (c) mednist-gan contributors",
+        "data_source": "MedNIST (CC BY-SA 4.0), courtesy of Dr. Bradley J. Erickson M.D., Ph.D. (Mayo Clinic)",
+        "data_type": "jpeg",
+        "network_data_format": {
+            "inputs": inputs,
+            "outputs": {"pred": {"type": "image", "format": "magnitude", "num_channels": 1,
+                                 "spatial_shape": list(model_cfg.image_shape[1:]), "dtype": "float32",
+                                 "value_range": [0, 1], "is_patch_data": False, "channel_def": {"0": "image"}}},
+        },
+    }
+    inference = {
+        "imports": ["$import numpy as np"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "output_dir": "./outputs",
+        "latent_size": size,
+        "num_samples": 10,
+        **({"class_names": classes, "class_index": 0} if classes else {}),
+        "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
+        "network": "$@network_def.eval()",
+        "dataset": {"_target_": "Dataset", "data": "$[torch.randn(@latent_size) for i in range(@num_samples)]"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": "Compose", "transforms": [  # the sigmoid is inside the TorchScript
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_ext": "png",
+             "separate_folder": False, "scale": 255, "output_dtype": "$np.uint8", "meta_key_postfix": None},
+        ]},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "prepare_batch": f"$lambda batchdata, *_, **__: (batchdata.to(@device), None, {labels}, {{}})"},
+        "inferring": ["$@evaluator.run()"],
+    }
+    (bundle_dir / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4))
+    (bundle_dir / "configs" / "inference.json").write_text(json.dumps(inference, indent=4))
+    choose = ("\nA class-conditional generator: `--class_index i` makes class `class_names[i]` "
+              f"({', '.join(f'{i} = {c}' for i, c in enumerate(classes))}).\n" if classes else "")
+    (bundle_dir / "docs" / "README.md").write_text(f"""# MedNIST generator (mednist-gan, model.arch={model_cfg.arch})
+
+`models/model.ts` is TorchScript: latents (N, {size}) standard normal{" and labels (N,) int64" if classes else ""} ->
+images (N, 1, 64, 64) in [0, 1] (MONAI orientation). MONAI has no such network to build, so this bundle runs the
+TorchScript file; torch alone loads it (`torch.jit.load`).
+
+    python -m monai.bundle run inferring --config_file configs/inference.json \\
+        --meta_file configs/metadata.json --bundle_root .
+
+writes `num_samples` PNGs to `output_dir`.{choose}
+Data: MedNIST, CC BY-SA 4.0, courtesy of Dr. Bradley J. Erickson M.D., Ph.D. (Department of Radiology,
+Mayo Clinic), gathered from TCIA, the RSNA Bone Age Challenge and the NIH Chest X-ray dataset.
+""")
+
+
 _BUNDLE_README = """# MedNIST Hand generator (mednist-gan)
 
 A MONAI `Generator` trained with mednist-gan on the MedNIST Hand class (64x64 X-rays).
@@ -294,8 +372,8 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
         record = dict(provenance)
         if model_cfg.arch == "monai":
             write_bundle(staging / MODEL_FILE, staging / BUNDLE_DIR, model_cfg)
-        else:  # the bundle's inference.json builds MONAI's Generator; the .pt2 and .ts files need torch alone
-            record["bundle"] = f"not written: a MONAI bundle folder holds MONAI networks, this is model.arch={model_cfg.arch}"
+        else:  # MONAI has no such network to build: the bundle runs the TorchScript file
+            write_torchscript_bundle(staging / TORCHSCRIPT_FILE, staging / BUNDLE_DIR, model_cfg)
         record.update({
             "mednist_gan_version": __version__,
             "latent_distribution": LATENT_DISTRIBUTION,

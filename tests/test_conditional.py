@@ -6,6 +6,7 @@ import json
 import re
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -149,9 +150,9 @@ def test_conditional_two_processes_equal_one(tmp_path, mednist_root):
         assert_close_up_to_adam_round_off(a, b, lr=2e-4, betas=(0.5, 0.999), updates=updates, what=name)
 
 
-def test_a_conditional_onnx_export_takes_latents_and_labels(tmp_path):
-    """ONNX (dynamo exporter) of a class-conditional generator: inputs 'latents' and 'labels', any batch size,
-    equal in onnxruntime to the eager generator for every class."""
+def test_a_conditional_generator_exports_to_a_monai_bundle_and_onnx(tmp_path):
+    """A class-conditional generator's MONAI bundle runs with `monai.bundle run` for a chosen class; its ONNX
+    (dynamo exporter) takes 'latents' and 'labels', any batch size, equal in onnxruntime to the eager generator."""
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     import dataclasses
@@ -167,6 +168,17 @@ def test_a_conditional_onnx_export_takes_latents_and_labels(tmp_path):
         if isinstance(module, torch.nn.Embedding):  # zero at the start: give the labels an effect
             torch.nn.init.normal_(module.weight)
     out = export_generator(G, cfg, tmp_path / "export", {"config": {"model": dataclasses.asdict(cfg)}}, onnx=True)
+    # The MONAI bundle folder runs the TorchScript file with MONAI alone, for the class --class_index names.
+    bundle = out / "bundle"
+    pngs = tmp_path / "bundle_out"
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file", "configs/inference.json",
+                           "--meta_file", "configs/metadata.json", "--bundle_root", ".", "--output_dir", str(pngs),
+                           "--num_samples", "2", "--class_index", "1"], cwd=bundle, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    written = sorted(pngs.glob("*.png"))
+    assert len(written) == 2 and np.asarray(Image.open(written[0])).shape == (64, 64)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["label"]["channel_def"] == {"0": "CXR", "1": "Hand"}
     session = ort.InferenceSession(str(out / "mednist_gan.onnx"))
     assert [i.name for i in session.get_inputs()] == ["latents", "labels"]
     for n in (1, 5):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -131,8 +130,8 @@ def test_resnet_exports_round_trip(tmp_path):
         for name in ("mednist_gan.ts", "mednist_gan.pt2"):
             net, latent_size = load_model(out / name)
             assert latent_size == 16 and torch.allclose(net(z), expected, atol=1e-6), name
-    assert not (out / "bundle").exists()
-    assert "not written" in json.loads((out / "export.json").read_text())["bundle"]
+    assert (out / "bundle" / "models" / "model.ts").is_file()  # a MONAI bundle around the TorchScript file
+    assert "torch.jit.load" in (out / "bundle" / "configs" / "inference.json").read_text()
 
 
 def test_resnet_config_checks():

@@ -200,6 +200,6 @@ def test_the_residual_networks_train_export_and_keep_their_architecture(debug_ov
     trainer = train(_cfg(debug_overrides, *tiny))
     assert trainer.state.step == 2 and type(trainer.acc.unwrap_model(trainer.G)).__name__ == "ResNetGenerator"
     exported = trainer.run_dir / "export"
-    assert (exported / "mednist_gan.pt2").is_file() and not (exported / "bundle").exists()
+    assert (exported / "mednist_gan.pt2").is_file() and (exported / "bundle" / "models" / "model.ts").is_file()
     with pytest.raises(CheckpointError, match="trained with model.arch='resnet', but the config says 'monai'"):
         Trainer(_cfg(debug_overrides, "train.max_steps=3")).fit()
