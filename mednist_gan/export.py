@@ -183,92 +183,26 @@ def write_onnx(generator: torch.nn.Module, path: Path, latent_size: int) -> None
         onnx_log.setLevel(level)
 
 
-def write_bundle(model_path: Path, bundle_dir: Path, model_cfg: ModelConfig) -> None:
-    """A MONAI bundle folder that ``python -m monai.bundle run inferring`` runs without this package."""
-    (bundle_dir / "configs").mkdir(parents=True, exist_ok=True)
-    (bundle_dir / "models").mkdir(exist_ok=True)
-    (bundle_dir / "docs").mkdir(exist_ok=True)
-    shutil.copyfile(model_path, bundle_dir / "models" / MODEL_FILE)
-    size = model_cfg.latent_size
-    metadata = {
-        "version": __version__,
-        "monai_version": _version("monai"),
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": _version("numpy"),
-        "optional_packages_version": {"pillow": _version("PIL")},
-        "task": "Generate random hand X-ray images like the MedNIST Hand class",
-        "description": "MONAI Generator trained with mednist-gan; latents are standard normal.",
-        "authors": "mednist-gan contributors",
-        "copyright": "Copyright (c) mednist-gan contributors",
-        "data_source": "MedNIST (CC BY-SA 4.0), courtesy of Dr. Bradley J. Erickson M.D., Ph.D. (Mayo Clinic)",
-        "data_type": "jpeg",
-        "network_data_format": {
-            "inputs": {"latent": {"type": "tuples", "format": "latent", "num_channels": 0, "spatial_shape": [size],
-                                  "dtype": "float32", "value_range": [], "is_patch_data": False, "channel_def": {}}},
-            "outputs": {"pred": {"type": "image", "format": "magnitude", "num_channels": 1,
-                                 "spatial_shape": list(model_cfg.image_shape[1:]), "dtype": "float32",
-                                 "value_range": [0, 1], "is_patch_data": False, "channel_def": {"0": "image"}}},
-        },
-    }
-    inference = {
-        "imports": ["$import numpy as np"],
-        "bundle_root": ".",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "ckpt_path": "$@bundle_root + '/models/model.pt'",
-        "output_dir": "./outputs",
-        "latent_size": size,
-        "num_samples": 10,
-        "network_def": {"_target_": "Generator", "latent_shape": "@latent_size",
-                        "start_shape": list(model_cfg.start_shape), "channels": list(model_cfg.g_channels),
-                        "strides": list(model_cfg.g_strides)},
-        "network": "$@network_def.to(@device)",
-        # The generator was trained on standard-normal latents (the seed bundle sampled uniform ones).
-        "dataset": {"_target_": "Dataset", "data": "$[torch.randn(@latent_size) for i in range(@num_samples)]"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
-                       "num_workers": 0},
-        "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
-            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_ext": "png",
-             "separate_folder": False, "scale": 255, "output_dtype": "$np.uint8", "meta_key_postfix": None},
-        ]},
-        "handlers": [{"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"}}],
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
-                      "prepare_batch": "$lambda batchdata, *_,**__: (batchdata.to(@device),None,(),{})",
-                      "val_handlers": "@handlers"},
-        "inferring": ["$@evaluator.run()"],
-    }
-    (bundle_dir / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4))
-    (bundle_dir / "configs" / "inference.json").write_text(json.dumps(inference, indent=4))
-    (bundle_dir / "docs" / "README.md").write_text(_BUNDLE_README)
-
-
-def write_torchscript_bundle(torchscript: Path, bundle_dir: Path, model_cfg: ModelConfig) -> None:
-    """A MONAI bundle folder around the TorchScript generator (networks MONAI cannot build, e.g. model.arch=resnet):
-    ``python -m monai.bundle run inferring`` runs it with MONAI and torch alone. A class-conditional generator makes
-    the class ``class_index`` names (``--class_index 2`` on that command line; ``class_names`` lists them)."""
+def _bundle_files(bundle_dir: Path, model_cfg: ModelConfig, task: str, description: str, network: dict,
+                  inference: dict, readme: str, label_input: Optional[dict] = None) -> None:
+    """The bundle folder's configs and README: metadata (inputs: latents, and labels when given; outputs: images in
+    [0, 1]) and ``inference.json``, whose common part (latents, loader, inferer, PNG writer, evaluator) surrounds
+    the ``network`` entries and the ``inference`` entries (handlers, extra postprocessing, prepare_batch) given."""
     for sub in ("configs", "models", "docs"):
         (bundle_dir / sub).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(torchscript, bundle_dir / "models" / "model.ts")
-    size, classes = model_cfg.latent_size, list(model_cfg.classes)
-    labels = ("(torch.full((batchdata.shape[0],), @class_index, dtype=torch.long, device=@device),)" if classes else "()")
+    size = model_cfg.latent_size
     inputs = {"latent": {"type": "tuples", "format": "latent", "num_channels": 0, "spatial_shape": [size],
                          "dtype": "float32", "value_range": [], "is_patch_data": False, "channel_def": {}}}
-    if classes:
-        inputs["label"] = {"type": "tuples", "format": "class index", "num_channels": 0, "spatial_shape": [],
-                           "dtype": "int64", "value_range": [0, len(classes) - 1], "is_patch_data": False,
-                           "channel_def": {str(i): name for i, name in enumerate(classes)}}
-    what = f"the MedNIST classes {', '.join(classes)} (one class-conditional generator)" if classes else "MedNIST images"
+    if label_input is not None:
+        inputs["label"] = label_input
     metadata = {
         "version": __version__,
         "monai_version": _version("monai"),
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": _version("numpy"),
         "optional_packages_version": {"pillow": _version("PIL")},
-        "task": f"Generate 64x64 images of {what}",
-        "description": f"A {model_cfg.arch} generator trained with mednist-gan, as TorchScript (models/model.ts); "
-                       "latents are standard normal; outputs are images in [0, 1].",
+        "task": task,
+        "description": description,
         "authors": "mednist-gan contributors",
         "copyright": "Copyright (c) mednist-gan contributors",
         "data_source": "MedNIST (CC BY-SA 4.0), courtesy of Dr. Bradley J. Erickson M.D., Ph.D. (Mayo Clinic)",
@@ -280,34 +214,78 @@ def write_torchscript_bundle(torchscript: Path, bundle_dir: Path, model_cfg: Mod
                                  "value_range": [0, 1], "is_patch_data": False, "channel_def": {"0": "image"}}},
         },
     }
-    inference = {
+    save = {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_ext": "png",
+            "separate_folder": False, "scale": 255, "output_dtype": "$np.uint8", "meta_key_postfix": None}
+    config = {
         "imports": ["$import numpy as np"],
         "bundle_root": ".",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "output_dir": "./outputs",
         "latent_size": size,
         "num_samples": 10,
-        **({"class_names": classes, "class_index": 0} if classes else {}),
-        "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
-        "network": "$@network_def.eval()",
+        **network,
+        # The generator was trained on standard-normal latents (the seed bundle sampled uniform ones).
         "dataset": {"_target_": "Dataset", "data": "$[torch.randn(@latent_size) for i in range(@num_samples)]"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
         "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": {"_target_": "Compose", "transforms": [  # the sigmoid is inside the TorchScript
-            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_ext": "png",
-             "separate_folder": False, "scale": 255, "output_dtype": "$np.uint8", "meta_key_postfix": None},
-        ]},
+        "postprocessing": {"_target_": "Compose", "transforms": [*inference.pop("before_save", []), save]},
+        **inference.pop("handlers", {}),
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
-                      "prepare_batch": f"$lambda batchdata, *_, **__: (batchdata.to(@device), None, {labels}, {{}})"},
+                      "prepare_batch": inference.pop("prepare_batch"), **inference},
         "inferring": ["$@evaluator.run()"],
     }
     (bundle_dir / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4))
-    (bundle_dir / "configs" / "inference.json").write_text(json.dumps(inference, indent=4))
+    (bundle_dir / "configs" / "inference.json").write_text(json.dumps(config, indent=4))
+    (bundle_dir / "docs" / "README.md").write_text(readme)
+
+
+def write_bundle(model_path: Path, bundle_dir: Path, model_cfg: ModelConfig) -> None:
+    """A MONAI bundle folder that ``python -m monai.bundle run inferring`` runs without this package: MONAI's
+    ``Generator`` with ``models/model.pt`` loaded into it, as the seed bundle's."""
+    network = {
+        "ckpt_path": "$@bundle_root + '/models/model.pt'",
+        "network_def": {"_target_": "Generator", "latent_shape": "@latent_size",
+                        "start_shape": list(model_cfg.start_shape), "channels": list(model_cfg.g_channels),
+                        "strides": list(model_cfg.g_strides)},
+        "network": "$@network_def.to(@device)",
+    }
+    inference = {
+        "before_save": [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}],
+        "handlers": {"handlers": [{"_target_": "CheckpointLoader", "load_path": "@ckpt_path",
+                                   "load_dict": {"model": "@network"}}]},
+        "prepare_batch": "$lambda batchdata, *_,**__: (batchdata.to(@device),None,(),{})",
+        "val_handlers": "@handlers",
+    }
+    _bundle_files(bundle_dir, model_cfg, "Generate random hand X-ray images like the MedNIST Hand class",
+                  "MONAI Generator trained with mednist-gan; latents are standard normal.", network, inference,
+                  _BUNDLE_README)
+    shutil.copyfile(model_path, bundle_dir / "models" / MODEL_FILE)
+
+
+def write_torchscript_bundle(torchscript: Path, bundle_dir: Path, model_cfg: ModelConfig) -> None:
+    """A MONAI bundle folder around the TorchScript generator (networks MONAI cannot build, e.g. model.arch=resnet):
+    ``python -m monai.bundle run inferring`` runs it with MONAI and torch alone. A class-conditional generator makes
+    the class ``class_index`` names (``--class_index 2`` on that command line; ``class_names`` lists them)."""
+    size, classes = model_cfg.latent_size, list(model_cfg.classes)
+    labels = ("(torch.full((batchdata.shape[0],), @class_index, dtype=torch.long, device=@device),)" if classes else "()")
+    network = {
+        **({"class_names": classes, "class_index": 0} if classes else {}),
+        "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
+        "network": "$@network_def.eval()",
+    }
+    # The sigmoid is inside the TorchScript: the images are saved as they come.
+    inference = {"prepare_batch": f"$lambda batchdata, *_, **__: (batchdata.to(@device), None, {labels}, {{}})"}
+    label_input = None
+    if classes:
+        label_input = {"type": "tuples", "format": "class index", "num_channels": 0, "spatial_shape": [],
+                       "dtype": "int64", "value_range": [0, len(classes) - 1], "is_patch_data": False,
+                       "channel_def": {str(i): name for i, name in enumerate(classes)}}
+    what = f"the MedNIST classes {', '.join(classes)} (one class-conditional generator)" if classes else "MedNIST images"
     choose = ("\nA class-conditional generator: `--class_index i` makes class `class_names[i]` "
               f"({', '.join(f'{i} = {c}' for i, c in enumerate(classes))}).\n" if classes else "")
-    (bundle_dir / "docs" / "README.md").write_text(f"""# MedNIST generator (mednist-gan, model.arch={model_cfg.arch})
+    readme = f"""# MedNIST generator (mednist-gan, model.arch={model_cfg.arch})
 
 `models/model.ts` is TorchScript: latents (N, {size}) standard normal{" and labels (N,) int64" if classes else ""} ->
 images (N, 1, 64, 64) in [0, 1] (MONAI orientation). MONAI has no such network to build, so this bundle runs the
@@ -317,10 +295,16 @@ TorchScript file; torch alone loads it (`torch.jit.load`).
         --meta_file configs/metadata.json --bundle_root .
 
 writes `num_samples` PNGs to `output_dir`.{choose}
-Data: MedNIST, CC BY-SA 4.0, courtesy of Dr. Bradley J. Erickson M.D., Ph.D. (Department of Radiology,
-Mayo Clinic), gathered from TCIA, the RSNA Bone Age Challenge and the NIH Chest X-ray dataset.
-""")
+{_DATA_CREDIT}"""
+    _bundle_files(bundle_dir, model_cfg, f"Generate 64x64 images of {what}",
+                  f"A {model_cfg.arch} generator trained with mednist-gan, as TorchScript (models/model.ts); latents "
+                  "are standard normal; outputs are images in [0, 1].", network, inference, readme, label_input)
+    shutil.copyfile(torchscript, bundle_dir / "models" / "model.ts")
 
+
+_DATA_CREDIT = """Data: MedNIST, CC BY-SA 4.0, courtesy of Dr. Bradley J. Erickson M.D., Ph.D. (Department of Radiology,
+Mayo Clinic), gathered from TCIA, the RSNA Bone Age Challenge and the NIH Chest X-ray dataset.
+"""
 
 _BUNDLE_README = """# MedNIST Hand generator (mednist-gan)
 
@@ -337,9 +321,7 @@ gives images in [0, 1].
 
 writes `num_samples` PNGs to `output_dir`.
 
-Data: MedNIST, CC BY-SA 4.0, courtesy of Dr. Bradley J. Erickson M.D., Ph.D. (Department of Radiology,
-Mayo Clinic), gathered from TCIA, the RSNA Bone Age Challenge and the NIH Chest X-ray dataset.
-"""
+""" + _DATA_CREDIT
 
 
 def _version(module: str) -> str:
