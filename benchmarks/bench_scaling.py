@@ -60,10 +60,13 @@ def time_steps(config: str, overrides: list[str], data: Path, iters: int, warmup
         # FLOPs of as many eager iterations as lazy R1 takes to repeat (graphs off: replays are invisible to the counter).
         window = cfg.train.r1_every if cfg.train.r1_gamma > 0 else 1
         trainer.graphs.enabled, captured = False, trainer.graphs.enabled
+        forwards = trainer.g_forward, trainer.d_forward  # and the plain networks (compiled code hides its FLOPs too)
+        trainer.g_forward, trainer.d_forward = trainer.G, trainer.D
         with flop_counter() as counter:
             for _ in range(window):
                 _step(trainer, indices)
         trainer.graphs.enabled = captured
+        trainer.g_forward, trainer.d_forward = forwards
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         for _ in range(warmup):
             _step(trainer, indices)
@@ -145,18 +148,21 @@ def main() -> int:
         print(f"{batch:>16} {precision:>9} {mode:>7} {r['s_per_iter']:9.4f} {batch / r['s_per_iter']:10.0f} "
               f"{r['flops'] / r['s_per_iter'] / 1e12:8.2f}")
 
-    print("\nrecipes at their own batch, fp32 (TF32 convolutions, runtime.tf32) and bf16, CUDA graphs; then the bundle "
-          "without channels_last (instance norm computes in NCHW: channels_last costs a copy around every normalisation):")
-    for config, precision, extra in (*itertools.product(("bundle.yaml", "quality.yaml"), ("no", "bf16"), ([],)),
-                                     ("bundle.yaml", "no", ["runtime.channels_last=false"]),
-                                     ("bundle.yaml", "bf16", ["runtime.channels_last=false"])):
-        r = try_time_steps(config, [f"train.precision={precision}", *extra], args.data, args.iters)
+    print("\nrecipes and model presets at their own batch, fp32 (TF32 convolutions, runtime.tf32) and bf16, CUDA graphs; "
+          "the bundle also without channels_last (instance norm computes in NCHW: channels_last costs a copy around every "
+          "normalisation) and with runtime.compile (inductor fuses the small kernels; with and without graphs):")
+    presets = ("bundle.yaml", "quality.yaml", "wide.yaml", "resnet.yaml", "conditional.yaml")
+    variants = {"NCHW": ["runtime.channels_last=false"], "compile": ["runtime.compile=true"],
+                "compile, eager": ["runtime.compile=true", "runtime.cuda_graphs=false"]}
+    for config, precision, variant in (*itertools.product(presets, ("no", "bf16"), ("",)),
+                                       *itertools.product(("bundle.yaml",), ("no", "bf16"), variants)):
+        r = try_time_steps(config, [f"train.precision={precision}", *variants.get(variant, [])], args.data, args.iters)
         if r is None:
             continue
         peak = peaks["bf16" if precision == "bf16" else "tf32"]
         achieved = r["flops"] / r["s_per_iter"] / 1e12
-        layout = " NCHW" if extra else ""
-        print(f"  {config:13s} {precision:>4}{layout}: batch {r['batch']:4d}, {r['s_per_iter'] * 1e3:7.2f} ms/iter, "
+        layout = f" {variant}" if variant else ""
+        print(f"  {config:16s} {precision:>4}{layout}: batch {r['batch']:4d}, {r['s_per_iter'] * 1e3:7.2f} ms/iter, "
               f"{r['batch'] / r['s_per_iter']:9.0f} images/s, {r['flops'] / 1e9:6.1f} GFLOP/iter, "
               f"{achieved:6.2f} TFLOP/s = {100 * achieved / peak:4.1f}% of the "
               f"{'bf16' if precision == 'bf16' else 'tf32'} matmul peak; G {r['g_params']:,} / D {r['d_params']:,} params")

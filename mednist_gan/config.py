@@ -188,6 +188,10 @@ class RuntimeConfig:
                            "(captured after 3 eager runs of each), without per-kernel launch overhead; runs eagerly, and says "
                            "why, under train.precision=fp16, train.nonfinite=skip, train.detect_anomaly or several processes")
     fused_adam: bool = _f(True, "on CUDA: Adam's fused kernel, one launch per optimizer step (the same update up to rounding)")
+    compile: bool = _f(False, "torch.compile (inductor) the networks' training forward passes, fusing their small memory-bound "
+                       "kernels (normalisations, activations) into fewer, larger ones; compiled during the first iterations "
+                       "(before any CUDA graph is captured); the R1 penalty's forward runs eagerly (compiled code has no "
+                       "double backward); same results up to floating-point rounding")
     tf32: bool = _f(True, "on Ampere or newer GPUs: TensorFloat-32 in fp32 convolutions and matrix products (PyTorch's own "
                     "default allows it for convolutions only); false = strict fp32")
 

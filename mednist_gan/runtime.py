@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Optional
 
 import torch
+from torch.nn.utils import parametrize
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, InitProcessGroupKwargs
 
@@ -131,3 +132,26 @@ def prepare_networks(generator: torch.nn.Module, discriminator: torch.nn.Module,
     if rt.cpu_mask_dropout and device.type == "cpu":
         use_mask_dropout(discriminator)
     return generator.to(memory_format=fmt), discriminator.to(memory_format=fmt)
+
+
+def compiled_forwards(generator: torch.nn.Module, discriminator: torch.nn.Module,
+                      cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module, Optional[str]]:
+    """The callables the training step runs the networks through: compiled where ``runtime.compile`` asks and the
+    network allows it, else the networks themselves; and which network stays eager and why, for the log."""
+    if not cfg.runtime.compile:
+        return generator, discriminator, None
+    eager = {}
+    if cfg.model.classes:
+        # torch 2.13's inductor (CPU) computes a conditional ResNetGenerator's gradients wrong (thousands of times
+        # the eager ones, forward equal); tests/test_compile.py checks that this still holds before lifting it.
+        eager["generator"] = "class-conditional generators compile to wrong gradients (torch 2.13 inductor)"
+    if any(parametrize.is_parametrized(m) for m in discriminator.modules()):
+        # Spectral normalisation's power iteration updates its vectors in place in every training forward; compiled
+        # code keeps them for the backward without eager autograd's copies, so D's second forward (real, then fake)
+        # breaks the first one's backward.
+        eager["discriminator"] = "spectral normalisation updates its state in place during the forward pass"
+    note = None
+    if eager:
+        note = "runtime.compile: eager " + "; ".join(f"{name} ({why})" for name, why in eager.items())
+    return (generator if "generator" in eager else torch.compile(generator),
+            discriminator if "discriminator" in eager else torch.compile(discriminator), note)

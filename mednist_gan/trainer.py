@@ -42,7 +42,8 @@ from .losses import discriminator_loss, generator_loss, r1_penalty
 from .networks import build_discriminator, build_generator, generator_copy
 from .optim import keep_run_options, make_optimizers, make_schedulers
 from .runcontrol import EndedEarly, Preempted, StopRequest, crash_point, peers_lost, write_failure
-from .runtime import graph_capture, make_accelerator, memory_format, optimizer_options, precision_warning, prepare_networks
+from .runtime import (compiled_forwards, graph_capture, make_accelerator, memory_format, optimizer_options,
+                      precision_warning, prepare_networks)
 from .tracking import Tracking, setup_logging, write_run_info
 
 LATENT_RNG_FILE, AUGMENT_RNG_FILE = "latent_rng.pt", "augment_rng.pt"  # shared streams, saved by the main process
@@ -136,6 +137,11 @@ class Trainer:
         self.G, self.D, self.opt_g, self.opt_d, self.loader, *self.schedulers = acc.prepare(
             G, D, opt_g, opt_d, loader, *make_schedulers((opt_g, opt_d), cfg.optim, self.total_steps))
         self.memory_format = memory_format(cfg.runtime)
+        # The training forward passes, compiled when runtime.compile asks (the modules themselves stay as they are:
+        # checkpoints, EMA and exports see the same state_dict).
+        self.g_forward, self.d_forward, compile_note = compiled_forwards(self.G, self.D, cfg)
+        if compile_note is not None:
+            self.log.info(compile_note)
 
         # Latents and augmentation parameters come from generators shared by all processes: each
         # draws for the global batch and keeps its slice, so neither depends on the number of processes.
@@ -187,10 +193,13 @@ class Trainer:
         return self.device_labels[indices] if self.num_classes else None
 
     def generate(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.G(z) if labels is None else self.G(z, labels)
+        return self.g_forward(z) if labels is None else self.g_forward(z, labels)
 
-    def discriminate(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.D(images) if labels is None else self.D(images, labels)
+    def discriminate(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                     eager: bool = False) -> torch.Tensor:
+        """D's logits; ``eager`` bypasses runtime.compile (R1 differentiates them twice, which compiled code cannot)."""
+        forward = self.D if eager else self.d_forward
+        return forward(images) if labels is None else forward(images, labels)
 
     def prepare_reals(self, indices: torch.Tensor) -> torch.Tensor:
         """This process's slice of a batch of image indices, as scaled (and augmented) float images on the device."""
@@ -243,7 +252,8 @@ class Trainer:
         for r1_now in with_r1:
             self.opt_d.zero_grad(set_to_none=True)
             real_in = real.detach().requires_grad_(True) if r1_now else real
-            real_logits, fake_logits = self.discriminate(real_in, real_labels), self.discriminate(fake, fake_labels)
+            real_logits = self.discriminate(real_in, real_labels, eager=r1_now)
+            fake_logits = self.discriminate(fake, fake_labels)
             loss_d = total_d = discriminator_loss(real_logits, fake_logits, opts.loss)
             if r1_now:
                 r1 = r1_penalty(real_logits, real_in)
