@@ -81,6 +81,9 @@ class ModelConfig:
                                 "channels from 4x4 to 64x64", architecture=True)
     resnet_d_channels: int = _f(32, "model.arch=resnet: discriminator width; its stages have 1, 2, 4, 8, 16 times this "
                                 "many channels from 64x64 down to 4x4", architecture=True)
+    resnet_mbstd: int = _f(0, "model.arch=resnet: minibatch standard deviation in the discriminator (StyleGAN's feature "
+                           "against mode collapse): images in groups of this many, D sees how alike each group's features "
+                           "are; 0 = off", architecture=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -103,6 +106,8 @@ class ModelConfig:
         _require(self.d_kernel_size >= 1, "model.d_kernel_size", self.d_kernel_size, "an integer >= 1")
         for key in ("resnet_g_channels", "resnet_d_channels"):
             _require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
+        _require(self.resnet_mbstd == 0 or self.resnet_mbstd >= 2, "model.resnet_mbstd", self.resnet_mbstd,
+                 "0 (off) or a group size >= 2")
         _require(not self.classes or self.arch == "resnet", "model.arch", self.arch,
                  "'resnet' for a class-conditional generator (several data.classes): MONAI's networks take no labels")
         if self.arch == "resnet":

@@ -43,7 +43,8 @@ def build_generator(cfg: ModelConfig, init: bool = True) -> nn.Module:
 def build_discriminator(cfg: ModelConfig, init: bool = True) -> nn.Module:
     """The config's discriminator, returning logits (MONAI's with ``last_act=None``) so the losses are autocast-safe."""
     if cfg.arch == "resnet":
-        return ResNetDiscriminator(cfg.resnet_d_channels, cfg.image_shape[-1], len(cfg.classes), init=init)
+        return ResNetDiscriminator(cfg.resnet_d_channels, cfg.image_shape[-1], len(cfg.classes), init=init,
+                                   mbstd_group=cfg.resnet_mbstd)
     net = Discriminator(
         in_shape=list(cfg.image_shape),
         channels=list(cfg.d_channels),
@@ -155,25 +156,46 @@ class DiscriminatorBlock(nn.Module):
 class ResNetDiscriminator(nn.Module):
     """Images (N, 1, S, S) [and class labels (N,)] -> logits (N, 1): residual down-sampling blocks to 4x4, widths
     ``channels`` x (1, 2, 4, 8, 16), ReLU, a sum over positions, a linear layer, and with ``num_classes`` > 0 the
-    projection <embed(label), features> (Miyato & Koyama 2018); every layer spectrally normalised."""
+    projection <embed(label), features> (Miyato & Koyama 2018); every layer spectrally normalised.
 
-    def __init__(self, channels: int = 32, image_size: int = 64, num_classes: int = 0, init: bool = True):
+    ``mbstd_group`` > 0 appends one feature per image before the linear layer: the standard deviation of the pooled
+    features across its group of that many consecutive images, averaged over the features (StyleGAN's minibatch
+    standard deviation, on the pooled features), so that D can tell a batch of near-copies from real variety. Groups
+    are consecutive images, so a process's slice of a batch (a multiple of the group size) computes what one
+    process does."""
+
+    def __init__(self, channels: int = 32, image_size: int = 64, num_classes: int = 0, init: bool = True,
+                 mbstd_group: int = 0):
         super().__init__()
         stages = _stages(image_size)
         widths = [1] + [channels * m for m in D_WIDTHS[:stages]]
+        self.mbstd_group = mbstd_group
         self.blocks = nn.Sequential(*[DiscriminatorBlock(a, b, first=i == 0)
                                       for i, (a, b) in enumerate(zip(widths, widths[1:]))])
-        self.linear = spectral_norm(nn.Linear(widths[-1], 1))
-        self.embed = spectral_norm(nn.Embedding(num_classes, widths[-1])) if num_classes else None
+        features = widths[-1] + (1 if mbstd_group else 0)
+        self.linear = spectral_norm(nn.Linear(features, 1))
+        self.embed = spectral_norm(nn.Embedding(num_classes, features)) if num_classes else None
         if init:
             _xavier_init(self)
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = F.relu(self.blocks(images)).sum(dim=(2, 3))
+        if self.mbstd_group:
+            h = torch.cat([h, minibatch_stddev(h, self.mbstd_group)], dim=1)
         out = self.linear(h)
         if self.embed is not None and labels is not None:
             out = out + (self.embed(labels) * h).sum(dim=1, keepdim=True)
         return out
+
+
+def minibatch_stddev(features: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, C) -> (N, 1): for each image, the standard deviation of the features across its group of ``group``
+    consecutive images (fewer where N is not a multiple: the largest common divisor), averaged over the features."""
+    n, c = features.shape
+    group = math.gcd(group, n)
+    grouped = features.float().view(n // group, group, c)
+    std = (grouped.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1)  # (N / group,)
+    return std.repeat_interleave(group).view(n, 1).to(features.dtype)
 
 
 def _xavier_init(net: nn.Module) -> None:

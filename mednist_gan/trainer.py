@@ -99,6 +99,9 @@ class Trainer:
             if value % world:
                 raise ConfigError(f"{key}={value} must be divisible by the number of processes ({world})")
         self.per_device_batch = cfg.train.batch_size // world
+        if cfg.model.arch == "resnet" and cfg.model.resnet_mbstd and self.per_device_batch % cfg.model.resnet_mbstd:
+            raise ConfigError(f"model.resnet_mbstd={cfg.model.resnet_mbstd} must divide the per-process batch "
+                              f"({self.per_device_batch}): its groups must not straddle two processes")
         self.per_device_g_batch = g_batch // world
 
         with acc.main_process_first():  # the main process decodes and fills the cache; the others read it

@@ -115,6 +115,34 @@ def test_resnet_discriminator_is_spectrally_normalised_and_takes_r1():
     assert all(w.grad is not None and float(w.grad.abs().sum()) > 0 for w in weights)
 
 
+def test_minibatch_stddev_tells_copies_from_variety_per_group():
+    """model.resnet_mbstd: D's extra feature is each group's feature spread, the same for every image of a group,
+    zero-ish for a group of copies; groups are consecutive images, so a process's slice computes what one process
+    does; it reaches D's logits and R1's double backward."""
+    from mednist_gan.networks import minibatch_stddev
+
+    torch.manual_seed(0)
+    features = torch.randn(8, 5)
+    features[4:] = features[4]  # the second group of four: copies of one image
+    std = minibatch_stddev(features, 4)
+    assert std.shape == (8, 1)
+    assert torch.allclose(std[:4], features[:4].std(dim=0, unbiased=False).mean().expand(4, 1), atol=1e-6)
+    assert float(std[4:].max()) < 1e-3 < float(std[:4].min())
+    assert torch.equal(torch.cat([minibatch_stddev(features[:4], 4), minibatch_stddev(features[4:], 4)]), std)
+    assert minibatch_stddev(features[:6], 4).shape == (6, 1)  # 6 images: groups of gcd(4, 6) = 2
+    D = ResNetDiscriminator(4, 64, num_classes=2, mbstd_group=4)
+    assert D.linear.parametrizations.weight.original.shape == (1, 4 * 8 + 1)
+    x, labels = torch.rand(8, 1, 64, 64, requires_grad=True), torch.arange(8) % 2
+    logits = D(x, labels)
+    assert logits.shape == (8, 1)
+    r1_penalty(logits, x).backward()
+    assert float(D.linear.parametrizations.weight.original.grad[0, -1].abs()) > 0
+    cfg = ModelConfig(arch="resnet", resnet_d_channels=2, resnet_mbstd=4)
+    assert build_discriminator(cfg).mbstd_group == 4 and "resnet_mbstd" in ModelConfig.architecture_keys()
+    with pytest.raises(ConfigError, match="model.resnet_mbstd"):
+        ModelConfig(arch="resnet", resnet_mbstd=1).check()
+
+
 def test_resnet_exports_round_trip(tmp_path):
     from mednist_gan.export import export_generator, load_generator_weights
     from mednist_gan.generate import load_model
