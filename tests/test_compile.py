@@ -21,6 +21,11 @@ STEPS = 4
 pytestmark = pytest.mark.slow
 
 
+def _weights(nets: dict) -> dict:
+    """A float32 CPU copy of each network's state_dict, keys prefixed with its name."""
+    return {f"{name}.{k}": v.detach().float().cpu().clone() for name, net in nets.items() for k, v in net.state_dict().items()}
+
+
 def _run(tmp_path, mednist_root, compile_: bool, options: list[str]):
     # Dropout off: compiled code draws its masks with other random streams than eager code.
     cfg = load_config(CONFIGS / "debug.yaml", [
@@ -30,17 +35,15 @@ def _run(tmp_path, mednist_root, compile_: bool, options: list[str]):
         f"runtime.compile={str(compile_).lower()}", *options])
     torch._dynamo.reset()
     trainer = Trainer(cfg)
-    trainer.initial = {f"{name}.{k}": v.detach().float().cpu().clone() for name, net in (("G", trainer.G), ("D", trainer.D))
-                       for k, v in trainer.acc.unwrap_model(net).state_dict().items()}
+    unwrap = trainer.acc.unwrap_model
+    trainer.initial = _weights({"G": unwrap(trainer.G), "D": unwrap(trainer.D)})
     batches, metrics = iter(trainer.loader), []
     for _ in range(STEPS):
         indices = next(batches)
         step = trainer.train_step(trainer.prepare_reals(indices), trainer.real_labels(indices))
         metrics.append({k: v.item() for k, v in step.items()})
         trainer.state.step += 1
-    nets = {"G": trainer.acc.unwrap_model(trainer.G), "D": trainer.acc.unwrap_model(trainer.D), "EMA": trainer.ema}
-    weights = {f"{name}.{k}": v.detach().float().cpu().clone() for name, net in nets.items()
-               for k, v in net.state_dict().items()}
+    weights = _weights({"G": unwrap(trainer.G), "D": unwrap(trainer.D), "EMA": trainer.ema})
     reset_accelerate()
     return cfg, trainer, metrics, weights
 
