@@ -84,6 +84,9 @@ class ModelConfig:
     resnet_mbstd: int = _f(0, "model.arch=resnet: minibatch standard deviation in the discriminator (StyleGAN's feature "
                            "against mode collapse): images in groups of this many, D sees how alike each group's features "
                            "are; 0 = off", architecture=True)
+    resnet_d_sn: bool = _f(True, "model.arch=resnet: spectral normalisation in every discriminator layer (SNGAN); false "
+                           "leaves the R1 penalty (train.r1_gamma) as D's only constraint, as StyleGAN does",
+                           architecture=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":

@@ -44,7 +44,7 @@ def build_discriminator(cfg: ModelConfig, init: bool = True) -> nn.Module:
     """The config's discriminator, returning logits (MONAI's with ``last_act=None``) so the losses are autocast-safe."""
     if cfg.arch == "resnet":
         return ResNetDiscriminator(cfg.resnet_d_channels, cfg.image_shape[-1], len(cfg.classes), init=init,
-                                   mbstd_group=cfg.resnet_mbstd)
+                                   mbstd_group=cfg.resnet_mbstd, spectral=cfg.resnet_d_sn)
     net = Discriminator(
         in_shape=list(cfg.image_shape),
         channels=list(cfg.d_channels),
@@ -135,16 +135,21 @@ class ResNetGenerator(nn.Module):
         return torch.sigmoid(self.out(F.relu(self.norm(h, labels))))
 
 
-class DiscriminatorBlock(nn.Module):
-    """(ReLU-)conv3x3-ReLU-conv3x3-avgpool plus a 1x1 shortcut, spectrally normalised (SNGAN's D block); the
-    first block takes the image itself: no ReLU before it, and its shortcut pools before the convolution."""
+def _maybe_sn(module: nn.Module, spectral: bool) -> nn.Module:
+    return spectral_norm(module) if spectral else module
 
-    def __init__(self, in_channels: int, out_channels: int, first: bool = False):
+
+class DiscriminatorBlock(nn.Module):
+    """(ReLU-)conv3x3-ReLU-conv3x3-avgpool plus a 1x1 shortcut, spectrally normalised unless ``spectral`` is False
+    (SNGAN's D block); the first block takes the image itself: no ReLU before it, and its shortcut pools before the
+    convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, first: bool = False, spectral: bool = True):
         super().__init__()
         self.first = first
-        self.conv1 = spectral_norm(nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.conv2 = spectral_norm(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.shortcut = spectral_norm(nn.Conv2d(in_channels, out_channels, 1))
+        self.conv1 = _maybe_sn(nn.Conv2d(in_channels, out_channels, 3, padding=1), spectral)
+        self.conv2 = _maybe_sn(nn.Conv2d(out_channels, out_channels, 3, padding=1), spectral)
+        self.shortcut = _maybe_sn(nn.Conv2d(in_channels, out_channels, 1), spectral)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.first else F.relu(x)
@@ -156,7 +161,8 @@ class DiscriminatorBlock(nn.Module):
 class ResNetDiscriminator(nn.Module):
     """Images (N, 1, S, S) [and class labels (N,)] -> logits (N, 1): residual down-sampling blocks to 4x4, widths
     ``channels`` x (1, 2, 4, 8, 16), ReLU, a sum over positions, a linear layer, and with ``num_classes`` > 0 the
-    projection <embed(label), features> (Miyato & Koyama 2018); every layer spectrally normalised.
+    projection <embed(label), features> (Miyato & Koyama 2018); every layer spectrally normalised, unless
+    ``spectral`` is False (then the gradient penalty, ``train.r1_gamma``, is D's only constraint, as in StyleGAN).
 
     ``mbstd_group`` > 0 appends one feature per image before the linear layer: the standard deviation of the pooled
     features across its group of that many consecutive images, averaged over the features (StyleGAN's minibatch
@@ -165,16 +171,16 @@ class ResNetDiscriminator(nn.Module):
     process does."""
 
     def __init__(self, channels: int = 32, image_size: int = 64, num_classes: int = 0, init: bool = True,
-                 mbstd_group: int = 0):
+                 mbstd_group: int = 0, spectral: bool = True):
         super().__init__()
         stages = _stages(image_size)
         widths = [1] + [channels * m for m in D_WIDTHS[:stages]]
         self.mbstd_group = mbstd_group
-        self.blocks = nn.Sequential(*[DiscriminatorBlock(a, b, first=i == 0)
+        self.blocks = nn.Sequential(*[DiscriminatorBlock(a, b, first=i == 0, spectral=spectral)
                                       for i, (a, b) in enumerate(zip(widths, widths[1:]))])
         features = widths[-1] + (1 if mbstd_group else 0)
-        self.linear = spectral_norm(nn.Linear(features, 1))
-        self.embed = spectral_norm(nn.Embedding(num_classes, features)) if num_classes else None
+        self.linear = _maybe_sn(nn.Linear(features, 1), spectral)
+        self.embed = _maybe_sn(nn.Embedding(num_classes, features), spectral) if num_classes else None
         if init:
             _xavier_init(self)
 

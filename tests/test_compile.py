@@ -51,15 +51,17 @@ def _run(tmp_path, mednist_root, compile_: bool, options: list[str]):
 @pytest.mark.parametrize("options", [
     [],
     ["model.arch=resnet", "model.resnet_g_channels=2", "model.resnet_d_channels=2", "model.latent_size=16"],
-], ids=["bundle-lazy-r1", "resnet"])
+    ["model.arch=resnet", "model.resnet_g_channels=2", "model.resnet_d_channels=2", "model.latent_size=16",
+     "model.resnet_d_sn=false"],
+], ids=["bundle-lazy-r1", "resnet", "resnet-plain-d"])
 def test_compiled_forward_passes_train_the_same_model(tmp_path, mednist_root, options):
     cfg, _, eager_metrics, eager_weights = _run(tmp_path, mednist_root, False, options)
     _, trainer, metrics, weights = _run(tmp_path, mednist_root, True, options)
     # It did compile (the modules themselves stay plain: the same state_dict keys, no "_orig_mod." prefix); the
-    # spectrally normalised discriminator stays eager (runtime.compiled_forwards says why).
+    # spectrally normalised discriminator stays eager (runtime.compiled_forwards says why), a plain one compiles.
     compiled = torch._dynamo.eval_frame.OptimizedModule
     assert isinstance(trainer.g_forward, compiled)
-    assert isinstance(trainer.d_forward, compiled) == (cfg.model.arch == "monai")
+    assert isinstance(trainer.d_forward, compiled) == (cfg.model.arch == "monai" or not cfg.model.resnet_d_sn)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
     assert weights.keys() == eager_weights.keys()
     # Every step's losses agree (R1 steps 0 and 3 ran D's forward on the real images eagerly, the others compiled).

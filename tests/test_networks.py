@@ -143,6 +143,28 @@ def test_minibatch_stddev_tells_copies_from_variety_per_group():
         ModelConfig(arch="resnet", resnet_mbstd=1).check()
 
 
+def test_resnet_discriminator_without_spectral_norm_is_plain_and_trains_under_r1():
+    """model.resnet_d_sn=false: the same layers and shapes with plain weights (no parametrizations, so the
+    state_dict keys differ and the key is an architecture key), Xavier-initialised, and R1 reaches every weight."""
+    from torch.nn.utils import parametrize
+
+    cfg = ModelConfig(arch="resnet", resnet_d_channels=4, classes=["Hand", "CXR"], resnet_d_sn=False)
+    plain, normed = build_discriminator(cfg), build_discriminator(dataclasses.replace(cfg, resnet_d_sn=True))
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in normed.parameters())
+    assert sorted(k.replace(".parametrizations.weight.original", ".weight") for k in normed.state_dict()
+                  if not k.endswith("_u") and not k.endswith("_v")) == sorted(plain.state_dict())
+    assert "resnet_d_sn" in ModelConfig.architecture_keys()
+    conv = plain.blocks[1].conv1.weight
+    bound = (6 / (conv.shape[1] * 9 + conv.shape[0] * 9)) ** 0.5  # Xavier-uniform's bound
+    assert float(conv.abs().max()) <= bound and float(conv.abs().max()) > 0.9 * bound
+    x, labels = torch.rand(4, 1, 64, 64, requires_grad=True), torch.tensor([0, 1, 0, 1])
+    logits = plain(x, labels)
+    assert logits.shape == (4, 1)
+    r1_penalty(logits, x).backward()
+    assert all(float(m.weight.grad.abs().sum()) > 0 for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+
+
 def test_resnet_exports_round_trip(tmp_path):
     from mednist_gan.export import export_generator, load_generator_weights
     from mednist_gan.generate import load_model
