@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Issue #17's GPU runs, prepared as one script so that device time goes to training: the residual Hand preset and
-# the six-class conditional preset train side by side on one GPU (each stopped by SIGTERM after LIMIT_S seconds
-# if it has not finished: the trainer checkpoints and exits 3), then each generator (its best/ export when an
-# evaluation ran, else its newest checkpoint) is scored with `mednist-gan evaluate` at N images per class against
-# the seed weights (Hand) or every class with usefulness (conditional). Outputs: $OUT/<step>.txt and the JSONs.
+# Issue #17's GPU runs, prepared as one script so that device time goes to training: the runs named in $PRESETS
+# train side by side on one GPU (each stopped by SIGTERM after LIMIT_S seconds if it has not finished: the trainer
+# checkpoints and exits 3), then each generator (its best/ export when an evaluation ran, else its newest
+# checkpoint) is scored with `mednist-gan evaluate` at N images per class: the Hand generators against the seed
+# weights, the conditional one on every class with usefulness. Outputs: $OUT/<step>.txt and the JSONs.
 #   MEDNIST_ROOT=<folder of the six class folders> MEDNIST_GAN_UPSTREAM=<seed model.pt> OUT=results \
-#     [LIMIT_S=420] [N=1000] [PRECISION=bf16] [MAX_STEPS=...] bash benchmarks/train_presets.sh
+#     [PRESETS="resnet conditional"] [LIMIT_S=420] [N=1000] [PRECISION=bf16] [MAX_STEPS=...] [EXTRA="key=value ..."] \
+#     bash benchmarks/train_presets.sh
+# PRESETS picks from: resnet (configs/resnet.yaml), conditional (configs/conditional.yaml), wide (configs/wide.yaml),
+# resnet_plain (resnet.yaml with a discriminator without spectral normalisation and one D update per G update).
+# MAX_STEPS shortens every schedule (and evaluates at its end); EXTRA adds overrides to every run (last: they win).
 # N may be at most half a class's real images (1,000 with the 2,000-per-class set; 5,000 needs the complete set).
 set -uo pipefail
 OUT=${OUT:-preset_results}
@@ -16,11 +20,25 @@ mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 extra=("log.tracker=none" "train.precision=${PRECISION:-bf16}" "data.root=$MEDNIST_ROOT")
 [ -n "${MAX_STEPS:-}" ] && extra+=("train.max_steps=$MAX_STEPS" "eval.every_steps=$MAX_STEPS")
+read -ra more <<<"${EXTRA:-}"
+extra+=("${more[@]}")
 
-train() {  # train NAME CONFIG: one run in the background's own process
-    local name=$1 config=$2 start=$SECONDS
-    timeout -s TERM "$LIMIT_S" python3 -m mednist_gan train --config "$config" run_dir="$RUNS/$name" "${extra[@]}" \
-        >"$OUT/train_$name.txt" 2>&1
+preset() {  # preset NAME: the config file and overrides of a run
+    case $1 in
+        resnet) echo "configs/resnet.yaml" ;;
+        conditional) echo "configs/conditional.yaml" ;;
+        wide) echo "configs/wide.yaml" ;;
+        resnet_plain) echo "configs/resnet.yaml model.resnet_d_sn=false train.d_train_steps=1" ;;
+        *) echo "train_presets.sh: unknown preset '$1' in PRESETS (expected resnet, conditional, wide or resnet_plain)" >&2
+           return 2 ;;
+    esac
+}
+
+train() {  # train NAME: one run in the background's own process
+    local name=$1 start=$SECONDS args
+    read -ra args <<<"$(preset "$name")"
+    timeout -s TERM "$LIMIT_S" python3 -m mednist_gan train --config "${args[0]}" run_dir="$RUNS/$name" \
+        "${args[@]:1}" "${extra[@]}" >"$OUT/train_$name.txt" 2>&1
     echo "train $name: rc=$? after $((SECONDS - start))s (0 finished, 3 stopped at the time limit with a checkpoint)"
 }
 
@@ -28,16 +46,24 @@ generator_of() {  # the generator to score: best/ when an evaluation kept one, e
     if [ -f "$RUNS/$1/best/model.pt" ]; then echo "$RUNS/$1/best/model.pt"; else echo "$RUNS/$1"; fi
 }
 
-train resnet configs/resnet.yaml &
-train conditional configs/conditional.yaml &
+read -ra presets <<<"${PRESETS:-resnet conditional}"
+for name in "${presets[@]}"; do
+    config=$(preset "$name") || exit 2
+    [ -f "${config%% *}" ] || { echo "train_presets.sh: ${config%% *} not found (run from the repository root)" >&2; exit 2; }
+done
+for name in "${presets[@]}"; do train "$name" & done
 wait
 grep -h -E "training |evaluation at|finished|stopped|error" "$OUT"/train_*.txt | cut -c1-300
 
-python3 -m mednist_gan evaluate --model "$(generator_of resnet)" --baseline "$MEDNIST_GAN_UPSTREAM" \
-    --real-dir "$MEDNIST_ROOT" --class Hand --num-samples "$N" --out "$OUT/evaluate_resnet.json" \
-    >"$OUT/evaluate_resnet.txt" 2>&1
-echo "evaluate resnet: rc=$?"
-python3 -m mednist_gan evaluate --model "$(generator_of conditional)" --real-dir "$MEDNIST_ROOT" --class all \
-    --num-samples "$N" --usefulness "$N" --out "$OUT/evaluate_conditional.json" >"$OUT/evaluate_conditional.txt" 2>&1
-echo "evaluate conditional: rc=$?"
+for name in "${presets[@]}"; do
+    if [ "$name" = conditional ]; then
+        python3 -m mednist_gan evaluate --model "$(generator_of "$name")" --real-dir "$MEDNIST_ROOT" --class all \
+            --num-samples "$N" --usefulness "$N" --out "$OUT/evaluate_$name.json" >"$OUT/evaluate_$name.txt" 2>&1
+    else
+        python3 -m mednist_gan evaluate --model "$(generator_of "$name")" --baseline "$MEDNIST_GAN_UPSTREAM" \
+            --real-dir "$MEDNIST_ROOT" --class Hand --num-samples "$N" --out "$OUT/evaluate_$name.json" \
+            >"$OUT/evaluate_$name.txt" 2>&1
+    fi
+    echo "evaluate $name: rc=$?"
+done
 tail -n 30 "$OUT"/evaluate_*.txt | cut -c1-250
