@@ -7,8 +7,9 @@
 #   MEDNIST_ROOT=<folder of the six class folders> MEDNIST_GAN_UPSTREAM=<seed model.pt> OUT=results \
 #     [PRESETS="resnet conditional"] [LIMIT_S=420] [N=1000] [PRECISION=bf16] [MAX_STEPS=...] [EXTRA="key=value ..."] \
 #     bash benchmarks/train_presets.sh
-# PRESETS picks from: resnet (configs/resnet.yaml), conditional (configs/conditional.yaml), wide (configs/wide.yaml),
-# resnet_plain (resnet.yaml with a discriminator without spectral normalisation and one D update per G update).
+# PRESETS names the runs: resnet (configs/resnet.yaml), conditional (configs/conditional.yaml), wide (configs/wide.yaml),
+# or NAME:CONFIG[:KEY=VALUE...] for a variant, e.g. "resnet resnet_d5:configs/resnet.yaml:train.d_train_steps=5"
+# (a run whose name contains "conditional" is scored on every class, the others on Hand).
 # MAX_STEPS shortens every schedule (and evaluates at its end); EXTRA adds overrides to every run (last: they win).
 # N may be at most half a class's real images (1,000 with the 2,000-per-class set; 5,000 needs the complete set).
 set -uo pipefail
@@ -23,20 +24,18 @@ extra=("log.tracker=none" "train.precision=${PRECISION:-bf16}" "data.root=$MEDNI
 read -ra more <<<"${EXTRA:-}"
 extra+=("${more[@]}")
 
-preset() {  # preset NAME: the config file and overrides of a run
+preset() {  # preset ENTRY: the config file and overrides of a PRESETS entry, one per line
     case $1 in
-        resnet) echo "configs/resnet.yaml" ;;
-        conditional) echo "configs/conditional.yaml" ;;
-        wide) echo "configs/wide.yaml" ;;
-        resnet_plain) echo "configs/resnet.yaml model.resnet_d_sn=false train.d_train_steps=1" ;;
-        *) echo "train_presets.sh: unknown preset '$1' in PRESETS (expected resnet, conditional, wide or resnet_plain)" >&2
+        resnet | conditional | wide) echo "configs/$1.yaml" ;;
+        *:*) echo "${1#*:}" | tr ':' '\n' ;;
+        *) echo "train_presets.sh: unknown preset '$1' in PRESETS (expected resnet, conditional, wide or NAME:CONFIG[:KEY=VALUE...])" >&2
            return 2 ;;
     esac
 }
 
-train() {  # train NAME: one run in the background's own process
-    local name=$1 start=$SECONDS args
-    read -ra args <<<"$(preset "$name")"
+train() {  # train ENTRY: one run in the background's own process
+    local name=${1%%:*} start=$SECONDS args
+    mapfile -t args < <(preset "$1")
     timeout -s TERM "$LIMIT_S" python3 -m mednist_gan train --config "${args[0]}" run_dir="$RUNS/$name" \
         "${args[@]:1}" "${extra[@]}" >"$OUT/train_$name.txt" 2>&1
     echo "train $name: rc=$? after $((SECONDS - start))s (0 finished, 3 stopped at the time limit with a checkpoint)"
@@ -47,16 +46,17 @@ generator_of() {  # the generator to score: best/ when an evaluation kept one, e
 }
 
 read -ra presets <<<"${PRESETS:-resnet conditional}"
-for name in "${presets[@]}"; do
-    config=$(preset "$name") || exit 2
-    [ -f "${config%% *}" ] || { echo "train_presets.sh: ${config%% *} not found (run from the repository root)" >&2; exit 2; }
+for entry in "${presets[@]}"; do
+    config=$(preset "$entry" | head -n 1) || exit 2
+    [ -f "$config" ] || { echo "train_presets.sh: $config (PRESETS entry '$entry') not found; run from the repository root" >&2; exit 2; }
 done
-for name in "${presets[@]}"; do train "$name" & done
+for entry in "${presets[@]}"; do train "$entry" & done
 wait
 grep -h -E "training |evaluation at|finished|stopped|error" "$OUT"/train_*.txt | cut -c1-300
 
-for name in "${presets[@]}"; do
-    if [ "$name" = conditional ]; then
+for entry in "${presets[@]}"; do
+    name=${entry%%:*}
+    if [[ $name == *conditional* ]]; then
         python3 -m mednist_gan evaluate --model "$(generator_of "$name")" --real-dir "$MEDNIST_ROOT" --class all \
             --num-samples "$N" --usefulness "$N" --out "$OUT/evaluate_$name.json" >"$OUT/evaluate_$name.txt" 2>&1
     else

@@ -1,6 +1,6 @@
 """benchmarks/train_presets.sh, the prepared device run of issue #17: device time is scarce, so the script itself
-is run here, end to end on the CPU at a tiny width: two runs train side by side (one Hand run with overrides of its
-own, the conditional one), and each is scored as the device run scores it."""
+is run here, end to end on the CPU at a tiny width: two runs train side by side (a Hand variant named with its own
+overrides, the conditional preset), and each is scored as the device run scores it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_the_prepared_device_run_trains_side_by_side_and_scores_each_run(tmp_path, mednist_root, upstream_weights):
     out = tmp_path / "out"
     env = {**os.environ, "MEDNIST_ROOT": str(mednist_root), "MEDNIST_GAN_UPSTREAM": str(upstream_weights),
-           "OUT": str(out), "RUNS": str(tmp_path / "runs"), "PRESETS": "conditional resnet_plain",
+           "OUT": str(out), "RUNS": str(tmp_path / "runs"), "PRESETS": "conditional plain:configs/resnet.yaml:model.resnet_d_sn=false:train.d_train_steps=1",
            "PRECISION": "no", "MAX_STEPS": "2", "N": "40", "LIMIT_S": "300",
            "EXTRA": (f"data.limit=16 data.cache_dir={tmp_path / 'cache'} train.batch_size=8 eval.every_steps=null "
                      "model.latent_size=16 model.resnet_g_channels=2 model.resnet_d_channels=2"),
@@ -28,18 +28,19 @@ def test_the_prepared_device_run_trains_side_by_side_and_scores_each_run(tmp_pat
     done = subprocess.run(["bash", "benchmarks/train_presets.sh"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    for name in ("conditional", "resnet_plain"):
+    for name in ("conditional", "plain"):
         assert f"train {name}: rc=0" in done.stdout and f"evaluate {name}: rc=0" in done.stdout, done.stdout
-    hand = json.loads((out / "evaluate_resnet_plain.json").read_text())
+    hand = json.loads((out / "evaluate_plain.json").read_text())
     assert hand["class"] == "Hand" and hand["num_samples"] == 40
     assert len(hand["rows"]) == 4 and all(row["fd_ssl"] > 0 for row in hand["rows"])  # floor, the run, seed x2 latents
     conditional = json.loads((out / "evaluate_conditional.json").read_text())
     assert len(conditional["classes"]) == 6 and "usefulness" in conditional
-    config = yaml.safe_load((tmp_path / "runs" / "resnet_plain" / "config.yaml").read_text())  # its own overrides
+    config = yaml.safe_load((tmp_path / "runs" / "plain" / "config.yaml").read_text())  # its own overrides
     assert config["model"]["resnet_d_sn"] is False and config["train"]["d_train_steps"] == 1
     assert config["train"]["max_steps"] == 2 and config["eval"]["every_steps"] is None  # EXTRA came last
 
-    env["PRESETS"] = "wide bigger"
-    refused = subprocess.run(["bash", "benchmarks/train_presets.sh"], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=60)
-    assert refused.returncode == 2 and "unknown preset 'bigger'" in refused.stderr
+    for presets, error in [("wide bigger", "unknown preset 'bigger'"),
+                           ("wide x:configs/nope.yaml:train.d_train_steps=2", "configs/nope.yaml (PRESETS entry")]:
+        refused = subprocess.run(["bash", "benchmarks/train_presets.sh"], cwd=REPO, env={**env, "PRESETS": presets},
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and error in refused.stderr, refused.stderr
