@@ -155,7 +155,7 @@ def test_resnet_discriminator_without_spectral_norm_is_plain_and_trains_under_r1
     assert sorted(k.replace(".parametrizations.weight.original", ".weight") for k in normed.state_dict()
                   if not k.endswith("_u") and not k.endswith("_v")) == sorted(plain.state_dict())
     assert "resnet_d_sn" in ModelConfig.architecture_keys()
-    conv = plain.blocks[1].conv1.weight
+    conv = plain.blocks[1].conv1.weight.detach()
     bound = (6 / (conv.shape[1] * 9 + conv.shape[0] * 9)) ** 0.5  # Xavier-uniform's bound
     assert float(conv.abs().max()) <= bound and float(conv.abs().max()) > 0.9 * bound
     x, labels = torch.rand(4, 1, 64, 64, requires_grad=True), torch.tensor([0, 1, 0, 1])
