@@ -56,14 +56,10 @@ grep -h -E "training |evaluation at|finished|stopped|error" "$OUT"/train_*.txt |
 
 for entry in "${presets[@]}"; do
     name=${entry%%:*}
-    if [[ $name == *conditional* ]]; then
-        python3 -m mednist_gan evaluate --model "$(generator_of "$name")" --real-dir "$MEDNIST_ROOT" --class all \
-            --num-samples "$N" --usefulness "$N" --out "$OUT/evaluate_$name.json" >"$OUT/evaluate_$name.txt" 2>&1
-    else
-        python3 -m mednist_gan evaluate --model "$(generator_of "$name")" --baseline "$MEDNIST_GAN_UPSTREAM" \
-            --real-dir "$MEDNIST_ROOT" --class Hand --num-samples "$N" --out "$OUT/evaluate_$name.json" \
-            >"$OUT/evaluate_$name.txt" 2>&1
-    fi
+    if [[ $name == *conditional* ]]; then scope=(--class all --usefulness "$N")
+    else scope=(--class Hand --baseline "$MEDNIST_GAN_UPSTREAM"); fi
+    python3 -m mednist_gan evaluate --model "$(generator_of "$name")" --real-dir "$MEDNIST_ROOT" "${scope[@]}" \
+        --num-samples "$N" --out "$OUT/evaluate_$name.json" >"$OUT/evaluate_$name.txt" 2>&1
     echo "evaluate $name: rc=$?"
 done
 tail -n 30 "$OUT"/evaluate_*.txt | cut -c1-250

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 def test_the_prepared_device_run_trains_side_by_side_and_scores_each_run(tmp_path, mednist_root, upstream_weights):
     out = tmp_path / "out"
     env = {**os.environ, "MEDNIST_ROOT": str(mednist_root), "MEDNIST_GAN_UPSTREAM": str(upstream_weights),
-           "OUT": str(out), "RUNS": str(tmp_path / "runs"), "PRESETS": "conditional plain:configs/resnet.yaml:model.resnet_d_sn=false:train.d_train_steps=1",
+           "OUT": str(out), "RUNS": str(tmp_path / "runs"),
+           "PRESETS": "conditional plain:configs/resnet.yaml:model.resnet_d_sn=false:train.d_train_steps=1",
            "PRECISION": "no", "MAX_STEPS": "2", "N": "40", "LIMIT_S": "300",
            "EXTRA": (f"data.limit=16 data.cache_dir={tmp_path / 'cache'} train.batch_size=8 eval.every_steps=null "
                      "model.latent_size=16 model.resnet_g_channels=2 model.resnet_d_channels=2"),
