@@ -3,7 +3,8 @@
 # train side by side on one GPU (each stopped by SIGTERM after LIMIT_S seconds if it has not finished: the trainer
 # checkpoints and exits 3), then each generator (its best/ export when an evaluation ran, else its newest
 # checkpoint) is scored with `mednist-gan evaluate` at N images per class: the Hand generators against the seed
-# weights, the conditional one on every class with usefulness. Outputs: $OUT/<step>.txt and the JSONs.
+# weights, the conditional one on every class with usefulness; both beside real images blurred with sigma 1.5 (the
+# yardstick of the issue's targets). Outputs: $OUT/<step>.txt and the JSONs.
 #   MEDNIST_ROOT=<folder of the six class folders> MEDNIST_GAN_UPSTREAM=<seed model.pt> OUT=results \
 #     [PRESETS="resnet conditional"] [LIMIT_S=420] [N=1000] [PRECISION=bf16] [MAX_STEPS=...] [EXTRA="key=value ..."] \
 #     bash benchmarks/train_presets.sh
@@ -59,7 +60,7 @@ for entry in "${presets[@]}"; do
     if [[ $name == *conditional* ]]; then scope=(--class all --usefulness "$N")
     else scope=(--class Hand --baseline "$MEDNIST_GAN_UPSTREAM"); fi
     python3 -m mednist_gan evaluate --model "$(generator_of "$name")" --real-dir "$MEDNIST_ROOT" "${scope[@]}" \
-        --num-samples "$N" --out "$OUT/evaluate_$name.json" >"$OUT/evaluate_$name.txt" 2>&1
+        --num-samples "$N" --blurred 1.5 --out "$OUT/evaluate_$name.json" >"$OUT/evaluate_$name.txt" 2>&1
     echo "evaluate $name: rc=$?"
 done
 tail -n 30 "$OUT"/evaluate_*.txt | cut -c1-250

@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="with --class all and class-conditional generators: train a classifier on PER_CLASS (default "
                          "1000) generated images of each class only and report its accuracy on real held-out images, "
                          "beside one trained on as many real images")
+    ev.add_argument("--blurred", type=float, action="append", default=[], metavar="SIGMA",
+                    help="also score the floor's real images blurred with this Gaussian sigma (repeatable): a yardstick "
+                         "(issue #17's targets compare generators with sigma 1.5)")
     ev.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where the JSON result goes")
 
     tc = sub.add_parser("train-classifier", help="train the MedNIST classifier whose features FMD uses")
@@ -193,7 +196,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     models = [(str(m), m, latents) for m in args.model]
     models += [(f"baseline {b}", b, ("normal", "uniform")) for b in args.baseline]
     result = evaluate(models, real_dir, args.num_samples, args.seed, args.classifier, latent_size=args.latent_size,
-                      encoder=args.encoder, classes=args.classes or None, usefulness=args.usefulness)
+                      encoder=args.encoder, classes=args.classes or None, usefulness=args.usefulness, blur=args.blurred)
     print(format_table(result))
     write_json(result, args.out)
     print(f"wrote {args.out}")

@@ -26,7 +26,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -285,7 +285,7 @@ def _class_folders(real_dir: Path, classes: Optional[list[str]]) -> list[tuple[O
 def evaluate(models: list[tuple[str, Path, tuple[str, ...]]], real_dir: Path, num_samples: Optional[int] = None,
              seed: int = 0, classifier: Optional[Path] = None, pairs: int = 1000,
              device: Optional[str] = None, latent_size: Optional[int] = None, encoder: Optional[Path] = None,
-             classes: Optional[list[str]] = None, usefulness: int = 0) -> dict:
+             classes: Optional[list[str]] = None, usefulness: int = 0, blur: Sequence[float] = ()) -> dict:
     """Scores of each (name, model, latent distributions) and of the real-vs-real floor, as a dict.
 
     ``real_dir`` is one folder of real images, or with ``classes`` (names, or ``["all"]``) the MedNIST folder
@@ -295,10 +295,13 @@ def evaluate(models: list[tuple[str, Path, tuple[str, ...]]], real_dir: Path, nu
     generator ``generate.load_model`` takes; ``latent_size`` is for those that cannot tell theirs.
     ``usefulness`` (images per class; 0 = off): also train the classifier's architecture on that many generated
     images of every class (conditional generators only) and test it on real held-out images, beside the same
-    training on as many real images.
+    training on as many real images. ``blur`` (Gaussian sigmas): also score the floor's real images blurred with
+    each, the yardstick of issue #17's targets ("no worse than real images blurred with sigma 1.5").
     """
     from .generate import progress_bar
 
+    if any(not (s > 0) for s in blur):
+        raise MednistGanError(f"--blurred {', '.join(f'{s:g}' for s in blur)}: expected Gaussian sigmas > 0")
     folders = _class_folders(real_dir, classes)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = _load_models(models, [name for name, _ in folders], latent_size, device)  # fail early
@@ -306,9 +309,11 @@ def evaluate(models: list[tuple[str, Path, tuple[str, ...]]], real_dir: Path, nu
         raise MednistGanError(f"--usefulness: needs class-conditional generators scored on all six classes "
                               f"({', '.join(CLASSES)}; --class all)")
     blocks = []
-    with progress_bar(len(folders) * (1 + sum(len(m.latents) for m in loaded)), "evaluate", unit="row") as bar:
+    rows = 1 + len(blur) + sum(len(m.latents) for m in loaded)
+    with progress_bar(len(folders) * rows, "evaluate", unit="row") as bar:
         for name, folder in folders:
-            blocks.append(_evaluate_class(name, folder, loaded, num_samples, seed, classifier, encoder, pairs, device, bar))
+            blocks.append(_evaluate_class(name, folder, loaded, num_samples, seed, classifier, encoder, pairs, device,
+                                          bar, blur))
     common = {"seed": seed, "classifier": str(classifier or "shipped"), "encoder": str(encoder or "shipped"),
               "feature_size": blocks[0].pop("feature_sizes")["classifier"], "memorization_percentile": MEMORIZATION_PERCENTILE}
     for block in blocks[1:]:
@@ -326,7 +331,8 @@ HELD_OUT_FOR_MEMORIZATION = 1000  # real images whose nearest *other* real image
 
 
 def _evaluate_class(name: Optional[str], folder: Path, loaded: list[_Model], num_samples: Optional[int], seed: int,
-                    classifier: Optional[Path], encoder: Optional[Path], pairs: int, device: str, bar) -> dict:
+                    classifier: Optional[Path], encoder: Optional[Path], pairs: int, device: str, bar,
+                    blur: Sequence[float] = ()) -> dict:
     real = load_real_images(folder)
     if len(real) < 4:
         raise MednistGanError(f"--real-dir {folder}: {len(real)} images; the real-vs-real floor needs at least 4")
@@ -347,7 +353,7 @@ def _evaluate_class(name: Optional[str], folder: Path, loaded: list[_Model], num
     def row(title: str, model: Optional[_Model], latent: Optional[str], images: torch.Tensor) -> dict:
         pixels = to_evaluation_pixels(images)
         feats = meter.features(pixels)
-        if not measurable:  # too few real images to tell the 1% closest apart: not reported
+        if not measurable or latent == "blurred":  # too few real images to tell the 1% closest apart; or a yardstick
             memo = {space: {"share": None} for space in ("pixels", "encoder")}
         elif model is None:  # real images are training images here: the floor is the unseen images' own share
             memo = {space: {"share": MEMORIZATION_PERCENTILE / 100} for space in ("pixels", "encoder")}
@@ -363,6 +369,9 @@ def _evaluate_class(name: Optional[str], folder: Path, loaded: list[_Model], num
 
     rows = [row("real vs real (floor)", None, None, half_b)]
     bar.update()
+    for sigma in blur:
+        rows.append(row(f"real blurred, sigma {sigma:g}", None, "blurred", blurred(half_b, sigma)))
+        bar.update()
     for model in loaded:
         for latent in model.latents:
             images = sample_images(model.net, model.latent_size, n, seed + 1, latent, device=device, source=model.path,
@@ -410,7 +419,8 @@ def format_table(result: dict) -> str:
     lines.append(f"FMD, KID: classifier features; FD-SSL, prec/recall/dens/cover, memo-ssl: self-supervised encoder "
                  f"features; memo: share at most as far from a training image as the closest "
                  f"{result['memorization_percentile']:g}% of real unseen images (floor row: real unseen images "
-                 f"themselves; '-' with fewer than 101 real images); class: share the classifier assigns to the class")
+                 f"themselves; '-' with fewer than 101 real images); class: share the classifier assigns to the class; "
+                 f"'real blurred' rows: the floor's real images blurred, a yardstick")
     for name, u in (result.get("usefulness") or {}).items():
         lines.append(f"usefulness of {name}: a classifier trained on its images scores {u['synthetic_accuracy']['all']:.4f} "
                      f"on real held-out images (trained on real images: {u['real_accuracy']['all']:.4f})")

@@ -33,9 +33,12 @@ def test_the_prepared_device_run_trains_side_by_side_and_scores_each_run(tmp_pat
         assert f"train {name}: rc=0" in done.stdout and f"evaluate {name}: rc=0" in done.stdout, done.stdout
     hand = json.loads((out / "evaluate_plain.json").read_text())
     assert hand["class"] == "Hand" and hand["num_samples"] == 40
-    assert len(hand["rows"]) == 4 and all(row["fd_ssl"] > 0 for row in hand["rows"])  # floor, the run, seed x2 latents
+    # the floor, real images blurred with sigma 1.5 (the targets' yardstick), the run, the seed with both latents
+    assert [row["latent"] for row in hand["rows"]] == [None, "blurred", "normal", "normal", "uniform"]
+    assert all(row["fd_ssl"] > 0 for row in hand["rows"])
     conditional = json.loads((out / "evaluate_conditional.json").read_text())
     assert len(conditional["classes"]) == 6 and "usefulness" in conditional
+    assert all(block["rows"][1]["name"] == "real blurred, sigma 1.5" for block in conditional["classes"])
     config = yaml.safe_load((tmp_path / "runs" / "plain" / "config.yaml").read_text())  # its own overrides
     assert config["model"]["resnet_d_sn"] is False and config["train"]["d_train_steps"] == 1
     assert config["train"]["max_steps"] == 2 and config["eval"]["every_steps"] is None  # EXTRA came last
