@@ -1,9 +1,10 @@
-"""The sample grids: the shipped generator, the seed bundle's weights, real Hand images and the same real images
+"""The sample grids: the shipped generators (the residual Hand generator, the default, and the bundle-architecture
+one of configs/quality.yaml), the seed bundle's weights, real Hand images and the same real images
 blurred with sigma 1.5 (what the metrics' sanity table compares the generators with, docs/quality.md).
 
     python docs/make_figures.py [--data ../shared/data/mednist] [--seed-weights ../shared/upstream/mednist_gan_bundle_model.pt]
 
-Each grid holds 64 images: generated ones from latents of seed 0 (the shipped model and the seed's
+Each grid holds 64 images: generated ones from latents of seed 0 (the shipped models and the seed's
 weights each with the latent distribution that scores best for it), real ones drawn with seed 0.
 """
 
@@ -36,13 +37,14 @@ def main() -> None:
     args = parser.parse_args()
     out = HERE / "images"
     out.mkdir(exist_ok=True)
-    grid_of(SHIPPED_MODEL, "normal", out / "shipped_grid.png")
+    grid_of(SHIPPED_MODEL, "normal", out / "hand_grid.png")
+    grid_of(SHIPPED_MODEL.parents[1] / "generator" / "mednist_gan.ts", "normal", out / "quality_grid.png")
     grid_of(args.seed_weights, "normal", out / "seed_grid.png")
     real = load_real_images(args.data / "Hand")
     pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:64]
     save_png(image_grid(to_uint8_pictures(real[pick]), columns=8), out / "real_grid.png")
     save_png(image_grid(to_uint8_pictures(blurred(real[pick], 1.5)), columns=8), out / "real_blurred_grid.png")
-    print(f"wrote {out}/shipped_grid.png, seed_grid.png, real_grid.png, real_blurred_grid.png")
+    print(f"wrote {out}/hand_grid.png, quality_grid.png, seed_grid.png, real_grid.png, real_blurred_grid.png")
 
 
 if __name__ == "__main__":

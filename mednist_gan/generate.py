@@ -18,8 +18,9 @@ from .files import PROVENANCE_FILE, ensure_writable_folder
 from .images import image_grid, save_png, to_uint8_pictures
 
 LATENTS = ("normal", "uniform")
-# The generator trained with configs/quality.yaml (see its MODEL_CARD.md), used when no --model is given.
-SHIPPED_MODEL = Path(__file__).parent / "assets" / "generator" / "mednist_gan.ts"
+# The Hand generator trained with configs/resnet.yaml (see its MODEL_CARD.md), used when no --model is given;
+# assets/generator holds the bundle-architecture one of configs/quality.yaml.
+SHIPPED_MODEL = Path(__file__).parent / "assets" / "hand" / "mednist_gan.ts"
 
 
 def load_model(path: Path, latent_size: Optional[int] = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
