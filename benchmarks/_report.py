@@ -1,6 +1,11 @@
-"""What every benchmark prints: the machine line and the verdict against its target."""
+"""What every benchmark prints: the machine line and the verdict against its target; the seed weights' path."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+# The seed bundle's trained generator (../shared/upstream beside the repository), the baseline of the benchmarks.
+SEED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "upstream" / "mednist_gan_bundle_model.pt"
 
 
 def machine() -> str:

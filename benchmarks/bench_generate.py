@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _report import machine, verdict  # noqa: E402
+from _report import SEED_WEIGHTS, machine, verdict  # noqa: E402
 from mednist_gan.generate import generate  # noqa: E402
 
 TARGET = 20.0
@@ -67,7 +67,7 @@ def ours(weights: Path, n: int, out: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--weights", type=Path, default=REPO.parent / "shared" / "upstream" / "mednist_gan_bundle_model.pt")
+    parser.add_argument("--weights", type=Path, default=SEED_WEIGHTS)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side; the median is reported")
     args = parser.parse_args()
     logging.disable(logging.INFO)

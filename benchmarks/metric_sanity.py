@@ -21,9 +21,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from _report import machine  # noqa: E402
+from _report import SEED_WEIGHTS, machine  # noqa: E402
 
-SEED_WEIGHTS = REPO.parent / "shared" / "upstream" / "mednist_gan_bundle_model.pt"
 SHIPPED = REPO / "mednist_gan" / "assets" / "generator" / "model.pt"
 
 

@@ -23,7 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from _report import machine  # noqa: E402
+from _report import SEED_WEIGHTS, machine  # noqa: E402
 from mednist_gan.generate import _save_pngs, load_model, make_latents  # noqa: E402
 from mednist_gan.images import encode_png, to_uint8_pictures  # noqa: E402
 
@@ -37,7 +37,7 @@ def _write_all(pool, pictures, paths, writers):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--weights", type=Path, default=REPO.parent / "shared" / "upstream" / "mednist_gan_bundle_model.pt")
+    parser.add_argument("--weights", type=Path, default=SEED_WEIGHTS)
     args = parser.parse_args()
     n, writers = args.num_samples, max(2, os.cpu_count() or 2)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,15 +13,13 @@ weights (both latent distributions: its best counts) and the real images blurred
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from _report import machine  # noqa: E402
+from _report import SEED_WEIGHTS, machine  # noqa: E402
 
-SEED_WEIGHTS = REPO.parent / "shared" / "upstream" / "mednist_gan_bundle_model.pt"
 BLUR_SIGMA = 1.5
 FMD_VS_SEED = 0.25
 DIVERSITY_TOLERANCE = 0.10
