@@ -83,7 +83,8 @@ class ModelConfig:
                                 "many channels from 64x64 down to 4x4", architecture=True)
     resnet_mbstd: int = _f(0, "model.arch=resnet: minibatch standard deviation in the discriminator (StyleGAN's feature "
                            "against mode collapse): images in groups of this many, D sees how alike each group's features "
-                           "are; 0 = off", architecture=True)
+                           "are (a class-conditional D: the features of each class's images within the group, so groups "
+                           "need several images per class); 0 = off", architecture=True)
     resnet_d_sn: bool = _f(True, "model.arch=resnet: spectral normalisation in every discriminator layer (SNGAN); false "
                            "leaves the R1 penalty (train.r1_gamma) as D's only constraint, as StyleGAN does",
                            architecture=True)

@@ -166,9 +166,9 @@ class ResNetDiscriminator(nn.Module):
 
     ``mbstd_group`` > 0 appends one feature per image before the linear layer: the standard deviation of the pooled
     features across its group of that many consecutive images, averaged over the features (StyleGAN's minibatch
-    standard deviation, on the pooled features), so that D can tell a batch of near-copies from real variety. Groups
-    are consecutive images, so a process's slice of a batch (a multiple of the group size) computes what one
-    process does."""
+    standard deviation, on the pooled features), so that D can tell a batch of near-copies from real variety; with
+    class labels, across the images of its own class in its group (see ``minibatch_stddev``). Groups are consecutive
+    images, so a process's slice of a batch (a multiple of the group size) computes what one process does."""
 
     def __init__(self, channels: int = 32, image_size: int = 64, num_classes: int = 0, init: bool = True,
                  mbstd_group: int = 0, spectral: bool = True):
@@ -187,21 +187,34 @@ class ResNetDiscriminator(nn.Module):
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = F.relu(self.blocks(images)).sum(dim=(2, 3))
         if self.mbstd_group:
-            h = torch.cat([h, minibatch_stddev(h, self.mbstd_group)], dim=1)
+            h = torch.cat([h, minibatch_stddev(h, self.mbstd_group, labels if self.embed is not None else None)], dim=1)
         out = self.linear(h)
         if self.embed is not None and labels is not None:
             out = out + (self.embed(labels) * h).sum(dim=1, keepdim=True)
         return out
 
 
-def minibatch_stddev(features: torch.Tensor, group: int) -> torch.Tensor:
+def minibatch_stddev(features: torch.Tensor, group: int, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N, C) -> (N, 1): for each image, the standard deviation of the features across its group of ``group``
-    consecutive images (fewer where N is not a multiple: the largest common divisor), averaged over the features."""
+    consecutive images (fewer where N is not a multiple: the largest common divisor), averaged over the features.
+
+    With ``labels`` (N,), across the images of the group that share its label (0 for the only one of its class):
+    in a batch of mixed classes the spread between classes would drown a generator's collapse within a class
+    (measured: docs/quality.md, run C1), so a class-conditional D needs groups that hold several images of a class
+    (``model.resnet_mbstd: 32`` in configs/conditional.yaml)."""
     n, c = features.shape
     group = math.gcd(group, n)
     grouped = features.float().view(n // group, group, c)
-    std = (grouped.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1)  # (N / group,)
-    return std.repeat_interleave(group).view(n, 1).to(features.dtype)
+    if labels is None:
+        std = (grouped.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1)  # (N / group,)
+        return std.repeat_interleave(group).view(n, 1).to(features.dtype)
+    labels = labels.view(n // group, group)
+    same = (labels[:, :, None] == labels[:, None, :]).float()  # (N / group, group, group): image i, image j
+    count = same.sum(dim=2, keepdim=True)  # images of each one's class in its group, itself included
+    mean = same @ grouped / count  # each image's class mean within its group
+    spread = (grouped[:, None, :, :] - mean[:, :, None, :]).square()  # [b, i, j]: image j's distance to i's class mean
+    var = (same[..., None] * spread).sum(dim=2) / count
+    return (var + 1e-8).sqrt().mean(dim=2).reshape(n, 1).to(features.dtype)
 
 
 def _xavier_init(net: nn.Module) -> None:

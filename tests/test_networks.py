@@ -143,6 +143,35 @@ def test_minibatch_stddev_tells_copies_from_variety_per_group():
         ModelConfig(arch="resnet", resnet_mbstd=1).check()
 
 
+def test_minibatch_stddev_with_labels_sees_a_collapse_within_a_class():
+    """A class-conditional D's statistic is each image's spread among its own class's images in its group: a
+    generator that makes one image per class looks as varied as real images to the plain statistic (the classes
+    differ), and like copies to this one."""
+    from mednist_gan.networks import minibatch_stddev
+
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 2, 0])
+    varied = torch.randn(8, 5)
+    collapsed = torch.randn(3, 5)[labels]  # one image per class
+    plain = minibatch_stddev(collapsed, 8)
+    by_class = minibatch_stddev(collapsed, 8, labels)
+    assert float(plain.min()) > 0.3 and float(by_class.max()) < 1e-3
+    std = minibatch_stddev(varied, 8, labels)
+    for i in range(8):  # brute force: the spread among the images of i's class
+        own = varied[labels == labels[i]]
+        assert torch.allclose(std[i], own.std(dim=0, unbiased=False).mean(), atol=1e-5)
+    single = torch.tensor([0, 1, 1, 1, 0, 0, 0, 0])  # image 0 is the only one of its class in the first group of 4
+    assert float(minibatch_stddev(varied, 4, single)[0]) < 1e-3
+    # groups are still consecutive: two slices compute what the whole batch does
+    assert torch.equal(torch.cat([minibatch_stddev(varied[:4], 4, labels[:4]), minibatch_stddev(varied[4:], 4, labels[4:])]),
+                       minibatch_stddev(varied, 4, labels))
+    D = ResNetDiscriminator(4, 64, num_classes=3, mbstd_group=4)
+    x = torch.rand(8, 1, 64, 64, requires_grad=True)
+    r1_penalty(D(x, labels), x).backward()  # R1's double backward goes through it
+    grad = D.linear.parametrizations.weight.original.grad[0, -1]
+    assert torch.isfinite(grad) and float(grad.abs()) > 0
+
+
 def test_resnet_discriminator_without_spectral_norm_is_plain_and_trains_under_r1():
     """model.resnet_d_sn=false: the same layers and shapes with plain weights (no parametrizations, so the
     state_dict keys differ and the key is an architecture key), Xavier-initialised, and R1 reaches every weight."""
