@@ -414,3 +414,29 @@ def test_shipped_hand_generator_meets_its_targets(mednist_root, upstream_weights
     result = score_hand_generator(HAND / "model.pt", mednist_root / "Hand", 1000, upstream_weights)
     missed = [target for target in hand_targets(result) if not target[-1]]
     assert not missed, missed
+
+
+# ----------------------------------------------------------------------------- issue #17's six-class targets
+
+def test_conditional_targets_name_every_class_and_catch_a_collapse():
+    """benchmarks/quality_targets.py --conditional's arithmetic on an evaluate result: five targets per class and
+    train-on-synthetic; a class whose images are near-copies fails diversity; memorization is held to 2x the floor."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality_targets import conditional_targets
+
+    def block(name, diversity, fd_ssl, memo=0.001):
+        floor = {"model": None, "name": "real vs real (floor)", "memorization_pixels": 0.01, "memorization_encoder": 0.01}
+        blur = {"model": None, "name": "real blurred, sigma 1.5", "fd_ssl": 0.4}
+        model = {"model": "g.pt", "name": "g", "class_accuracy": 0.99, "diversity": diversity, "fd_ssl": fd_ssl,
+                 "memorization_pixels": memo, "memorization_encoder": 0.0}
+        return {"class": name, "real_diversity": 0.3, "rows": [floor, blur, model]}
+
+    result = {"classes": [block("CXR", 0.31, 0.55), block("Hand", 0.45, 0.3), block("HeadCT", 0.3, 0.61, memo=0.021)],
+              "usefulness": {"g": {"synthetic_accuracy": {"all": 0.96}, "real_accuracy": {"all": 0.99}}}}
+    failed = [name for name, _, _, met in conditional_targets(result) if not met]
+    assert len(conditional_targets(result)) == 3 * 5 + 1
+    assert failed == ["Hand: MS-SSIM diversity within 10% of the real images' (0.3000)",
+                      "HeadCT: FD-SSL at most 1.5x real images blurred with sigma 1.5 (0.400)",
+                      "HeadCT: memorization (pixels) at most 2x the real held-out images' (1.00%)"]
