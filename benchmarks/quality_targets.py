@@ -1,4 +1,4 @@
-"""Issue #17's targets for the shipped generators, measured: one line per target, PASS or FAIL, exit 1 when one fails.
+"""Issue #17's quality targets, measured: one line per target, PASS or FAIL, exit 1 when one fails.
 
 A Hand generator is scored by ``mednist-gan evaluate``'s code against real Hand images, beside the seed bundle's
 weights (both latent distributions: its best counts) and the real images blurred with sigma 1.5 (the yardstick):
@@ -17,7 +17,7 @@ images allow 4,477), and as a whole by train-on-synthetic, test-on-real:
 - a classifier trained on its images only scores >= 95% on real held-out images.
 
     python benchmarks/quality_targets.py --model mednist_gan/assets/hand/model.pt [--num-samples 5000] [--out t.json]
-    python benchmarks/quality_targets.py --conditional --model mednist_gan/assets/conditional/model.pt
+    python benchmarks/quality_targets.py --conditional --model <export>/model.pt [--out t.json]
 """
 
 from __future__ import annotations
