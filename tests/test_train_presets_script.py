@@ -24,7 +24,7 @@ def test_the_prepared_device_run_trains_side_by_side_and_scores_each_run(tmp_pat
            "PRESETS": "conditional plain:configs/resnet.yaml:model.resnet_d_sn=false:train.d_train_steps=1",
            "PRECISION": "no", "MAX_STEPS": "2", "N": "40", "LIMIT_S": "300",
            "EXTRA": (f"data.limit=16 data.cache_dir={tmp_path / 'cache'} train.batch_size=8 eval.every_steps=null "
-                     "model.latent_size=16 model.resnet_g_channels=2 model.resnet_d_channels=2"),
+                     "model.latent_size=16 model.resnet_g_channels=2 model.resnet_d_channels=2 model.resnet_mbstd=4"),
            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", "benchmarks/train_presets.sh"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
