@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mednist_gan.trainer import train
 
 from helpers import CONFIGS, REPO, run_cli
 
+sys.path.insert(0, str(REPO / "benchmarks"))  # metric_sanity.py and quality_targets.py, imported where used
 N = 1000  # images per side in the sanity checks
 
 
@@ -86,9 +88,6 @@ def test_fmd_of_a_singular_covariance_product_warns_nothing_and_stays_right():
 @pytest.fixture(scope="module")
 def sanity(hands, meter, upstream_weights):
     """The sanity table of benchmarks/metric_sanity.py at N = 1000: every case's scores."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from metric_sanity import SHIPPED, sanity_cases
 
     cases = sanity_cases(*hands, {"seed": upstream_weights, "shipped": SHIPPED})
@@ -406,9 +405,6 @@ def test_shipped_hand_generator_meets_its_targets(mednist_root, upstream_weights
     """Issue #17's Hand targets, at N = 1000 (benchmarks/quality_targets.py; docs/quality.md has them at N = 5000):
     FD-SSL no worse than real hands blurred with sigma 1.5, FMD at most 0.25x the seed weights', diversity within 10%
     of the real images'."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from quality_targets import hand_targets, score_hand_generator
 
     result = score_hand_generator(HAND / "model.pt", mednist_root / "Hand", 1000, upstream_weights)
@@ -421,9 +417,6 @@ def test_shipped_hand_generator_meets_its_targets(mednist_root, upstream_weights
 def test_conditional_targets_name_every_class_and_catch_a_collapse():
     """benchmarks/quality_targets.py --conditional's arithmetic on an evaluate result: five targets per class and
     train-on-synthetic; a class whose images are near-copies fails diversity; memorization is held to 2x the floor."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from quality_targets import conditional_targets
 
     def block(name, diversity, fd_ssl, memo=0.001):
@@ -435,8 +428,9 @@ def test_conditional_targets_name_every_class_and_catch_a_collapse():
 
     result = {"classes": [block("CXR", 0.31, 0.55), block("Hand", 0.45, 0.3), block("HeadCT", 0.3, 0.61, memo=0.021)],
               "usefulness": {"g": {"synthetic_accuracy": {"all": 0.96}, "real_accuracy": {"all": 0.99}}}}
-    failed = [name for name, _, _, met in conditional_targets(result) if not met]
-    assert len(conditional_targets(result)) == 3 * 5 + 1
+    targets = conditional_targets(result)
+    failed = [name for name, _, _, met in targets if not met]
+    assert len(targets) == 3 * 5 + 1
     assert failed == ["Hand: MS-SSIM diversity within 10% of the real images' (0.3000)",
                       "HeadCT: FD-SSL at most 1.5x real images blurred with sigma 1.5 (0.400)",
                       "HeadCT: memorization (pixels) at most 2x the real held-out images' (1.00%)"]
