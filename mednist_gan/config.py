@@ -156,6 +156,10 @@ class TrainConfig:
                                              "logistic (softplus, summed as in StyleGAN), 'hinge'")
     r1_gamma: float = _f(0.0, "R1 gradient penalty on real images, gamma/2 * E|grad_x D(x)|^2; 0 = off")
     r1_every: int = _f(1, "apply R1 every N discriminator updates, scaled by N (lazy regularisation)")
+    mode_seeking: float = _f(0.0, "weight of the mode-seeking term in G's loss (Mao et al. 2019, MSGAN): the latents of each "
+                              "generator batch come in pairs (2k, 2k+1) of one class, and 1 / (mean |G(z_a) - G(z_b)| / mean "
+                              "|z_a - z_b| + 0.01), averaged over pairs, is added with this weight, so that different latents "
+                              "of one class do not end in one image; 0 = off")
     ema_decay: Optional[float] = _f(None, "exponential moving average of the generator weights, updated after every generator "
                                     "update; samples, evaluation and export use it; null = off")
     ema_warmup: bool = _f(False, "EMA decay min(ema_decay, (1 + t) / (10 + t)) at the t-th generator update, so that "
@@ -178,6 +182,7 @@ class TrainConfig:
         _require(self.g_batch_size is None or self.g_batch_size >= 1, "train.g_batch_size", self.g_batch_size, "an integer >= 1 or null")
         _require(self.r1_gamma >= 0, "train.r1_gamma", self.r1_gamma, "a number >= 0")
         _require(self.r1_every >= 1, "train.r1_every", self.r1_every, "an integer >= 1")
+        _require(self.mode_seeking >= 0, "train.mode_seeking", self.mode_seeking, "a number >= 0")
         _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "train.ema_decay", self.ema_decay, "a number in (0, 1) or null")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _require(self.collective_timeout_s >= 1, "train.collective_timeout_s", self.collective_timeout_s, "an integer >= 1")

@@ -35,6 +35,18 @@ def generator_loss(fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor
     raise ValueError(f"unknown loss {kind!r}: expected one of {', '.join(LOSSES)}")
 
 
+def mode_seeking_penalty(images: torch.Tensor, latents: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
+    """MSGAN's term on pairs (2k, 2k+1): the mean over pairs of 1 / (mean |image_a - image_b| / mean |z_a - z_b| + eps).
+
+    Large when two latents give nearly one image; a mean over pairs (not a ratio of batch means), so that the
+    processes' slices of a batch average to what one process computes on all of it.
+    """
+    a, b = images.float().flatten(1).unflatten(0, (-1, 2)).unbind(1)
+    za, zb = latents.float().flatten(1).unflatten(0, (-1, 2)).unbind(1)
+    ratio = (a - b).abs().mean(1) / (za - zb).abs().mean(1)
+    return (1 / (ratio + eps)).mean()
+
+
 def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """E[|grad_x D(x)|^2] over the batch, with a graph so that its gradient reaches D's parameters.
 

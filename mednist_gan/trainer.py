@@ -38,7 +38,7 @@ from .export import checkpoint_provenance, export_generator
 from .files import EXPORT_DIR, write_atomic
 from .graphs import PhaseGraphs
 from .images import to_uint8_pictures
-from .losses import discriminator_loss, generator_loss, r1_penalty
+from .losses import discriminator_loss, generator_loss, mode_seeking_penalty, r1_penalty
 from .networks import build_discriminator, build_generator, generator_copy
 from .optim import keep_run_options, make_optimizers, make_schedulers
 from .runcontrol import EndedEarly, Preempted, StopRequest, crash_point, peers_lost, write_failure
@@ -103,6 +103,9 @@ class Trainer:
             raise ConfigError(f"model.resnet_mbstd={cfg.model.resnet_mbstd} must divide the per-process batch "
                               f"({self.per_device_batch}): its groups must not straddle two processes")
         self.per_device_g_batch = g_batch // world
+        if cfg.train.mode_seeking and self.per_device_g_batch % 2:
+            raise ConfigError(f"train.mode_seeking pairs the generator's latents: its per-process batch "
+                              f"({self.per_device_g_batch}) must be even")
 
         with acc.main_process_first():  # the main process decodes and fills the cache; the others read it
             self.images, self.labels = load_labelled_dataset(cfg.data, cfg.model.image_shape)
@@ -184,12 +187,14 @@ class Trainer:
                         generator=self.latent_rng, device=self.acc.device)
         return z[self.my_slice(n)]
 
-    def sample_labels(self, n: int) -> Optional[torch.Tensor]:
-        """Class labels for ``n`` generated images per process, uniform over the classes (None: unconditional)."""
+    def sample_labels(self, n: int, pairs: bool = False) -> Optional[torch.Tensor]:
+        """Class labels for ``n`` generated images per process, uniform over the classes (None: unconditional);
+        ``pairs``: images 2k and 2k+1 share one (the mode-seeking term compares them)."""
         if not self.num_classes:
             return None
-        y = torch.randint(self.num_classes, (n * self.acc.num_processes,), generator=self.latent_rng, device=self.acc.device)
-        return y[self.my_slice(n)]
+        total = n * self.acc.num_processes
+        y = torch.randint(self.num_classes, (total // 2 if pairs else total,), generator=self.latent_rng, device=self.acc.device)
+        return (y.repeat_interleave(2) if pairs else y)[self.my_slice(n)]
 
     def real_labels(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
         """The class labels of a batch of image indices (None: unconditional)."""
@@ -229,12 +234,12 @@ class Trainer:
         conditions = () if labels is None else (labels, self.sample_labels(self.per_device_batch))
         d_metrics = self.graphs(("d", with_r1), lambda real, z, *y: self.discriminator_phase(real, z, with_r1, *y),
                                 real, z, *conditions)
-        g_losses = []
+        g_metrics = []
         for j in range(opts.g_train_steps):
             skipped = self.skipped_updates
             z = self.sample_latents(self.per_device_g_batch)
-            conditions = () if labels is None else (self.sample_labels(self.per_device_g_batch),)
-            g_losses.append(self.graphs(("g",), self.generator_update, z, *conditions)["loss_g"])
+            conditions = () if labels is None else (self.sample_labels(self.per_device_g_batch, opts.mode_seeking > 0),)
+            g_metrics.append(self.graphs(("g",), self.generator_update, z, *conditions))
             if self.skipped_updates == skipped:
                 self.update_ema(self.state.step * opts.g_train_steps + j)
         # The rates this iteration used (a capturable optimizer's are tensors, which the schedulers refill in place).
@@ -242,7 +247,8 @@ class Trainer:
                              for lr in (self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"]))
         for scheduler in self.schedulers:
             scheduler.step()
-        return {"loss_d": d_metrics.pop("loss_d"), "loss_g": torch.stack(g_losses).mean(), **d_metrics}
+        g_metrics = {key: torch.stack([m[key] for m in g_metrics]).mean() for key in g_metrics[0]}
+        return {"loss_d": d_metrics.pop("loss_d"), "loss_g": g_metrics.pop("loss_g"), **d_metrics, **g_metrics}
 
     def discriminator_phase(self, real: torch.Tensor, z: torch.Tensor, with_r1: tuple[bool, ...],
                             real_labels: Optional[torch.Tensor] = None,
@@ -279,13 +285,18 @@ class Trainer:
     def generator_update(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """One update of G on latents ``z`` (and labels); D's parameters need no gradient, and D's DDP wrapper must
         not wait for one."""
+        opts = self.cfg.train
         self.opt_g.zero_grad(set_to_none=True)
         with frozen(self.D), self.acc.no_sync(self.D):
-            loss_g = generator_loss(self.discriminate(self.generate(z, labels), labels), self.cfg.train.loss)
-        self.acc.backward(loss_g)
-        if not self._skip_nonfinite(loss_g, self.opt_g):
+            fake = self.generate(z, labels)
+            loss_g = total_g = generator_loss(self.discriminate(fake, labels), opts.loss)
+            if opts.mode_seeking:
+                mode_seeking = mode_seeking_penalty(fake, z)
+                total_g = loss_g + opts.mode_seeking * mode_seeking
+        self.acc.backward(total_g)
+        if not self._skip_nonfinite(total_g, self.opt_g):
             self.opt_g.step()
-        return {"loss_g": loss_g.detach()}
+        return {"loss_g": loss_g.detach(), **({"mode_seeking": mode_seeking.detach()} if opts.mode_seeking else {})}
 
     @torch.no_grad()
     def update_ema(self, t: int) -> None:

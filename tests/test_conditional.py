@@ -102,6 +102,20 @@ def test_conditional_training_exports_and_generates_every_class(tmp_path, mednis
     assert not (tmp_path / "no").exists()
 
 
+def test_mode_seeking_pairs_the_generators_latents_by_class(tmp_path, mednist_root):
+    """train.mode_seeking: the generator's labels come in pairs (2k, 2k+1), the term is logged beside loss_g, and
+    a per-process batch that cannot be paired is refused before training."""
+    trainer = Trainer(_cfg(tmp_path, mednist_root, "train.max_steps=2", "train.mode_seeking=1"))
+    labels = torch.cat([trainer.sample_labels(8, pairs=True) for _ in range(20)])
+    assert torch.equal(labels[0::2], labels[1::2]) and set(labels.tolist()) == {0, 1}
+    trainer.fit()
+    logged = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(record.get("mode_seeking", 0) > 0 for record in logged), logged
+    reset_accelerate()
+    with pytest.raises(ConfigError, match="train.mode_seeking .* per-process batch \\(7\\) must be even"):
+        Trainer(_cfg(tmp_path, mednist_root, f"run_dir={tmp_path / 'odd'}", "train.mode_seeking=1", "train.batch_size=7"))
+
+
 def test_an_unconditional_generator_refuses_a_class(tmp_path):
     from mednist_gan.generate import SHIPPED_MODEL
 
@@ -134,11 +148,13 @@ def test_conditional_resume_is_bitwise(tmp_path, mednist_root):
 
 
 @pytest.mark.slow
-def test_conditional_two_processes_equal_one(tmp_path, mednist_root):
-    """Labels of real and generated images follow the global batch: 2 x half batch ends where 1 x full batch does."""
+@pytest.mark.parametrize("mode_seeking", [0, 1])
+def test_conditional_two_processes_equal_one(tmp_path, mednist_root, mode_seeking):
+    """Labels of real and generated images follow the global batch: 2 x half batch ends where 1 x full batch does,
+    with the mode-seeking term too (its pairs never straddle two processes)."""
     common = ["--config", str(CONFIGS / "debug.yaml"), f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
               "data.limit=16", "train.batch_size=8", TWO, *TINY, "train.max_steps=1", "export.at_end=false",
-              "train.deterministic=false", "train.d_train_steps=2"]
+              "train.deterministic=false", "train.d_train_steps=2", f"train.mode_seeking={mode_seeking}"]
     for n in (1, 2):
         result = subprocess.run([*train_cmd(n), *common, f"run_dir={tmp_path / str(n)}"], cwd=REPO, capture_output=True,
                                 text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -58,7 +58,8 @@ def _run(cfg, steps: int = STEPS, eager: bool = False):
     ["train.r1_gamma=2.0", "train.r1_every=2"],  # lazy R1: two patterns of updates, two discriminator graphs
     ["train.ema_decay=0.9", "train.ema_warmup=true", "optim.warmup_steps=4", "optim.decay=cosine"],
     ["train.precision=bf16", "train.g_train_steps=2"],
-], ids=["bundle", "r1", "lazy-r1", "ema-schedule", "bf16"])
+    ["train.mode_seeking=1"],  # the generator phase returns a second metric
+], ids=["bundle", "r1", "lazy-r1", "ema-schedule", "bf16", "mode-seeking"])
 def test_captured_phases_equal_eager_phases(tmp_path, mednist_root, options):
     cfg = _config(tmp_path, mednist_root, *options)
     eager_metrics, eager_path, eager_weights, _ = _run(cfg, eager=True)
