@@ -434,3 +434,28 @@ def test_conditional_targets_name_every_class_and_catch_a_collapse():
     assert failed == ["Hand: MS-SSIM diversity within 10% of the real images' (0.3000)",
                       "HeadCT: FD-SSL at most 1.5x real images blurred with sigma 1.5 (0.400)",
                       "HeadCT: memorization (pixels) at most 2x the real held-out images' (1.00%)"]
+
+
+def test_class_diversity_scores_each_class_of_a_conditional_generator(tmp_path, mednist_root):
+    """benchmarks/class_diversity.py: a row per class with the generated and real images' MS-SSIM; a collapsed
+    generator (its latents ignored) reads 1.0, far above any real class; an unconditional one is refused."""
+    import dataclasses
+
+    from class_diversity import class_diversity
+    from mednist_gan.config import ModelConfig
+    from mednist_gan.export import export_generator
+    from mednist_gan.networks import build_generator
+
+    cfg = ModelConfig(arch="resnet", latent_size=16, resnet_g_channels=2, resnet_d_channels=2, classes=["CXR", "Hand"])
+    torch.manual_seed(0)
+    G = build_generator(cfg).eval()
+    out = export_generator(G, cfg, tmp_path / "varied", {"config": {"model": dataclasses.asdict(cfg)}})
+    rows = class_diversity(out / "model.pt", mednist_root, num_samples=8, num_real=16, pairs=20)
+    assert [name for name, _, _ in rows] == ["CXR", "Hand"]
+    assert all(0 < real < 0.9 for _, _, real in rows), rows
+    with torch.no_grad():
+        G.linear.weight.zero_()  # every latent gives the class's one image
+    collapsed = export_generator(G, cfg, tmp_path / "collapsed", {"config": {"model": dataclasses.asdict(cfg)}})
+    assert all(generated > 0.99 for _, generated, _ in class_diversity(collapsed / "model.pt", mednist_root, 8, 16, 20))
+    with pytest.raises(SystemExit, match="not a class-conditional generator"):
+        class_diversity(WEIGHTS_FILE.parent / "hand" / "model.pt", mednist_root, 4, 4, 4)
