@@ -17,7 +17,7 @@ images allow 4,477), and as a whole by train-on-synthetic, test-on-real:
 - a classifier trained on its images only scores >= 95% on real held-out images.
 
     python benchmarks/quality_targets.py --model mednist_gan/assets/hand/model.pt [--num-samples 5000] [--out t.json]
-    python benchmarks/quality_targets.py --conditional --model <export>/model.pt [--out t.json]
+    python benchmarks/quality_targets.py --conditional --model mednist_gan/assets/conditional/model.pt [--out t.json]
 """
 
 from __future__ import annotations

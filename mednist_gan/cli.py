@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="write sample PNGs from an exported generator or a checkpoint")
     gen.add_argument("--model", type=Path, default=None,
                      help="mednist_gan.pt2, mednist_gan.ts, model.pt, or a checkpoint folder; "
-                          "default: the generator shipped in the package")
+                          "default: a generator shipped in the package (Hand, or the six-class one with --class)")
     gen.add_argument("--latent-size", type=int, default=None,
                      help="latent size of a .pt2/TorchScript generator that does not show it (read from the model otherwise)")
     gen.add_argument("--num-samples", type=int, default=16)
@@ -57,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="latent distribution: normal (how mednist-gan trains) or uniform (the seed bundle's inference)")
     gen.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
     gen.add_argument("--class", dest="class_name", default=None, metavar="NAME",
-                     help="a class-conditional generator's class to make (a name from its export.json 'classes'), or "
-                          "'all': --num-samples of each, into <output-dir>/<class>/, the grid a row per class")
+                     help="a class-conditional generator's class to make (a name from its export.json 'classes'; the "
+                          "shipped one: AbdomenCT, BreastMRI, CXR, ChestCT, Hand, HeadCT), or 'all': --num-samples of "
+                          "each, into <output-dir>/<class>/, the grid a row per class")
 
     ev = sub.add_parser("evaluate", help="score generators against real images: distances in two feature spaces, "
                                          "precision/recall, density/coverage, diversity, memorization, class accuracy")
@@ -167,11 +168,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import SHIPPED_MODEL, generate
+    from .generate import generate, shipped_model
     from .hostmem import keep_freed_host_memory
 
     keep_freed_host_memory()  # a process of its own: large batches reuse their pages instead of faulting them in
-    paths = generate(args.model or SHIPPED_MODEL, args.num_samples, args.output_dir, seed=args.seed, batch_size=args.batch_size,
+    paths = generate(args.model or shipped_model(args.class_name), args.num_samples, args.output_dir, seed=args.seed, batch_size=args.batch_size,
                      grid=args.grid, latent=args.latent, device=args.device, latent_size=args.latent_size,
                      class_name=args.class_name)
     print(f"wrote {len(paths)} PNGs to {args.output_dir}" + (f" and a grid to {args.grid}" if args.grid else ""))

@@ -18,9 +18,16 @@ from .files import PROVENANCE_FILE, ensure_writable_folder
 from .images import image_grid, save_png, to_uint8_pictures
 
 LATENTS = ("normal", "uniform")
-# The Hand generator trained with configs/resnet.yaml (see its MODEL_CARD.md), used when no --model is given;
+# The generators used when no --model is given (each folder's MODEL_CARD.md says how it was trained): the Hand
+# generator of configs/resnet.yaml, and with --class the six-class one of configs/conditional.yaml;
 # assets/generator holds the bundle-architecture one of configs/quality.yaml.
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "hand" / "mednist_gan.ts"
+SHIPPED_CONDITIONAL = Path(__file__).parent / "assets" / "conditional" / "mednist_gan.ts"
+
+
+def shipped_model(class_name: Optional[str] = None) -> Path:
+    """The shipped generator for ``generate`` without ``--model``: the Hand one, or the six-class one for ``--class``."""
+    return SHIPPED_MODEL if class_name is None else SHIPPED_CONDITIONAL
 
 
 def load_model(path: Path, latent_size: Optional[int] = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
