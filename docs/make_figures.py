@@ -1,11 +1,13 @@
 """The sample grids: the shipped generators (the residual Hand generator, the default, and the bundle-architecture
 one of configs/quality.yaml), the seed bundle's weights, real Hand images and the same real images
-blurred with sigma 1.5 (what the metrics' sanity table compares the generators with, docs/quality.md).
+blurred with sigma 1.5 (what the metrics' sanity table compares the generators with, docs/quality.md); and the
+shipped six-class generator beside real images, a row of 8 per class.
 
     python docs/make_figures.py [--data ../shared/data/mednist] [--seed-weights ../shared/upstream/mednist_gan_bundle_model.pt]
 
 Each grid holds 64 images: generated ones from latents of seed 0 (the shipped models and the seed's
-weights each with the latent distribution that scores best for it), real ones drawn with seed 0.
+weights each with the latent distribution that scores best for it), real ones drawn with seed 0. The class
+grids hold 8 per class, the same 8 latents in every generated row.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mednist_gan.generate import SHIPPED_MODEL, load_model, make_latents
+from mednist_gan.generate import SHIPPED_CONDITIONAL, SHIPPED_MODEL, generator_classes, load_model, make_latents
 from mednist_gan.images import image_grid, save_png, to_uint8_pictures
 from mednist_gan.quality import blurred, load_real_images
 
@@ -27,6 +29,19 @@ def grid_of(model: Path, latent: str, out: Path) -> None:
     net, size = load_model(model)
     with torch.inference_mode():
         save_png(image_grid(to_uint8_pictures(net(make_latents(64, size, 0, latent))), columns=8), out)
+
+
+def class_grids(model: Path, data: Path, generated: Path, real: Path) -> None:
+    net, size = load_model(model)
+    z = make_latents(8, size, 0, "normal")
+    rows, real_rows = [], []
+    for label, name in enumerate(generator_classes(model)):
+        with torch.inference_mode():
+            rows.append(net(z, torch.full((8,), label, dtype=torch.long)))
+        images = load_real_images(data / name)
+        real_rows.append(images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:8]])
+    save_png(image_grid(to_uint8_pictures(torch.cat(rows)), columns=8), generated)
+    save_png(image_grid(to_uint8_pictures(torch.cat(real_rows)), columns=8), real)
 
 
 def main() -> None:
@@ -44,7 +59,9 @@ def main() -> None:
     pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:64]
     save_png(image_grid(to_uint8_pictures(real[pick]), columns=8), out / "real_grid.png")
     save_png(image_grid(to_uint8_pictures(blurred(real[pick], 1.5)), columns=8), out / "real_blurred_grid.png")
-    print(f"wrote {out}/hand_grid.png, quality_grid.png, seed_grid.png, real_grid.png, real_blurred_grid.png")
+    class_grids(SHIPPED_CONDITIONAL, args.data, out / "conditional_grid.png", out / "real_classes_grid.png")
+    print(f"wrote {out}/hand_grid.png, quality_grid.png, seed_grid.png, real_grid.png, real_blurred_grid.png, "
+          "conditional_grid.png, real_classes_grid.png")
 
 
 if __name__ == "__main__":
