@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -36,7 +37,11 @@ class DataConfig:
     root: Optional[str] = _f(None, "MedNIST folder holding <class_name>/*.jpeg; null = the small sample shipped in the package")
     classes: list[str] = _f(["Hand"], "class folders to train on: one = an unconditional generator (the bundle's), several "
                             "(or [all]: the six MedNIST classes) = one class-conditional generator of (latents, labels) "
-                            "with model.arch=resnet, classes sampled evenly")
+                            "with model.arch=resnet, classes sampled evenly (or as data.class_weights says)")
+    class_weights: dict[str, float] = _f({}, "a class-conditional run: relative weights of the classes in the real batches "
+                                         "D sees and the labels G generates, e.g. {Hand: 3} gives Hand 3 times the "
+                                         "share of each other class (a hard class gets more of the updates); a class "
+                                         "not named weighs 1; {} = classes sampled evenly")
     download: bool = _f(False, "download and verify MedNIST.tar.gz into root when the class folder is missing")
     url: str = _f(MEDNIST_URL, "where data.download fetches MedNIST.tar.gz from")
     md5: str = _f(MEDNIST_MD5, "published MD5 of MedNIST.tar.gz; the download is refused when it differs")
@@ -51,11 +56,23 @@ class DataConfig:
         _require(len(set(self.classes)) == len(self.classes), "data.classes", self.classes, "each class once")
         _require(self.classes == ["all"] or "all" not in self.classes, "data.classes", self.classes,
                  "[all] alone, or class folder names")
+        for name, weight in self.class_weights.items():
+            key = f"data.class_weights.{name}"
+            _require(len(self.class_names) > 1, key, weight, "nothing: class weights need several data.classes")
+            _require(name in self.class_names, key, weight, f"a class of data.classes ({', '.join(self.class_names)})")
+            _require(0 < weight < math.inf, key, weight, "a weight > 0")
 
     @property
     def class_names(self) -> list[str]:
         """The class folders, with [all] spelled out."""
         return list(MEDNIST_CLASSES) if self.classes == ["all"] else list(self.classes)
+
+    @property
+    def sampling_weights(self) -> Optional[list[float]]:
+        """Each class's weight from ``class_weights``, in label order; None: classes sampled evenly."""
+        if not self.class_weights:
+            return None
+        return [self.class_weights.get(name, 1.0) for name in self.class_names]
 
 
 @dataclass(frozen=True)
@@ -432,6 +449,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed: expected one of {', '.join(map(str, allowed))}")
         return value
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a mapping of {key_tp.__name__} to "
+                              f"{value_tp.__name__}")
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

@@ -193,19 +193,22 @@ class EpochShuffleSampler(Sampler[int]):
     """A permutation that depends only on (seed, epoch): the same on every process and after a resume.
 
     With ``labels`` of several classes, an epoch is as many draws (with replacement) in which every class is
-    equally likely, whatever its number of images: classes sampled evenly.
+    equally likely, whatever its number of images: classes sampled evenly; or, with ``class_weights`` (one per
+    label), each class in proportion to its weight.
 
     ``skip_in_epoch`` drops the first items of one epoch's order, so a run resumed mid-epoch
     continues with exactly the batches an uninterrupted run would have seen.
     """
 
-    def __init__(self, num_items: int, seed: int, labels: Optional[torch.Tensor] = None):
+    def __init__(self, num_items: int, seed: int, labels: Optional[torch.Tensor] = None,
+                 class_weights: Optional[list[float]] = None):
         self.num_items, self.seed, self.epoch = num_items, seed, 0
         self._skip_epoch, self._skip = -1, 0
         self.weights = None
         if labels is not None and int(labels.max()) > 0:
-            counts = torch.bincount(labels)
-            self.weights = (1.0 / counts.double())[labels]
+            counts = torch.bincount(labels).double()
+            shares = torch.ones_like(counts) if class_weights is None else torch.tensor(class_weights, dtype=torch.double)
+            self.weights = (shares / counts)[labels]
 
     def set_epoch(self, epoch: int) -> None:  # Accelerate's DataLoaderShard calls this at every epoch start
         self.epoch = epoch
@@ -229,13 +232,13 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def build_dataloader(num_items: int, global_batch_size: int, seed: int, pin_memory: bool = False,
-                     labels: Optional[torch.Tensor] = None) -> DataLoader:
+                     labels: Optional[torch.Tensor] = None, class_weights: Optional[list[float]] = None) -> DataLoader:
     """Index batches of the *global* size; Accelerate (split_batches=True) hands each process its slice.
-    ``labels`` of several classes: classes sampled evenly (``EpochShuffleSampler``)."""
+    ``labels`` of several classes: classes sampled evenly, or by ``class_weights`` (``EpochShuffleSampler``)."""
     return DataLoader(
         IndexDataset(num_items),
         batch_size=global_batch_size,
-        sampler=EpochShuffleSampler(num_items, seed, labels),
+        sampler=EpochShuffleSampler(num_items, seed, labels, class_weights),
         drop_last=False,
         num_workers=0,
         # Pinned index batches reach a GPU with an asynchronous copy: the host never waits for the device.

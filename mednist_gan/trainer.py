@@ -138,7 +138,8 @@ class Trainer:
         # The images stay on the training device; the loader hands out indices, gathered there (prepare_reals).
         self.device_images, self.device_labels = self.images.to(acc.device), self.labels.to(acc.device)
         loader = build_dataloader(self.num_images, cfg.train.batch_size, cfg.train.seed,
-                                  pin_memory=acc.device.type == "cuda", labels=self.labels)
+                                  pin_memory=acc.device.type == "cuda", labels=self.labels,
+                                  class_weights=cfg.data.sampling_weights)
         self.sampler = loader.sampler
         self.G, self.D, self.opt_g, self.opt_d, self.loader, *self.schedulers = acc.prepare(
             G, D, opt_g, opt_d, loader, *make_schedulers((opt_g, opt_d), cfg.optim, self.total_steps))
@@ -152,6 +153,8 @@ class Trainer:
         # Latents and augmentation parameters come from generators shared by all processes: each
         # draws for the global batch and keeps its slice, so neither depends on the number of processes.
         self.latent_rng = torch.Generator(device=acc.device).manual_seed(cfg.train.seed)
+        weights = cfg.data.sampling_weights
+        self.label_weights = None if weights is None else torch.tensor(weights, device=acc.device)
         self.augment_rng = torch.Generator(device=acc.device).manual_seed(cfg.train.seed + AUGMENT_SEED_OFFSET)
         # Dropout uses the global RNG, different on every process.
         set_seed(cfg.train.seed, device_specific=True)
@@ -188,12 +191,17 @@ class Trainer:
         return z[self.my_slice(n)]
 
     def sample_labels(self, n: int, pairs: bool = False) -> Optional[torch.Tensor]:
-        """Class labels for ``n`` generated images per process, uniform over the classes (None: unconditional);
-        ``pairs``: images 2k and 2k+1 share one (the mode-seeking term compares them)."""
+        """Class labels for ``n`` generated images per process, uniform over the classes or drawn in proportion to
+        ``data.class_weights`` (None: unconditional); ``pairs``: images 2k and 2k+1 share one (the mode-seeking
+        term compares them)."""
         if not self.num_classes:
             return None
         total = n * self.acc.num_processes
-        y = torch.randint(self.num_classes, (total // 2 if pairs else total,), generator=self.latent_rng, device=self.acc.device)
+        draws = total // 2 if pairs else total
+        if self.label_weights is None:
+            y = torch.randint(self.num_classes, (draws,), generator=self.latent_rng, device=self.acc.device)
+        else:
+            y = torch.multinomial(self.label_weights, draws, replacement=True, generator=self.latent_rng)
         return (y.repeat_interleave(2) if pairs else y)[self.my_slice(n)]
 
     def real_labels(self, indices: torch.Tensor) -> Optional[torch.Tensor]:

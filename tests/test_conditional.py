@@ -68,6 +68,35 @@ def test_labelled_data_and_even_class_sampling(tmp_path, mednist_root):
     assert sorted(EpochShuffleSampler(100, seed=3, labels=torch.zeros(100, dtype=torch.long))) == list(range(100))
 
 
+def test_class_weights_give_a_class_its_share_of_real_batches_and_generated_labels(tmp_path, mednist_root):
+    """data.class_weights: {Hand: 3} of two classes is 3/4 of the real images D sees and of the labels G generates,
+    whatever the classes' numbers of images; a bad name or weight is one config error naming the key."""
+    uneven = torch.tensor([0] * 90 + [1] * 10)
+    sampler = EpochShuffleSampler(4000, seed=3, labels=uneven.repeat(40), class_weights=[1.0, 3.0])
+    assert 0.72 < uneven.repeat(40)[list(sampler)].float().mean().item() < 0.78
+    assert list(sampler) == list(EpochShuffleSampler(4000, seed=3, labels=uneven.repeat(40), class_weights=[1.0, 3.0]))
+    trainer = Trainer(_cfg(tmp_path, mednist_root, "data.class_weights={Hand: 3}", "train.mode_seeking=1"))
+    assert trainer.cfg.data.sampling_weights == [1.0, 3.0]  # CXR (not named) weighs 1
+    labels = torch.cat([trainer.sample_labels(8, pairs=True) for _ in range(250)])
+    assert torch.equal(labels[0::2], labels[1::2]) and 0.70 < labels.float().mean().item() < 0.80
+    drawn = []  # the trainer's own loader: 10 epochs of 32 draws from 16 CXR and 16 Hand images
+    for epoch in range(10):
+        trainer.sampler.set_epoch(epoch)
+        drawn += list(trainer.sampler)
+    assert 0.65 < trainer.real_labels(torch.tensor(drawn)).float().mean().item() < 0.85
+    # Evenly, as before: the default draws what it always drew (a resumed run keeps its stream).
+    even = Trainer(_cfg(tmp_path, mednist_root, f"run_dir={tmp_path / 'even'}"))
+    assert even.cfg.data.sampling_weights is None and even.label_weights is None
+    for bad, words in (("data.class_weights={Hnd: 3}", "data.class_weights.Hnd=3.0 is not allowed: expected a class of "
+                        "data.classes (CXR, Hand)"), ("data.class_weights.Hand=0", "data.class_weights.Hand=0.0 is not "
+                        "allowed: expected a weight > 0"), ("data.class_weights=3", "data.class_weights=3 has the wrong "
+                        "type: expected a mapping of str to float")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            _cfg(tmp_path, mednist_root, bad)
+    with pytest.raises(ConfigError, match=re.escape("expected nothing: class weights need several data.classes")):
+        load_config(CONFIGS / "debug.yaml", ["data.class_weights={Hand: 2}"])
+
+
 def test_conditional_training_exports_and_generates_every_class(tmp_path, mednist_root):
     trainer = train(_cfg(tmp_path, mednist_root, "train.max_steps=2", "log.num_samples=12", "log.sample_every=1"))
     assert trainer.num_classes == 2 and trainer.state.step == 2
