@@ -7,12 +7,16 @@
 # yardstick of the targets). Outputs: $OUT/<step>.txt and the JSONs.
 #   MEDNIST_ROOT=<folder of the six class folders> MEDNIST_GAN_UPSTREAM=<seed model.pt> OUT=results \
 #     [PRESETS="resnet conditional"] [LIMIT_S=420] [N=1000] [PRECISION=bf16] [MAX_STEPS=...] [EXTRA="key=value ..."] \
-#     bash benchmarks/train_presets.sh
+#     [KEEP=1] bash benchmarks/train_presets.sh
 # PRESETS names the runs: resnet (configs/resnet.yaml), conditional (configs/conditional.yaml), wide (configs/wide.yaml),
 # or NAME:CONFIG[:KEY=VALUE...] for a variant, e.g. "resnet resnet_d5:configs/resnet.yaml:train.d_train_steps=5"
 # (a run whose name contains "conditional" is scored on every class, the others on Hand).
 # MAX_STEPS shortens every schedule (and evaluates at its end); EXTRA adds overrides to every run (last: they win).
 # N may be at most half a class's real images (1,000 with the 2,000-per-class set; 5,000 needs the complete set).
+# KEEP=1 brings each run's generator back for scoring at N = 5000 elsewhere (the device returns $OUT's files of at
+# most 16 MiB, the full-width generator is 14.4 MB, a wider one more): $OUT/keep_<name>/ holds its model.pt in parts of 15 MiB, the
+# sha256 and export.json; join with `cat model.pt.part* > model.pt && sha256sum -c model.pt.sha256`.
+# The device receives the repository, not ../shared: pack the data first (benchmarks/pack_subset.py, carry .device).
 set -uo pipefail
 OUT=${OUT:-preset_results}
 RUNS=${RUNS:-/tmp/preset_runs}
@@ -64,3 +68,17 @@ for entry in "${presets[@]}"; do
     echo "evaluate $name: rc=$?"
 done
 tail -n 30 "$OUT"/evaluate_*.txt | cut -c1-250
+
+[ -n "${KEEP:-}" ] || exit 0
+for entry in "${presets[@]}"; do
+    name=${entry%%:*} keep="$OUT/keep_${entry%%:*}"
+    for src in "$RUNS/$name/best" "$RUNS/$name/export"; do
+        [ -f "$src/model.pt" ] || continue
+        mkdir -p "$keep"
+        split -b "${PART_SIZE:-15M}" -d -a 2 "$src/model.pt" "$keep/model.pt.part"
+        (cd "$src" && sha256sum model.pt) >"$keep/model.pt.sha256"
+        cp "$src/export.json" "$keep/"
+        echo "kept $src/model.pt in $keep"
+        break
+    done
+done
