@@ -467,18 +467,14 @@ def test_generate_with_a_class_and_no_model_makes_that_class(tmp_path):
 def test_shipped_conditional_generator_meets_its_targets(mednist_root):
     """Issue #17's six-class targets at N = 1000 per class against the 2,000-per-class MedNIST folder
     (benchmarks/quality_targets.py --conditional; docs/quality.md has them at N = 5000 on the complete MedNIST).
-    The generator meets 29 of the 31 at N = 5000; missed there are Hand's FD-SSL (1.76x the blurred images') and
-    AbdomenCT's diversity (+11.7%). At this N, ChestCT's diversity sits on the edge too (-12.9% against a real
-    ChestCT sample 3% more varied than the complete set's). Every other target must hold, Hand's FD-SSL within 2x."""
-    from quality_targets import FD_VS_BLURRED, conditional_targets, score_conditional_generator
+    The generator meets 30 of the 31 at N = 5000; missed there is AbdomenCT's diversity (+10.9% against 10%), so
+    it may miss here too. Every other target must hold."""
+    from quality_targets import conditional_targets, score_conditional_generator
 
     result = score_conditional_generator(CONDITIONAL / "model.pt", mednist_root, 1000, usefulness=500)
     targets = conditional_targets(result)
-    known = ("Hand: FD-SSL", "AbdomenCT: MS-SSIM diversity", "ChestCT: MS-SSIM diversity")
-    missed = [target for target in targets if not target[-1] and not target[0].startswith(known)]
+    missed = [target for target in targets if not target[-1] and not target[0].startswith("AbdomenCT: MS-SSIM diversity")]
     assert not missed, missed
-    (hand,) = [target for target in targets if target[0].startswith("Hand: FD-SSL")]
-    assert hand[1] <= 2 / FD_VS_BLURRED * hand[2], hand  # measured: 0.648 against a limit of 0.598
 
 
 # ----------------------------------------------------------------------------- issue #17's six-class targets
