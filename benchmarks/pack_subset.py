@@ -19,16 +19,18 @@ import shutil
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+from mednist_gan.data import list_images
+from mednist_gan.errors import DataError
 
 
 def class_files(src: Path) -> dict[str, list[Path]]:
     """Each class folder of ``src`` (a folder holding images) and its images, sorted by name."""
     classes = {}
     for folder in sorted(p for p in src.iterdir() if p.is_dir()):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if files:
-            classes[folder.name] = files
+        try:
+            classes[folder.name] = list_images(folder)
+        except DataError:  # not a class folder: no images in it
+            continue
     return classes
 
 

@@ -14,8 +14,8 @@
 # MAX_STEPS shortens every schedule (and evaluates at its end); EXTRA adds overrides to every run (last: they win).
 # N may be at most half a class's real images (1,000 with the 2,000-per-class set; 5,000 needs the complete set).
 # KEEP=1 brings each run's generator back for scoring at N = 5000 elsewhere (the device returns $OUT's files of at
-# most 16 MiB, the full-width generator is 14.4 MB, a wider one more): $OUT/keep_<name>/ holds its model.pt in parts of 15 MiB, the
-# sha256 and export.json; join with `cat model.pt.part* > model.pt && sha256sum -c model.pt.sha256`.
+# most 16 MiB; the full-width generator is 14.4 MB, a wider one more): $OUT/keep_<name>/ holds its model.pt in parts
+# of 15 MiB, the sha256 and export.json; join with `cat model.pt.part* > model.pt && sha256sum -c model.pt.sha256`.
 # The device receives the repository, not ../shared: pack the data first (benchmarks/pack_subset.py, carry .device).
 set -uo pipefail
 OUT=${OUT:-preset_results}
@@ -71,7 +71,8 @@ tail -n 30 "$OUT"/evaluate_*.txt | cut -c1-250
 
 [ -n "${KEEP:-}" ] || exit 0
 for entry in "${presets[@]}"; do
-    name=${entry%%:*} keep="$OUT/keep_${entry%%:*}"
+    name=${entry%%:*}
+    keep="$OUT/keep_$name"
     for src in "$RUNS/$name/best" "$RUNS/$name/export"; do
         [ -f "$src/model.pt" ] || continue
         mkdir -p "$keep"

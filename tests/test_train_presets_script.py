@@ -1,6 +1,7 @@
 """benchmarks/train_presets.sh, the prepared device run of issue #17: device time is scarce, so the script itself
 is run here, end to end on the CPU at a tiny width: two runs train side by side (a Hand variant named with its own
-overrides, the conditional preset), and each is scored as the device run scores it; the data that travels there is packed by pack_subset.py."""
+overrides, the conditional preset), and each is scored as the device run scores it; and pack_subset.py, which packs
+the data that travels there."""
 
 from __future__ import annotations
 
