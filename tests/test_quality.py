@@ -466,14 +466,14 @@ def test_generate_with_a_class_and_no_model_makes_that_class(tmp_path):
 @pytest.mark.slow
 def test_shipped_conditional_generator_meets_its_targets(mednist_root):
     """Issue #17's six-class targets at N = 1000 per class against the 2,000-per-class MedNIST folder
-    (benchmarks/quality_targets.py --conditional; docs/quality.md has them at N = 5000 on the complete MedNIST).
-    The generator meets 30 of the 31 at N = 5000; missed there is AbdomenCT's diversity (+10.9% against 10%), so
-    it may miss here too. Every other target must hold."""
+    (benchmarks/quality_targets.py --conditional; docs/quality.md has all 31 met at N = 5000 on the complete
+    MedNIST)."""
     from quality_targets import conditional_targets, score_conditional_generator
 
     result = score_conditional_generator(CONDITIONAL / "model.pt", mednist_root, 1000, usefulness=500)
     targets = conditional_targets(result)
-    missed = [target for target in targets if not target[-1] and not target[0].startswith("AbdomenCT: MS-SSIM diversity")]
+    assert len(targets) == 6 * 5 + 1
+    missed = [target for target in targets if not target[-1]]
     assert not missed, missed
 
 
