@@ -11,17 +11,22 @@ import difflib
 import math
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, MednistGanError
 
 MEDNIST_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/MedNIST.tar.gz"
 MEDNIST_MD5 = "0bc7306e7427e00ad1c5526a6677552d"
 MEDNIST_CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
+MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit
+MAX_YAML_BYTES = 1 << 20  # a config or sweep file is a few KiB
+MAX_YAML_VALUES = 100_000  # values a YAML document may stand for, each use of an alias counted again
+FOLDER_NAME_RULE = "not empty, no '/', '\\' or NUL, not starting with '.'"  # a class folder's name
 
 
 def _f(default: Any, help: str, architecture: bool = False, **kw: Any) -> Any:
@@ -52,7 +57,9 @@ class DataConfig:
 
     def check(self) -> None:
         _require(self.limit is None or self.limit >= 1, "data.limit", self.limit, "an integer >= 1 or null")
-        _require(bool(self.classes) and all(self.classes), "data.classes", self.classes, "a list of class folder names")
+        _require(bool(self.classes), "data.classes", self.classes, "a list of class folder names")
+        bad = next((name for name in self.classes if not plain_folder_name(name)), None)
+        _require(bad is None, "data.classes", self.classes, f"class folder names ({FOLDER_NAME_RULE}): {_short(bad)} is not one")
         _require(len(set(self.classes)) == len(self.classes), "data.classes", self.classes, "each class once")
         _require(self.classes == ["all"] or "all" not in self.classes, "data.classes", self.classes,
                  "[all] alone, or class folder names")
@@ -110,6 +117,14 @@ class ModelConfig:
     def from_dict(cls, data: dict) -> "ModelConfig":
         """A model section as a checkpoint or export recorded it; keys that have since moved out are ignored."""
         return cls(**{k: v for k, v in data.items() if f"model.{k}" not in LEGACY_KEYS})
+
+    @classmethod
+    def from_record(cls, data: dict, source: Any) -> "ModelConfig":
+        """The model section recorded in ``source`` (a checkpoint.json, an export.json): keys that have since moved out
+        are dropped, keys this version does not know (a newer one wrote them) are ignored with a ConfigWarning."""
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if f"model.{k}" not in LEGACY_KEYS}
+        return _from_record(cls, data, "model.", source)
 
     @classmethod
     def architecture_keys(cls) -> list[str]:
@@ -203,6 +218,7 @@ class TrainConfig:
         _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "train.ema_decay", self.ema_decay, "a number in (0, 1) or null")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _require(self.collective_timeout_s >= 1, "train.collective_timeout_s", self.collective_timeout_s, "an integer >= 1")
+        _require(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"an integer in 0..{MAX_SEED}")
 
 
 @dataclass(frozen=True)
@@ -349,8 +365,6 @@ class ConfigWarning(UserWarning):
 
 def _legacy(old: str, value: Any) -> Optional[tuple[str, Any]]:
     """Where a moved key's value goes now (with a warning), or None for a removed key."""
-    import warnings
-
     new = LEGACY_KEYS[old]
     if new is None:
         warnings.warn(f"config key {old} was removed (it changed nothing but speed); ignoring it", ConfigWarning, 3)
@@ -371,23 +385,111 @@ def _move_legacy_keys(data: dict) -> None:
             data.setdefault(new_section, {}).setdefault(new_key, moved[1])
 
 
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to 80 characters, for error messages."""
+    return _clip(repr(value))
+
+
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: expected {expected}")
+        raise ConfigError(f"{key}={_short(value)} is not allowed: expected {expected}")
+
+
+def plain_folder_name(name: object) -> bool:
+    """Whether ``name`` can only name one folder inside another (a class folder's name): FOLDER_NAME_RULE."""
+    return isinstance(name, str) and name != "" and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+def check_class_name(name: object, what: str, error: type[MednistGanError] = ConfigError) -> None:
+    """Raise ``error`` (``<what>: class name '...' is not allowed: expected a plain folder name ...``) unless
+    ``name`` is a plain folder name."""
+    if not plain_folder_name(name):
+        raise error(f"{what}: class name {_short(name)} is not allowed: expected a plain folder name ({FOLDER_NAME_RULE})")
 
 
 # ----------------------------------------------------------------------------- loading
 
+class _Refused(yaml.MarkedYAMLError):
+    """Well-formed YAML that StrictLoader will not load."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, a node that contains itself, and documents
+    that stand for more than MAX_YAML_VALUES values once their aliases are expanded (a "billion laughs")."""
+
+    def get_single_node(self) -> Optional[yaml.Node]:
+        node = super().get_single_node()
+        if node is not None:
+            _count_values(node, {}, set())
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then keys of its own may override base's
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise _Refused(problem=f"key {_short(key)} appears twice in one mapping",
+                                   problem_mark=key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class refuses it
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def _count_values(node: yaml.Node, counted: dict[int, int], open_: set[int]) -> int:
+    """The values ``node`` stands for, each use of an alias counted again; a refusal past MAX_YAML_VALUES."""
+    if id(node) in counted:
+        return counted[id(node)]
+    if id(node) in open_:
+        raise _Refused(problem="an alias refers to a node that contains it", problem_mark=node.start_mark)
+    open_.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else ()
+    total = 1
+    for child in children:
+        total += _count_values(child, counted, open_)
+        if total > MAX_YAML_VALUES:
+            raise _Refused(problem=f"more than {MAX_YAML_VALUES} values once aliases are expanded",
+                           problem_mark=node.start_mark)
+    open_.discard(id(node))
+    counted[id(node)] = total
+    return total
+
+
 def read_yaml(path: Path, what: str = "config file") -> Any:
-    """A YAML file's content ({} when empty); a syntax error is a one-line ConfigError naming ``what``, the
-    file and the line."""
+    """A YAML file's content ({} when empty), read with StrictLoader. A file that cannot be read, is larger than
+    MAX_YAML_BYTES, is not UTF-8 or is not acceptable YAML is a one-line ConfigError naming ``what``, the file
+    and where possible the line."""
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} {path}: larger than {MAX_YAML_BYTES >> 20} MiB, the most a YAML file may hold")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{what} {path} line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                          "save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=StrictLoader) or {}
+    except RecursionError:
+        raise ConfigError(f"{what} {path}: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{what} {path}{where}: YAML syntax error: {problem}") from None
+        problem = _clip(getattr(exc, "problem", None) or str(exc).splitlines()[0], 200)
+        kind = "" if isinstance(exc, _Refused) else "YAML syntax error: "
+        raise ConfigError(f"{what} {path}{where}: {kind}{problem}") from None
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -403,6 +505,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: base: expected a path (a string), got {_short(base)}")
     return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
 
 
@@ -424,12 +528,14 @@ _YAML_BOOL_WORDS = {"yes": True, "no": False, "on": True, "off": False, "y": Tru
 def _parse_override(arg: str) -> tuple[list[str], Any]:
     key, sep, raw = arg.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {arg!r} is not of the form key=value (e.g. train.epochs=5)")
+        raise ConfigError(f"override {_short(arg)} is not of the form key=value (e.g. train.epochs=5)")
     if raw.lower() in _YAML_BOOL_WORDS:
         return key.split("."), raw
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=StrictLoader) if raw != "" else ""
+    except _Refused as exc:
+        raise ConfigError(f"override {_short(arg)}: {exc.problem}") from None
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
 
@@ -447,18 +553,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) and "no" in allowed:  # `precision: no` in a YAML file reads as False
             value = {False: "no", True: "yes"}[value]
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed: expected one of {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{key}={_short(value)} is not allowed: expected one of {', '.join(map(str, allowed))}")
         return value
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r} has the wrong type: expected a mapping of {key_tp.__name__} to "
+            raise ConfigError(f"{key}={_short(value)} has the wrong type: expected a mapping of {key_tp.__name__} to "
                               f"{value_tp.__name__}")
-        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{_clip(str(k))}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} has the wrong type: expected a list of {item_tp.__name__}")
+            raise ConfigError(f"{key}={_short(value)} has the wrong type: expected a list of {item_tp.__name__}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -481,25 +587,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
     if value is None:
         raise ConfigError(f"{key}=null is not allowed: expected {tp.__name__}")
-    raise ConfigError(f"{key}={value!r} has the wrong type: expected {tp.__name__}")
+    raise ConfigError(f"{key}={_short(value)} has the wrong type: expected {tp.__name__}")
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def _build(cls: type, data: dict, prefix: str, unknown: Optional[list[str]] = None) -> Any:
+    """``cls`` from a mapping of its keys; an unknown key is an error, or (a record) appended to ``unknown``."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        full = f"{prefix}{key}"
+        full = f"{prefix}{_clip(str(key))}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            if unknown is not None:
+                unknown.append(full)
+                continue
+            close = difflib.get_close_matches(str(key), names, n=1)
             valid = [f"{prefix}{n}" for n in names]
             hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(valid)}"
             raise ConfigError(f"unknown config key {full!r}: {hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"{full} must be a section (a mapping of keys), got {value!r}")
-            kwargs[key] = _build(tp, value, f"{full}.")
+                raise ConfigError(f"{full} must be a section (a mapping of keys), got {_short(value)}")
+            kwargs[key] = _build(tp, value, f"{full}.", unknown)
         else:
             kwargs[key] = _coerce(value, tp, full)
     return cls(**kwargs)
@@ -529,7 +639,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         for k in keys[:-1]:
             child = node.setdefault(k, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {arg!r}: {k} is a value, not a section")
+                raise ConfigError(f"override {_short(arg)}: {_clip(k)} is a value, not a section")
             node = child
         node[keys[-1]] = value
     cfg = _build(Config, data, "")
@@ -538,6 +648,32 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if len(names) > 1:  # the generator learns these classes, in this order: its labels are their indices
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, classes=names))
         cfg.model.check()
+    return cfg
+
+
+def config_from_record(data: dict, source: Any) -> Config:
+    """The whole config recorded in ``source`` (a checkpoint.json, an export.json), as recorded: not checked
+    again. Keys of earlier versions go to their new place; keys this version does not know (a newer one wrote
+    them) are ignored with a ConfigWarning."""
+    if isinstance(data, dict):
+        data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+        with warnings.catch_warnings():  # nobody can rename a key in a record
+            warnings.simplefilter("ignore", ConfigWarning)
+            _move_legacy_keys(data)
+    return _from_record(Config, data, "", source)
+
+
+def _from_record(cls: type, data: Any, prefix: str, source: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the recorded {prefix.rstrip('.') or 'config'} is not a mapping of keys")
+    unknown: list[str] = []
+    try:
+        cfg = _build(cls, data, prefix, unknown)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: recorded {exc}") from None
+    if unknown:  # stacklevel 1: the same record read twice in a process warns once
+        warnings.warn(f"{source}: ignoring config keys this version does not know (a newer version wrote them): "
+                      f"{_clip(', '.join(unknown), 200)}", ConfigWarning)
     return cfg
 
 
