@@ -21,7 +21,7 @@ from .config import Config
 from .data import scale_intensity
 from .errors import first_line
 from .export import export_generator
-from .files import BEST_DIR, PROVENANCE_FILE
+from .files import BEST_DIR, PROVENANCE_FILE, recover_folder
 from .networks import generator_copy
 
 LATENT_SEED_OFFSET = 2_000_003
@@ -99,8 +99,10 @@ def read_best_score(best_dir: Path, key: str, log: logging.Logger) -> float:
     """The score ``key`` (e.g. ``eval/fd_ssl``) of the generator kept in ``best_dir`` by an earlier (resumed) run;
     inf when there is none, or when its record predates that score (the next evaluation then starts a new best).
 
-    A ``best_dir`` whose record cannot be read is moved aside (``damaged-best``), never overwritten.
+    A ``best_dir`` whose record cannot be read is moved aside (``damaged-best``), never overwritten; one that a
+    killed export had renamed aside is first put back.
     """
+    recover_folder(best_dir)
     if not best_dir.exists():
         return math.inf
     try:

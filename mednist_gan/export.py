@@ -8,23 +8,23 @@ its model config; the discriminator and optimizer state never leave the checkpoi
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Callable, Optional, Union
 
 import torch
 
 from . import __version__
-from .checkpoint import EMA_FILE, read_meta, resolve
+from .checkpoint import EMA_FILE, META, read_meta, resolve
 from .config import ModelConfig
 from .errors import CheckpointError, first_line, output_error
-from .files import PROVENANCE_FILE, sha256_file
+from .files import (PROVENANCE_FILE, check_replaceable, fsync_tree, recover_folder, replace_folder, sha256_file,
+                    staging_folder)
 from .networks import build_generator
 
 MODEL_FILE = "model.pt"
@@ -49,7 +49,7 @@ def load_checkpoint_generator(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
 
     checkpoint = resolve(checkpoint)  # verified: each file as it was written
     meta = read_meta(checkpoint)
-    model_cfg = ModelConfig.from_dict(meta["config"]["model"])
+    model_cfg = ModelConfig.from_record(meta["config"]["model"], checkpoint / META)
     weights = checkpoint / EMA_FILE
     if not weights.is_file():
         weights = checkpoint / "model.safetensors"  # Accelerate saves prepared models in order: G first
@@ -102,7 +102,7 @@ def _model_config_beside(path: Path) -> ModelConfig:
     if not provenance.exists():
         return ModelConfig()  # the seed bundle's architecture
     try:
-        return ModelConfig.from_dict(json.loads(provenance.read_text())["config"]["model"])
+        return ModelConfig.from_record(json.loads(provenance.read_text())["config"]["model"], provenance)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{provenance}: unreadable export provenance, needed for the architecture of {path.name} "
                               f"({type(exc).__name__}: {first_line(exc, 120)})") from None
@@ -151,16 +151,15 @@ def _example_inputs(generator: torch.nn.Module, latent_size: int) -> tuple[tuple
     return (torch.randn(2, latent_size),), ({0: batch},)
 
 
-def write_torchscript(generator: torch.nn.Module, path: Path) -> None:
-    scripted = torch.jit.script(_inference_module(generator))
-    scripted.save(str(path))
+def write_torchscript(generator: torch.nn.Module, f: Union[Path, BinaryIO]) -> None:
+    torch.jit.save(torch.jit.script(_inference_module(generator)), f if isinstance(f, io.IOBase) else str(f))
 
 
-def write_exported_program(generator: torch.nn.Module, path: Path, latent_size: int) -> None:
+def write_exported_program(generator: torch.nn.Module, f: Union[Path, BinaryIO], latent_size: int) -> None:
     """``torch.export`` program, any batch size: ``torch.export.load(path).module()(latents[, labels])`` needs torch alone."""
     example, dynamic = _example_inputs(generator, latent_size)
     program = torch.export.export(_inference_module(generator), example, dynamic_shapes=dynamic, strict=False)
-    torch.export.save(program, str(path))
+    torch.export.save(program, f if isinstance(f, io.IOBase) else str(f))
 
 
 def write_onnx(generator: torch.nn.Module, path: Path, latent_size: int) -> None:
@@ -331,22 +330,37 @@ def _version(module: str) -> str:
         return "unknown"
 
 
+# Every name an export folder holds: replacing an earlier export never deletes anything else.
+EXPORT_NAMES = (MODEL_FILE, EXPORTED_PROGRAM_FILE, TORCHSCRIPT_FILE, ONNX_FILE, BUNDLE_DIR, PROVENANCE_FILE)
+
+
+def _write_serialized(path: Path, save: Callable[[io.BytesIO], None]) -> None:
+    """Serialize into memory, then write the bytes with Python's file I/O: torch's own C++ writers abort the
+    process on a full disk, Python raises an OSError that becomes one line."""
+    buffer = io.BytesIO()
+    save(buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
 def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir: Path, provenance: dict,
-                     onnx: bool = False) -> Path:
-    """Write all exports into ``out_dir`` atomically: a failed export leaves an earlier one untouched."""
+                     onnx: bool = False, what: str = "export folder") -> Path:
+    """Write all exports into ``out_dir`` atomically: a failed or killed export leaves an earlier one in place.
+
+    ``out_dir`` must be missing, empty or an earlier export (``what`` names it in the error otherwise).
+    """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"--out {out_dir}: exists and is not a folder")
+    check_replaceable(out_dir, what, EXPORT_NAMES, "export")
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        recover_folder(out_dir)
+        staging = staging_folder(out_dir)
     except OSError as exc:
-        raise output_error("export folder", out_dir, exc) from None
+        raise output_error(what, out_dir, exc) from None
     generator = generator.to("cpu").eval()
     try:
-        torch.save(generator_state_dict(generator), staging / MODEL_FILE)
-        write_torchscript(generator, staging / TORCHSCRIPT_FILE)
-        write_exported_program(generator, staging / EXPORTED_PROGRAM_FILE, model_cfg.latent_size)
+        _write_serialized(staging / MODEL_FILE, lambda f: torch.save(generator_state_dict(generator), f))
+        _write_serialized(staging / TORCHSCRIPT_FILE, lambda f: write_torchscript(generator, f))
+        _write_serialized(staging / EXPORTED_PROGRAM_FILE,
+                          lambda f: write_exported_program(generator, f, model_cfg.latent_size))
         files = [MODEL_FILE, EXPORTED_PROGRAM_FILE, TORCHSCRIPT_FILE]
         if onnx:
             write_onnx(generator, staging / ONNX_FILE, model_cfg.latent_size)
@@ -366,27 +380,24 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
             record["classes"] = list(model_cfg.classes)
             record["inputs"] = "latents (N, latent_size) float32, labels (N,) int64: indices into classes"
         (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, default=str))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-            os.rename(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out_dir)
+        fsync_tree(staging)
+        replace_folder(staging, out_dir)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        recover_folder(out_dir)  # interrupted between the renames: the earlier export goes back in place
         if isinstance(exc, OSError):  # e.g. a full disk; an earlier export in out_dir is untouched
-            raise output_error("export folder", out_dir, exc) from None
+            raise output_error(what, out_dir, exc) from None
         raise
     return out_dir
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, onnx: bool = False) -> Path:
     """``mednist-gan export``: the generator of a training checkpoint, with its provenance."""
+    check_replaceable(Path(out_dir), "--out", EXPORT_NAMES, "export")  # before the checkpoint is read
     checkpoint = resolve(checkpoint)  # the provenance names the checkpoint folder itself
     generator, meta = load_checkpoint_generator(checkpoint)
-    return export_generator(generator, ModelConfig.from_dict(meta["config"]["model"]), out_dir,
-                            checkpoint_provenance(checkpoint, meta), onnx=onnx)
+    return export_generator(generator, ModelConfig.from_record(meta["config"]["model"], checkpoint / META), out_dir,
+                            checkpoint_provenance(checkpoint, meta), onnx=onnx, what="--out")
 
 
 def checkpoint_provenance(checkpoint: Path, meta: dict) -> dict:

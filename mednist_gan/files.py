@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
+import socket
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterable, Union
 
-from .errors import output_error
+from .errors import OutputError, output_error
 
 # What a run directory holds (README "What a run leaves on disk").
 CONFIG_FILE = "config.yaml"  # the resolved config, written before training starts
@@ -69,3 +72,88 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _left_by_a_dead_process(tag: str) -> bool:
+    """Whether ``host-pid`` names a process of this host that is gone (or this very process, which has not
+    started writing yet). A process on another host cannot be checked: its leftovers are left alone."""
+    host, _, pid = tag.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by someone else
+        return False
+    return False
+
+
+def staging_folder(target: Path) -> Path:
+    """An empty folder beside ``target`` to write its new contents into before ``replace_folder``."""
+    staging = target.with_name(f".{target.name}.tmp-{_owner_tag()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put the complete folder ``staging`` in ``target``'s place.
+
+    The old ``target`` is renamed aside, the new one renamed in, then the old one removed: a process killed
+    between any two of these steps leaves either folder under a name that ``recover_folder`` puts right.
+    """
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{_owner_tag()}")
+        os.rename(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, target)
+
+
+def recover_folder(target: Path) -> None:
+    """Put right what a killed ``replace_folder`` left beside ``target``: the old folder back in place if the new
+    one never arrived, else removed; a half-written staging folder removed. Folders of live processes are kept."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(.+)$")
+    try:
+        siblings = sorted(target.parent.iterdir()) if target.parent.is_dir() else []
+    except OSError:
+        return
+    for sibling in siblings:
+        match = pattern.match(sibling.name)
+        if not match or not _left_by_a_dead_process(match.group(2)):
+            continue
+        if match.group(1) == "old" and not target.exists():
+            os.rename(sibling, target)
+        else:
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def check_replaceable(target: Path, what: str, own_names: Iterable[str], kind: str) -> None:
+    """A command replaces ``target`` only if it is missing, empty, or holds nothing but names of its own output:
+    anything else is a one-line error naming the first foreign entry, before any work."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise OutputError(f"{what} {target}: exists and is not a folder")
+    own = set(own_names)
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in own)
+    if foreign:
+        raise OutputError(f"{what} {target}: exists and is not an earlier {kind} (it holds {foreign[0]!r}); "
+                          f"choose a new or empty folder, nothing was written")
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` to disk (before a rename publishes the folder)."""
+    for child in Path(path).rglob("*"):
+        if child.is_file():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
