@@ -2,6 +2,11 @@
 
 Images keep MONAI's tensor orientation (``LoadImage`` with the PIL reader returns the transpose of the
 JPEG's rows/columns), so weights stay interchangeable with the seed bundle.
+
+Every image becomes 8-bit grey before MONAI sees it: 16-bit grey as v16 / 257 rounded (a picture saved as
+8-bit and as 16-bit with v * 257 decodes to the same pixels), 1-bit as 0/255, a palette image through its
+palette when all its colours are grey. Colour (RGB, a palette with colours) and transparency (LA, RGBA, PA)
+are refused, naming the file and the mode.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_ROOT = Path(__file__).parent / "sample_data"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-_CACHE_VERSION = "v1"
+_CACHE_VERSION = "v2"  # part of the cache key: change it whenever decoding changes
 
 # The bundle's augmentation: RandRotated(range_x=pi/12, p=0.5), RandFlipd(spatial_axis=0, p=0.5),
 # RandZoomd(min_zoom=0.9, max_zoom=1.1, p=0.5), applied in that order.
@@ -85,16 +90,39 @@ def list_images(folder: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- decoding and caching
 
+class _NotGrey(Exception):
+    """An image mode that is not a single grey channel (the message says which)."""
+
+
+def _to_grey(image):
+    """A PIL image as 8-bit grey (mode L), or ``_NotGrey``."""
+    from PIL import Image
+
+    if image.mode in ("L", "1"):
+        return image.convert("L")
+    if image.mode.startswith("I"):  # 16-bit grey PNG: I;16, I;16B, or I in older Pillow
+        return Image.fromarray(np.clip(np.rint(np.asarray(image) / 257), 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        rgb = np.asarray(image.convert("RGB"))
+        if (rgb == rgb[..., :1]).all():
+            return image.convert("L")
+        raise _NotGrey("mode P with colours in its palette")
+    raise _NotGrey(f"mode {image.mode}")
+
+
 def _decode(path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
-    """One image as MONAI reads it: LoadImage (PIL reader) then channel first; uint8 (1, H, W)."""
+    """One image as MONAI reads it: LoadImage (PIL reader, made grey by ``_to_grey``) then channel first;
+    uint8 (1, H, W)."""
+    from monai.data import PILReader
     from monai.transforms import EnsureChannelFirst, LoadImage
 
-    try:
-        image = LoadImage(reader="PILReader", image_only=True)(str(path))
+    reader = PILReader(converter=_to_grey)
+    try:  # passed at call time, the reader's own errors (_NotGrey) reach us unwrapped
+        image = LoadImage(reader=reader, image_only=True)(str(path), reader=reader)
+    except _NotGrey as exc:
+        raise DataError(f"{path}: expected a single-channel (grayscale) image, got {exc}") from None
     except Exception as exc:
         raise DataError(f"{path}: cannot be read as an image ({type(exc).__name__})") from None
-    if image.ndim != 2:
-        raise DataError(f"{path}: expected a single-channel (grayscale) image, got shape {tuple(image.shape)}")
     if tuple(image.shape) != expected_hw:
         raise DataError(f"{path}: expected a {expected_hw[0]}x{expected_hw[1]} image, got {image.shape[0]}x{image.shape[1]}")
     array = EnsureChannelFirst(channel_dim="no_channel")(image).numpy()
@@ -105,7 +133,7 @@ def _cache_key(files: list[Path], expected_hw: tuple[int, int], bad_files: str) 
     h = hashlib.sha256(f"{_CACHE_VERSION}:{expected_hw}:{bad_files}".encode())
     for p in files:
         st = p.stat()
-        h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(p.resolve()) + f":{st.st_size}:{st.st_mtime_ns}\n".encode())  # any name the OS allows
     return h.hexdigest()[:24]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import math
+import os
 import shutil
 import tarfile
 import threading
@@ -16,6 +17,7 @@ import pytest
 import torch
 from monai.transforms import EnsureChannelFirst, Flip, LoadImage, RandFlip, RandRotate, RandZoom, Rotate, ScaleIntensity, Zoom
 
+import mednist_gan.data
 from mednist_gan.config import DataConfig
 from mednist_gan.data import (AugmentParams, EpochShuffleSampler, apply_augment, flip, image_folder, list_images,
                               load_dataset, load_images, rotate, sample_augment_params, scale_intensity, zoom)
@@ -176,6 +178,76 @@ def test_image_cache_is_reused_and_invalidated(tmp_path, mednist_root):
     shutil.copy(mednist_root / "Hand" / "009999.jpeg", folder / "zzz.jpeg")
     assert len(load_images(list_images(folder), cache_dir=str(cache))) == 11
     assert len(list(cache.glob("images-*.pt"))) == 2
+
+
+def test_non_utf8_file_names_load_and_use_the_cache(tmp_path, mednist_root, monkeypatch):
+    folder = tmp_path / "Hand"
+    folder.mkdir()
+    sources = list_images(mednist_root / "Hand")[:3]
+    for f in sources[:2]:
+        shutil.copy(f, folder / f.name)
+    try:
+        with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpeg"), "wb") as out:
+            out.write(sources[2].read_bytes())
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    cfg = DataConfig(root=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    first = load_dataset(cfg, [1, 64, 64])
+    assert first.shape == (3, 1, 64, 64) and len(list((tmp_path / "cache").glob("images-*.pt"))) == 1
+    monkeypatch.setattr(mednist_gan.data, "_decode", lambda *args: pytest.fail("decoded again: cache not used"))
+    assert torch.equal(load_dataset(cfg, [1, 64, 64]), first)
+
+
+def _save_as(folder: Path, picture: np.ndarray) -> None:
+    """The same 8-bit picture as 8-bit, 16-bit and palette PNGs (named so they sort in that order)."""
+    from PIL import Image
+
+    Image.fromarray(picture).save(folder / "a-8bit.png")
+    Image.fromarray(picture.astype(np.uint16) * 257).save(folder / "b-16bit.png")
+    # 16-bit values less than half an 8-bit grey level away from v * 257 still decode to v.
+    off = np.random.default_rng(0).integers(-128, 129, picture.shape)
+    Image.fromarray(np.clip(picture.astype(np.int64) * 257 + off, 0, 65535).astype(np.uint16)).save(folder / "c-16bit.png")
+    # Palette index 255 - v holds grey v: decoding the indices themselves would give the negative.
+    palette = Image.new("P", picture.shape[::-1])
+    palette.putdata((255 - picture).flatten().tolist())
+    palette.putpalette([255 - i for i in range(256) for _ in range(3)])
+    palette.save(folder / "d-palette.png")
+
+
+def test_16_bit_and_palette_pngs_train_like_the_8_bit_picture(tmp_path, mednist_root):
+    from PIL import Image
+
+    folder = tmp_path / "Hand"
+    folder.mkdir()
+    picture = np.array(Image.open(mednist_root / "Hand" / "000000.jpeg"))
+    _save_as(folder, picture)
+    assert [Image.open(f).mode for f in list_images(folder)] == ["L", "I;16", "I;16", "P"]
+    images = load_dataset(DataConfig(root=str(tmp_path), cache_dir=None), [1, 64, 64])
+    assert images.shape == (4, 1, 64, 64) and torch.equal(images[0, 0], torch.from_numpy(picture.T))
+    for i in range(1, 4):
+        assert torch.equal(images[i], images[0]), list_images(folder)[i].name
+    training = scale_intensity(images)  # what the trainer feeds the networks
+    assert float((training - training[:1]).abs().max()) <= 1 / 255
+
+
+def _coloured_palette(picture):
+    palette = picture.convert("P")
+    palette.putpalette([c for i in range(256) for c in (i, i, 0 if i % 2 else i)])  # odd greys turned yellow
+    return palette
+
+
+@pytest.mark.parametrize("name, make, mode", [
+    ("la.png", lambda picture: picture.convert("LA"), "mode LA"),
+    ("rgba.png", lambda picture: picture.convert("RGBA"), "mode RGBA"),
+    ("rgb.png", lambda picture: picture.convert("RGB"), "mode RGB"),
+    ("colours.png", _coloured_palette, "mode P with colours in its palette"),
+], ids=["LA", "RGBA", "RGB", "colour-palette"])
+def test_images_that_are_not_grey_are_refused_naming_the_mode(tmp_path, mednist_root, name, make, mode):
+    from PIL import Image
+
+    make(Image.open(mednist_root / "Hand" / "000000.jpeg")).save(tmp_path / name)
+    with pytest.raises(DataError, match=rf"{name}: expected a single-channel \(grayscale\) image, got {mode}$"):
+        load_images([tmp_path / name])
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
