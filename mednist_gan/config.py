@@ -114,11 +114,6 @@ class ModelConfig:
                            architecture=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        """A model section as a checkpoint or export recorded it; keys that have since moved out are ignored."""
-        return cls(**{k: v for k, v in data.items() if f"model.{k}" not in LEGACY_KEYS})
-
-    @classmethod
     def from_record(cls, data: dict, source: Any) -> "ModelConfig":
         """The model section recorded in ``source`` (a checkpoint.json, an export.json): keys that have since moved out
         are dropped, keys this version does not know (a newer one wrote them) are ignored with a ConfigWarning."""
@@ -348,7 +343,7 @@ class Config:
 
 
 # Keys that moved (new place) or were removed (None). Config files and overrides that use them still load,
-# with a warning; checkpoints that recorded them still resume and export (``ModelConfig.from_dict``).
+# with a warning; checkpoints that recorded them still resume and export (``ModelConfig.from_record``).
 LEGACY_KEYS: dict[str, Optional[str]] = {
     "model.cpu_mask_dropout": "runtime.cpu_mask_dropout",
     "model.cpu_phase_split": None,  # gained under 3% end to end (docs/benchmarks.md)

@@ -12,6 +12,10 @@ signal stays claimed by its worker, which resumes it from its checkpoint when it
 SLURM job); a trial whose worker is gone for good is taken over by another worker once no new trials are
 left. Live workers and trials hold locks in ``<sweep_dir>/locks`` (fcntl, which shared file systems with
 locking honour across nodes); that is how a worker tells a stopped trial from a running one.
+
+Every line of a journal must be one complete record: a cut last line (a writer killed mid-write, a full disk) is
+moved aside to ``optuna.journal.damaged-<time>`` before anything is appended, with a warning; any other line
+that is not a record stops workers and ``sweep-report`` in one line naming it, the journal unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fcntl
+import itertools
+import json
 import math
 import os
 import re
@@ -28,6 +34,7 @@ import subprocess
 import sys
 import time
 import typing
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,10 +43,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 
-from .config import Config, load_config, read_yaml
+from .config import Config, ConfigWarning, load_config, read_yaml
 from .errors import ConfigError, MednistGanError, TrainingError, first_line
 from .files import ensure_writable_folder, write_atomic
-from .runcontrol import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, CatchStopSignals
+from .runcontrol import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, CatchStopSignals, write_failure
 
 SPEC_KEYS = ("name", "base", "overrides", "sweep_dir", "storage", "trials", "budget", "objective", "sampler",
              "pruner", "enqueue", "params")
@@ -370,6 +377,136 @@ def _numeric(tp: Any) -> Optional[type]:
     return tp if tp in (int, float) else None
 
 
+# ----------------------------------------------------------------------------- the journal file
+
+class JournalError(MednistGanError):
+    """A line of the sweep's journal is not a record (nothing is changed)."""
+
+
+@contextmanager
+def _holding(lock) -> Iterator[None]:
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _file_lock(path: Path):
+    """``<path>.lock``, created with open(O_EXCL), which works on NFS where workers on several nodes share the file."""
+    from optuna.storages.journal import JournalFileOpenLock
+
+    return JournalFileOpenLock(str(path))
+
+
+def _write_error(path: Path, exc: OSError) -> TrainingError:
+    return TrainingError(f"sweep journal {path}: cannot be written ({write_failure(exc, path.parent)}); its complete "
+                         "records are intact: start the worker again once it can be written")
+
+
+def _bad_line(data: bytes) -> Optional[tuple[int, Optional[str]]]:
+    """The first line of a journal that is not a record, and why (None: the last line, cut short); None if all are."""
+    *lines, rest = data.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError:
+            return number, "not UTF-8 text"
+        except json.JSONDecodeError as exc:
+            return number, f"not JSON: {exc.msg}: column {exc.colno}"
+        if not isinstance(record, dict) or "op_code" not in record:
+            return number, "JSON, but not an Optuna operation"
+    return (len(lines) + 1, None) if rest else None
+
+
+def check_journal(path: Path, repair: bool) -> None:
+    """Every line of a journal must be a complete JSON record, ending in a newline.
+
+    A cut last line (a writer killed mid-write, a full disk) is not one: a worker (``repair``) moves it aside, under
+    the journal's lock; a reader reads the records before it. Any other line that is not a record is an error.
+    """
+    try:
+        bad = _bad_line(path.read_bytes()) if path.is_file() else None
+    except OSError as exc:
+        raise ConfigError(f"sweep journal {path}: cannot be read ({exc.strerror or exc})") from None
+    if bad is None:
+        return
+    number, why = bad
+    if why is not None:
+        raise JournalError(f"sweep journal {path} line {number}: not a journal record ({why}); nothing was changed: "
+                           "restore the journal from a copy, or mend or remove that line by hand")
+    if not repair:
+        warnings.warn(f"sweep journal {path}: line {number} is incomplete (a write in progress, or a writer killed "
+                      f"mid-write): reading the {number - 1} complete records before it", ConfigWarning)
+        return
+    try:
+        with _holding(_file_lock(path)):
+            _move_cut_line_aside(path)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+
+
+def _move_cut_line_aside(path: Path) -> None:
+    """With the journal's lock held: a last line without its newline goes to a file beside the journal."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0 or os.pread(f.fileno(), 1, size - 1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+    start = data.rfind(b"\n") + 1
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        saved = path.with_name(f"{path.name}.damaged-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            with open(saved, "xb") as f:
+                f.write(data[start:])
+                f.flush()
+                os.fsync(f.fileno())
+            break
+        except FileExistsError:
+            continue
+        except OSError:
+            saved.unlink(missing_ok=True)
+            raise
+    with open(path, "rb+") as f:
+        f.truncate(start)
+        os.fsync(f.fileno())
+    line = data.count(b"\n") + 1
+    warnings.warn(f"sweep journal {path}: line {line} was cut short (a writer killed mid-write, or a full disk): "
+                  f"moved it to {saved.name}; the {line - 1} records before it are intact", ConfigWarning)
+
+
+class _Journal:
+    """Optuna's journal file backend, but no record is ever appended to a cut last line, and a failed write (a full
+    disk) is one line naming the journal."""
+
+    def __init__(self, path: Path):
+        from optuna.storages.journal import JournalFileBackend
+
+        self.path, self.lock = path, _file_lock(path)
+        self.backend = JournalFileBackend(str(path), lock_obj=self.lock)
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict]:
+        try:
+            yield from self.backend.read_logs(log_number_from)
+        except ValueError:  # a line that is not a record, followed by others
+            check_journal(self.path, repair=False)  # names it
+            raise
+
+    def append_logs(self, logs: list[dict]) -> None:
+        data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
+        try:
+            with _holding(self.lock):
+                _move_cut_line_aside(self.path)
+                with open(self.path, "ab") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
+
+
 # ----------------------------------------------------------------------------- the study
 
 def _optuna():
@@ -379,8 +516,11 @@ def _optuna():
     return optuna
 
 
-def make_storage(url_or_path: str):
-    """A database URL (``sqlite:///...``, ``postgresql://...``) or a journal file that needs no server."""
+def make_storage(url_or_path: str, writer: bool = True):
+    """A database URL (``sqlite:///...``, ``postgresql://...``) or a journal file that needs no server.
+
+    A journal is checked first (``check_journal``); a reader (``writer=False``) neither creates nor changes it.
+    """
     optuna = _optuna()
     if "://" in url_or_path:
         try:
@@ -388,12 +528,16 @@ def make_storage(url_or_path: str):
         except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server
             raise ConfigError(f"storage {url_or_path}: cannot be opened ({type(exc).__name__}: "
                               f"{first_line(exc, 160)})") from None
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+    from optuna.storages.journal import JournalStorage
 
     path = Path(url_or_path)
-    ensure_writable_folder(path.parent, "storage")
-    # The open(O_EXCL) lock works on NFS, where several nodes append to one journal.
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    if writer:
+        ensure_writable_folder(path.parent, "storage")
+    elif not path.is_file():
+        raise ConfigError(f"sweep journal {path} does not exist: the sweep has not started (run mednist-gan sweep "
+                          "first)")
+    check_journal(path, repair=writer)
+    return JournalStorage(_Journal(path))
 
 
 def make_sampler(spec: SweepSpec, salt: str = ""):
@@ -426,14 +570,8 @@ def make_pruner(spec: SweepSpec):
 @contextmanager
 def _sweep_lock(spec: SweepSpec) -> Iterator[None]:
     """One worker at a time creates the study and claims trials (a lock file that works on NFS too)."""
-    from optuna.storages.journal import JournalFileOpenLock
-
-    lock = JournalFileOpenLock(str(spec.sweep_dir / "claim"))
-    lock.acquire()
-    try:
+    with _holding(_file_lock(spec.sweep_dir / "claim")):
         yield
-    finally:
-        lock.release()
 
 
 def open_study(spec: SweepSpec, create: bool, salt: str = ""):
@@ -500,8 +638,11 @@ class _Lock:
         except OSError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+        try:  # who holds it, for messages only: a full disk does not stop the worker here
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+        except OSError:
+            pass
         self.fd = fd
         return True
 
@@ -639,8 +780,6 @@ def run_worker(spec: SweepSpec, parallel: int = 1, worker: Optional[str] = None,
         if explicit:
             raise ConfigError(f"worker id {worker} is in use by a live process ({lock.holder()}): give another "
                               "--worker-id")
-    study = open_study(spec, create=True, salt=worker)  # claims trials
-    teller = open_study(spec, create=False)  # tells Optuna of trials whose process died
     env = dict(os.environ)
     if parallel > 1 and "OMP_NUM_THREADS" not in env:  # trials side by side share this task's cores
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // parallel))
@@ -652,6 +791,8 @@ def run_worker(spec: SweepSpec, parallel: int = 1, worker: Optional[str] = None,
     no_more: Optional[str] = None  # why this worker starts no more trials
     preempted = bad_input = False
     try:
+        study = open_study(spec, create=True, salt=worker)  # claims trials
+        teller = open_study(spec, create=False)  # tells Optuna of trials whose process died
         with _Stop(children) as stop:
             while True:
                 while stop.signal_name is None and no_more is None and len(children) < parallel:

@@ -27,7 +27,10 @@ _STATE_ORDER = {"complete": 0, "pruned": 1, "running": 2, "waiting": 3, "fail": 
 
 
 def load_report_study(source: Path, overrides: Sequence[str] = (), sweep_dir: Optional[Path] = None):
-    """The study of a search-space file, or of a sweep folder with a journal; with its record and folder."""
+    """The study of a search-space file, or of a sweep folder with a journal; with its record and folder.
+
+    Read-only: a journal is neither created nor changed (a cut last line is left to the next worker).
+    """
     optuna = _optuna()
     source = Path(source)
     if source.is_dir():
@@ -35,14 +38,14 @@ def load_report_study(source: Path, overrides: Sequence[str] = (), sweep_dir: Op
         if not journal.is_file():
             raise ConfigError(f"{source}: no {JOURNAL_FILE} in this folder: give the sweep's file instead "
                               "(a sweep with a database storage has no journal)")
-        storage, folder = make_storage(str(journal)), source
+        storage, folder = make_storage(str(journal), writer=False), source
         names = optuna.get_all_study_names(storage)
         if len(names) != 1:
             raise ConfigError(f"{journal}: holds {len(names)} sweeps ({', '.join(names)}): give the sweep's file")
         name = names[0]
     else:
         spec = load_sweep(source, overrides, sweep_dir)
-        storage, folder, name = make_storage(spec.storage), spec.sweep_dir, spec.name
+        storage, folder, name = make_storage(spec.storage, writer=False), spec.sweep_dir, spec.name
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -162,7 +165,7 @@ def plot_history(study, record: dict, out: Path) -> Path:
     if values and min(values) > 0 and max(values) > 20 * min(values):  # diverged trials would flatten the rest
         hist.set_yscale("log")
         curves.set_yscale("log")
-    if len(trials) <= 12:
+    if len(trials) <= 12 and curves.lines:
         curves.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -176,21 +179,21 @@ def export_best(study, record: dict, sweep_dir: Path, out_dir: Path) -> Optional
     """The best complete trial's generator (its newest intact checkpoint), with the sweep in its provenance."""
     from optuna.trial import TrialState
 
+    from .checkpoint import META, resolve
     from .config import ModelConfig
     from .export import checkpoint_provenance, export_generator, load_checkpoint_generator
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None
     best = study.best_trial
-    run_dir = sweep_dir / TRIALS_DIR / f"trial_{best.number:04d}"
-    generator, meta = load_checkpoint_generator(run_dir)
-    from .checkpoint import resolve
-
-    provenance = checkpoint_provenance(resolve(run_dir), meta)
+    checkpoint = resolve(sweep_dir / TRIALS_DIR / f"trial_{best.number:04d}")
+    generator, meta = load_checkpoint_generator(checkpoint)
+    provenance = checkpoint_provenance(checkpoint, meta)
     provenance["sweep"] = {"name": study.study_name, "trial": best.number, "params": best.params,
                            "objective": {**record["objective"], "value": best.value},
                            "scores": best.user_attrs.get("scores", {})}
-    return export_generator(generator, ModelConfig.from_dict(meta["config"]["model"]), out_dir, provenance)
+    return export_generator(generator, ModelConfig.from_record(meta["config"]["model"], checkpoint / META), out_dir,
+                            provenance)
 
 
 def sweep_report(source: Path, overrides: Sequence[str] = (), sweep_dir: Optional[Path] = None,

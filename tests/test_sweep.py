@@ -5,6 +5,9 @@ The end-to-end sweep (an array job of workers, pruning, preemption, the report) 
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,9 +19,10 @@ import yaml
 from optuna.trial import TrialState
 
 from mednist_gan.cli import main
-from mednist_gan.config import load_config
+from mednist_gan.config import ConfigWarning, load_config
 from mednist_gan.errors import ConfigError
-from mednist_gan.sweep import _claim, _Reporter, _worker_lock, frozen_trial, load_sweep, make_pruner, open_study
+from mednist_gan.sweep import (_claim, _Reporter, _worker_lock, frozen_trial, load_sweep, make_pruner, make_storage,
+                               open_study)
 
 from helpers import CONFIGS, run_cli
 
@@ -267,6 +271,112 @@ def test_a_worker_id_in_use_is_refused_in_one_line(tmp_path, capsys):
         holder.wait()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "worker id w7 is in use by a live process" in err, err
+
+
+def _started_sweep(tmp_path: Path):
+    """A sweep as its workers leave the journal, without training: trial 0 complete, trial 1 claimed."""
+    spec = load_sweep(_space(tmp_path))
+    study = open_study(spec, create=True, salt="a")
+    _claim(study, spec, "a", set())
+    study.tell(0, 1.0)
+    _claim(study, spec, "a", set())
+    return spec, Path(spec.storage)
+
+
+def _cut_last_line(journal: Path) -> bytes:
+    """Cut the journal's last line in the middle, as a writer killed mid-write leaves it; returns what is left of it."""
+    data = journal.read_bytes()
+    start = data[:-1].rfind(b"\n") + 1
+    journal.write_bytes(data[:(start + len(data)) // 2])
+    return data[start:(start + len(data)) // 2]
+
+
+def _records(journal: Path) -> list[dict]:
+    data = journal.read_bytes()
+    assert data.endswith(b"\n")
+    return [json.loads(line) for line in data.split(b"\n")[:-1]]  # every line a whole record
+
+
+def test_a_cut_last_journal_line_is_moved_aside_and_the_workers_go_on(tmp_path, capsys):
+    spec, journal = _started_sweep(tmp_path)
+    lines = journal.read_bytes().count(b"\n")
+    cut = _cut_last_line(journal)
+    damaged = journal.read_bytes()
+
+    # sweep-report reads the records before the cut line and changes nothing.
+    assert main(["sweep-report", str(spec.file), "--no-export"]) == 0
+    out, err = capsys.readouterr()
+    assert err == (f"mednist-gan: warning: sweep journal {journal}: line {lines} is incomplete (a write in progress, "
+                   f"or a writer killed mid-write): reading the {lines - 1} complete records before it\n")
+    assert "sweep space: 1 complete, 1 running" in out
+    assert journal.read_bytes() == damaged
+
+    # The next worker moves the cut line aside, then appends whole records of its own.
+    with pytest.warns(ConfigWarning, match=rf"line {lines} was cut short \(a writer killed mid-write, or a full disk\): "
+                                           rf"moved it to optuna\.journal\.damaged-[0-9-]+; the {lines - 1} records"):
+        study = open_study(spec, create=True, salt="b")
+    [saved] = journal.parent.glob("optuna.journal.damaged-*")
+    assert saved.read_bytes() == cut and damaged.startswith(journal.read_bytes())
+    assert _claim(study, spec, "b", set())[0] == 2
+    _records(journal)
+
+    # Another writer killed mid-record while this worker runs: its next record does not go onto that line either.
+    half = b'{"op_code":6,"worker_id":"x-1","trial_id":1,"sta'
+    with journal.open("ab") as f:
+        f.write(half)
+    with pytest.warns(ConfigWarning, match="was cut short"):
+        study.tell(2, 2.0)
+    assert half in [p.read_bytes() for p in journal.parent.glob("optuna.journal.damaged-*")]
+    _records(journal)
+    fresh = optuna.load_study(study_name=spec.name, storage=make_storage(spec.storage))
+    assert [t.state for t in fresh.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.COMPLETE]
+
+
+def test_a_journal_line_that_is_not_a_record_stops_workers_and_the_report_in_one_line(tmp_path, capsys):
+    spec, journal = _started_sweep(tmp_path)
+    lines = journal.read_bytes().split(b"\n")
+    lines[2] = b'{"op_code":4,"worker_id":"a-1","study_id":0,"datetime_start":"20' + lines[2]  # a record glued to a cut one
+    journal.write_bytes(b"\n".join(lines))
+    damaged = journal.read_bytes()
+    message = (f"sweep journal {journal} line 3: not a journal record (not JSON: Expecting ',' delimiter: "
+               "column 67); nothing was changed: restore the journal from a copy, or mend or remove that line by hand")
+    assert main(["sweep", str(spec.file), "--worker-id", "w"]) == 2
+    assert capsys.readouterr().err == f"mednist-gan: error: {message}\n"
+    report = run_cli("sweep-report", str(spec.file))
+    assert report.returncode == 2 and report.stderr == f"mednist-gan: error: {message}\n", report.stderr
+    assert journal.read_bytes() == damaged and not list(journal.parent.glob("*.damaged-*"))
+
+
+def test_a_full_disk_while_a_worker_appends_to_the_journal_is_one_line_and_the_next_worker_goes_on(
+        tmp_path, capsys, monkeypatch):
+    spec, journal = _started_sweep(tmp_path)
+    fsync = os.fsync
+
+    def disk_full(fd: int) -> None:  # the disk fills up in the middle of the record being appended
+        if os.path.samestat(os.fstat(fd), os.stat(journal)):
+            os.ftruncate(fd, os.fstat(fd).st_size - 20)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert main(["sweep", str(spec.file), "--worker-id", "w"]) == 1
+    monkeypatch.undo()
+    assert capsys.readouterr().err == (f"mednist-gan: error: sweep journal {journal}: cannot be written (No space left "
+                                       "on device); its complete records are intact: start the worker again once it "
+                                       "can be written\n")
+    assert not journal.read_bytes().endswith(b"\n")  # the record it was appending, cut
+    with pytest.warns(ConfigWarning, match="was cut short"):
+        study = open_study(spec, create=True, salt="w")
+    assert _claim(study, spec, "w", set())[0] == 2
+    _records(journal)
+
+
+def test_sweep_report_on_a_sweep_that_never_ran_creates_nothing(tmp_path, capsys):
+    path = _space(tmp_path)
+    assert main(["sweep-report", str(path)]) == 2
+    assert capsys.readouterr().err == (f"mednist-gan: error: sweep journal {tmp_path / 'sweep' / 'optuna.journal'} "
+                                       "does not exist: the sweep has not started (run mednist-gan sweep first)\n")
+    assert not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.slow
