@@ -19,6 +19,7 @@ a run (or a sweep worker) stopped by a signal after its checkpoint exits with 3.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write generator-only files (model.pt, mednist_gan.pt2, mednist_gan.ts, bundle/) "
                                            "from a training checkpoint")
     export.add_argument("--checkpoint", type=Path, required=True, help="a checkpoints/step_* folder, or a run directory (its newest checkpoint)")
-    export.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
+    export.add_argument("--out", type=Path, required=True,
+                        help="output folder: new, empty, or an earlier export (replaced atomically)")
     export.add_argument("--onnx", action="store_true",
                         help="also write mednist_gan.onnx (needs the onnx extra: pip install 'mednist-gan[onnx]')")
 
@@ -55,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--grid", type=Path, default=None, help="also write a grid of the first 64 samples here")
     gen.add_argument("--latent", choices=("normal", "uniform"), default="normal",
                      help="latent distribution: normal (how mednist-gan trains) or uniform (the seed bundle's inference)")
-    gen.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
+    gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda when available")
     gen.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                      help="a class-conditional generator's class to make (a name from its export.json 'classes'; the "
                           "shipped one: AbdomenCT, BreastMRI, CXR, ChestCT, Hand, HeadCT), or 'all': --num-samples of "
@@ -181,17 +183,21 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import SAMPLE_ROOT
-    from .errors import MednistGanError
+    from .errors import MednistGanError, OutputError
     from .hostmem import keep_freed_host_memory
     from .files import ensure_writable_folder
+    from .generate import check_seed
     from .quality import evaluate, format_table, write_json
 
     if args.num_samples is not None and args.num_samples < 2:
         raise MednistGanError(f"--num-samples {args.num_samples}: expected an integer >= 2")
+    check_seed(args.seed)
     real_dir = args.real_dir or (SAMPLE_ROOT if args.classes else SAMPLE_ROOT / "Hand")
     if not real_dir.is_dir():
         raise MednistGanError(f"--real-dir {real_dir}: no such folder")
-    ensure_writable_folder(args.out.resolve().parent, "--out")  # before minutes of scoring, not after
+    if args.out.is_dir():  # before minutes of scoring, not after
+        raise OutputError(f"--out {args.out}: is a folder; expected the path of the JSON file to write")
+    ensure_writable_folder(args.out.resolve().parent, "--out")
     keep_freed_host_memory()
     latents = ("normal", "uniform") if args.latent == "both" else (args.latent,)
     models = [(str(m), m, latents) for m in args.model]
@@ -298,6 +304,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"mednist-gan: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk where no write path expected one: still one line (the write paths keep what was there)
+        print(f"mednist-gan: error: {exc.filename or 'a file'}: cannot be written ({exc.strerror})", file=sys.stderr)
+        return MednistGanError.exit_code
     except KeyboardInterrupt:
         if args.debug:
             raise

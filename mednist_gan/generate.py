@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import re
+import warnings
 import zipfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,6 +27,8 @@ LATENTS = ("normal", "uniform")
 # assets/generator holds the bundle-architecture one of configs/quality.yaml.
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "hand" / "mednist_gan.ts"
 SHIPPED_CONDITIONAL = Path(__file__).parent / "assets" / "conditional" / "mednist_gan.ts"
+MAX_SAMPLES = 10_000_000  # all latents are drawn at once: 10M of size 128 take 5 GB
+MAX_SEED = 2**63 - 1
 
 
 def shipped_model(class_name: Optional[str] = None) -> Path:
@@ -105,6 +111,7 @@ def _is_exported_program(path: Path) -> bool:
 
 def _load_exported_program(path: Path) -> tuple[torch.nn.Module, Optional[int]]:
     """The program's module (torch alone runs it) and its latent size, when its input has a fixed second dimension."""
+    _refuse_pickled_code(path)
     try:
         program = torch.export.load(str(path))
         module = program.module()
@@ -118,6 +125,57 @@ def _load_exported_program(path: Path) -> tuple[torch.nn.Module, Optional[int]]:
         if len(shape) == 2 and isinstance(shape[1], int):
             latent = int(shape[1])
     return module, latent
+
+
+_PT2_PICKLE_DIRS = ("data/weights/", "data/constants/", "data/sample_inputs/")
+
+
+def _refuse_pickled_code(path: Path) -> None:
+    """``torch.export.load`` unpickles some entries of a ``.pt2`` without ``weights_only``: weights and constants
+    stored pickled, sample inputs that fail the safe load, and the older layout's ``.pt`` entries. Each entry it
+    may unpickle must load with ``weights_only`` here first, so that no pickled code runs."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if len(set(names)) != len(names):
+                raise CheckpointError(f"--model {path}: not a loadable torch.export program (repeated archive entries)")
+            raw, pickled, configs = _pt2_payloads(z, names)
+            for name in names:
+                inner = name.split("/", 1)[-1]
+                maybe_pickle = inner.startswith(_PT2_PICKLE_DIRS) or name.endswith((".pt", ".pkl"))
+                if name in pickled or (maybe_pickle and name not in raw and name not in configs):
+                    _check_weights_only(path, name, z.read(name))
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"--model {path}: not a loadable torch.export program ({type(exc).__name__})") from None
+
+
+def _pt2_payloads(z: zipfile.ZipFile, names: list[str]) -> tuple[set[str], set[str], set[str]]:
+    """The entries the weights and constants configs name as raw tensor bytes and as pickles, and the configs."""
+    raw, pickled, configs = set(), set(), set()
+    for name in names:
+        root, _, inner = name.partition("/")
+        folder = next((d for d in _PT2_PICKLE_DIRS[:2] if inner.startswith(d)), None)
+        if folder is None or not name.endswith("_config.json"):
+            continue
+        configs.add(name)
+        for meta in json.loads(z.read(name))["config"].values():
+            entry = f"{root}/{os.path.join(folder, meta['path_name'])}"
+            tensor = folder == "data/weights/" or meta["path_name"].startswith("tensor_")  # not custom objects
+            (raw if tensor and not meta.get("use_pickle") else pickled).add(entry)
+    return raw - pickled, pickled, configs
+
+
+def _check_weights_only(path: Path, name: str, data: bytes) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. the weights-only unpickler's note on the pickle protocol
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")),
+                      type(exc).__name__)
+        raise CheckpointError(f"{path}: refused, it holds pickled objects other than tensors "
+                              f"({name}: {reason[:120]})") from None
 
 
 def _torchscript_latent_size(module: torch.jit.ScriptModule) -> Optional[int]:
@@ -144,6 +202,11 @@ def run_generator(net: Callable[..., torch.Tensor], latents: torch.Tensor, model
         size = ", ".join(map(str, image_size)) if image_size is not None else "H, W"
         raise MednistGanError(f"--model {model}: returned {shape} for {len(latents)} latents; "
                               f"expected images ({len(latents)}, 1, {size})")
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise MednistGanError(f"--model {model}: the generator returned non-finite values (NaN/Inf) for {bad} of "
+                              f"{images.numel()} pixels of {len(latents)} images; expected images in [0, 1] "
+                              "(are its weights NaN?)")
     return images
 
 
@@ -153,6 +216,27 @@ def progress_bar(total: int, desc: str, unit: str = "img", enabled: bool = True)
 
     # disable=None: tqdm shows the bar only when its stream (stderr) is a terminal
     return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, leave=False, dynamic_ncols=True)
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise MednistGanError(f"--seed {seed}: expected an integer from 0 to 2**63 - 1")
+
+
+def check_device(device: Optional[str]) -> str:
+    """``--device``: cpu, cuda or cuda:N (a GPU that is visible); None: cuda when there is one, else cpu."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if match is None:
+        raise MednistGanError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if device != "cpu":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not visible:
+            raise MednistGanError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+        if match.group(1) is not None and int(match.group(1)) >= visible:
+            raise MednistGanError(f"--device {device}: {visible} CUDA GPU(s) visible (cuda:0 to cuda:{visible - 1})")
+    return device
 
 
 def make_latents(n: int, size: int, seed: int, distribution: str = "normal") -> torch.Tensor:
@@ -174,18 +258,28 @@ def generator_classes(path: Path) -> Optional[list[str]]:
     exported file or in an export folder; a checkpoint's model config); None for an unconditional one."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
+    record = folder / PROVENANCE_FILE
     try:
-        if (folder / PROVENANCE_FILE).is_file():
-            classes = json.loads((folder / PROVENANCE_FILE).read_text()).get("classes")
+        if record.is_file():
+            classes = json.loads(record.read_text()).get("classes")
         elif path.is_dir():
             from .checkpoint import read_meta, resolve
 
+            record = path
             classes = read_meta(resolve(path))["config"]["model"].get("classes")
         else:
             classes = None
     except (OSError, ValueError, AttributeError, KeyError, TypeError, MednistGanError):
         return None  # load_model has already refused an unreadable record or checkpoint
-    return list(classes) if classes else None
+    if not classes:
+        return None
+    if not isinstance(classes, list):
+        raise CheckpointError(f"{record}: classes {classes!r}: expected a list of class names")
+    from .config import check_class_name
+
+    for name in classes:
+        check_class_name(name, str(record), CheckpointError)  # --class all writes <output-dir>/<class>/
+    return list(classes)
 
 
 def chosen_classes(model: Path, classes: Optional[list[str]], asked: Optional[str]) -> list[Optional[str]]:
@@ -216,15 +310,19 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
     """
     if num_samples < 1:
         raise MednistGanError(f"--num-samples {num_samples}: expected an integer >= 1")
+    if num_samples > MAX_SAMPLES:
+        raise MednistGanError(f"--num-samples {num_samples}: expected at most {MAX_SAMPLES:,} (for more, run again "
+                              "with another --seed and --output-dir)")
     if batch_size < 1:
         raise MednistGanError(f"--batch-size {batch_size}: expected an integer >= 1")
+    check_seed(seed)
+    device = check_device(device)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise MednistGanError(f"--output-dir {output_dir}: exists and is not a folder")
     net, latent_size = load_model(model, latent_size)
     classes = generator_classes(model)
     chosen = chosen_classes(model, classes, class_name)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device)
     latents = make_latents(num_samples, latent_size, seed, latent)
     per_class = len(chosen) > 1
@@ -236,27 +334,31 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
     width = max(5, len(str(num_samples - 1)))
     columns = min(8, num_samples) if per_class else None
     shown = columns or 64  # the grid: the first 64 images, or the first 8 of every class
-    paths, pictures, writes = [], [], []
+    paths, pictures, writes = [], [], deque()
     writers = max(2, os.cpu_count() or 2)
     with torch.inference_mode(), ThreadPoolExecutor(max_workers=writers) as pool, \
             progress_bar(num_samples * len(chosen), "generate") as bar:  # zlib releases the GIL
-        for name, folder in zip(chosen, folders):
-            class_paths = [folder / f"sample_{i:0{width}d}.png" for i in range(num_samples)]
-            paths += class_paths
-            for start in range(0, num_samples, batch_size):
-                z = latents[start:start + batch_size].to(device)
-                labels = None if name is None else torch.full((len(z),), classes.index(name), dtype=torch.long, device=device)
-                batch = to_uint8_pictures(run_generator(net, z, model, labels=labels))
-                bar.update(len(batch))
-                chunk = max(1, math.ceil(len(batch) / writers))  # one task per writer and batch, not one per image
-                writes += [pool.submit(_save_pngs, batch[i:i + chunk], class_paths[start + i:start + i + chunk])
-                           for i in range(0, len(batch), chunk)]
-                if start < shown:
-                    pictures.append(batch[: shown - start])
         try:
-            for write in writes:
-                write.result()  # re-raise the first failed write
+            for name, folder in zip(chosen, folders):
+                class_paths = [folder / f"sample_{i:0{width}d}.png" for i in range(num_samples)]
+                paths += class_paths
+                for start in range(0, num_samples, batch_size):
+                    z = latents[start:start + batch_size].to(device)
+                    labels = (None if name is None else
+                              torch.full((len(z),), classes.index(name), dtype=torch.long, device=device))
+                    batch = to_uint8_pictures(run_generator(net, z, model, labels=labels))
+                    bar.update(len(batch))
+                    chunk = max(1, math.ceil(len(batch) / writers))  # one task per writer and batch, not one per image
+                    writes += [pool.submit(_save_pngs, batch[i:i + chunk], class_paths[start + i:start + i + chunk])
+                               for i in range(0, len(batch), chunk)]
+                    while writes and writes[0].done():
+                        writes.popleft().result()  # a failed write (a full disk) stops generating at once
+                    if start < shown:
+                        pictures.append(batch[: shown - start])
+            while writes:
+                writes.popleft().result()
         except OSError as exc:
+            pool.shutdown(cancel_futures=True)
             raise output_error("--output-dir", output_dir, exc) from None
     if grid is not None:
         try:
