@@ -9,17 +9,23 @@ Saving and loading of the tensors themselves goes through the caller's ``save_fn
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from packaging.version import InvalidVersion, Version
+
+from . import __version__
+from .config import LEGACY_KEYS, Config
 from .errors import CheckpointError, first_line
-from .files import CHECKPOINTS_DIR, sha256_file, write_atomic
+from .files import CHECKPOINTS_DIR, fsync_tree, sha256_file, write_atomic
 
 log = logging.getLogger("mednist_gan")
 
@@ -29,6 +35,16 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 EMA_FILE = "ema.safetensors"  # the generator's moving-average weights (train.ema_decay), beside Accelerate's files
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint moved aside for a person to inspect (never deleted)
+META_KEYS = ("state", "config", "num_processes", "git_revision", "version", "files")  # what checkpoint.json holds
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (plain JSON, so loading it can never run code)."""
+
+    step: int = 0  # iterations completed
+    epoch: int = 0  # epoch in progress
+    batch_in_epoch: int = 0  # batches of that epoch already consumed
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -66,9 +82,14 @@ def find_latest(run_dir: Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-def newest_intact(run_dir: Path) -> tuple[Optional[Path], list[tuple[Path, CheckpointError]]]:
-    """The newest checkpoint that passes ``verify``, and the newer ones that failed it (newest first)."""
-    candidates = complete_checkpoints(run_dir)[::-1]
+def newest_intact(run_dir: Path, attempts: int = 5) -> tuple[Optional[Path], list[tuple[Path, CheckpointError]]]:
+    """The newest checkpoint that passes ``verify``, and the newer ones that failed it (newest first).
+
+    A checkpoint that a running training rotated away while it was read is not damaged: the checkpoints are
+    listed again (``attempts`` times at most) and the new newest one is read.
+    """
+    listed = complete_checkpoints(run_dir)
+    candidates = listed[::-1]
     latest = find_latest(run_dir)
     if latest in candidates:  # the pointer wins over names (they agree unless a save was interrupted)
         candidates.remove(latest)
@@ -79,6 +100,8 @@ def newest_intact(run_dir: Path) -> tuple[Optional[Path], list[tuple[Path, Check
             verify(candidate)
             return candidate, damaged
         except CheckpointError as exc:
+            if attempts > 1 and (not candidate.is_dir() or complete_checkpoints(run_dir) != listed):
+                return newest_intact(run_dir, attempts - 1)
             damaged.append((candidate, exc))
     return None, damaged
 
@@ -128,7 +151,48 @@ def read_meta(checkpoint: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({first_line(exc, 120)})") from None
     if not (isinstance(meta, dict) and isinstance(meta.get("state"), dict) and isinstance(meta.get("config"), dict)):
         raise CheckpointError(f"{path}: unreadable checkpoint metadata (no state and config)")
+    unknown = _drop_unknown_keys(meta)
+    newer = _newer_version(meta.get("version"))
+    notes = [f"written by mednist-gan {newer}, newer than this one ({__version__})"] if newer else []
+    if unknown:
+        notes.append("ignoring keys this version does not know: " + ", ".join(unknown))
+    if notes and (message := f"{path}: {'; '.join(notes)}") not in _reported:
+        _reported.add(message)
+        log.warning("%s", message + ("; upgrade mednist-gan to use everything it recorded" if newer else ""))
     return meta
+
+
+_reported: set[str] = set()  # warnings about checkpoint metadata already given by this process (once per file)
+
+
+def _drop_unknown_keys(meta: dict) -> list[str]:
+    """Remove the keys of a checkpoint's metadata that this version does not know (a newer version may write
+    more); returns their dotted names. Keys of older versions that moved (``LEGACY_KEYS``) are kept."""
+    def drop(record: dict, known, prefix: str) -> list[str]:
+        unknown = [key for key in record if key not in known]
+        for key in unknown:
+            del record[key]
+        return [prefix + key for key in unknown]
+
+    defaults = Config()
+    names = drop(meta, META_KEYS, "")
+    names += drop(meta["state"], [f.name for f in dataclasses.fields(TrainState)], "state.")
+    names += drop(meta["config"], [f.name for f in dataclasses.fields(Config)], "config.")
+    for section, record in meta["config"].items():
+        default = getattr(defaults, section)
+        if dataclasses.is_dataclass(default) and isinstance(record, dict):
+            known = [f.name for f in dataclasses.fields(default)]
+            known += [key.split(".")[1] for key in LEGACY_KEYS if key.startswith(section + ".")]
+            names += drop(record, known, f"config.{section}.")
+    return names
+
+
+def _newer_version(recorded) -> Optional[str]:
+    """The version that wrote a checkpoint when it is newer than this one (None: not newer, or not recorded)."""
+    try:
+        return str(recorded) if Version(str(recorded)) > Version(__version__) else None
+    except InvalidVersion:
+        return None
 
 
 def verify_recorded_sha256(path: Path, expected: Optional[str], record: Path) -> None:
@@ -187,13 +251,6 @@ def _load_every_file(checkpoint: Path) -> None:
     verify_safe(checkpoint)
 
 
-def _fsync_tree(path: Path) -> None:
-    for child in path.rglob("*"):
-        if child.is_file():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def temporary_dir(run_dir: Path, step: int) -> Path:
     return checkpoints_dir(run_dir) / f".tmp-{step_dir_name(step)}"
 
@@ -211,8 +268,8 @@ def begin_save(run_dir: Path, step: int) -> Path:
 def publish(run_dir: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
     """Main process: record every file's size and checksum in the metadata, write it, make the checkpoint
     visible, move ``latest``, then rotate old ones."""
-    _fsync_tree(tmp)
-    write_atomic(tmp / META, json.dumps({**meta, "files": file_records(tmp)}, indent=2))
+    fsync_tree(tmp)
+    write_atomic(tmp / META, json.dumps({**meta, "version": __version__, "files": file_records(tmp)}, indent=2))
     final = tmp.parent / step_dir_name(step)
     if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
         shutil.rmtree(tmp)

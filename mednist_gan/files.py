@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Union
 from .errors import OutputError, output_error
 
 # What a run directory holds (README "What a run leaves on disk").
+LOCK_FILE = ".lock"  # "<pid> <host>" of the training process that holds its flock: one run per folder
 CONFIG_FILE = "config.yaml"  # the resolved config, written before training starts
 GIT_REVISION_FILE = "git_revision.txt"
 LOG_FILE = "train.log"

@@ -1,22 +1,24 @@
-"""The run directory (resolved config, git revision, plain-text log) and console logging of the main process."""
+"""The run directory (its lock, resolved config, git revision, plain-text log) and console logging of the main process."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import logging.handlers
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
 from .config import Config
-from .errors import ConfigError, first_line, output_error
-from .files import (CONFIG_FILE, GIT_REVISION_FILE, LOG_FILE, LOSS_CURVES_FILE, METRICS_FILE, SAMPLES_DIR, TRACKER_DIR,
-                    PROVENANCE_FILE, WANDB_RUN_ID_FILE, WANDB_STEP_FILE, ensure_writable_folder,
-                    write_atomic)
+from .errors import ConfigError, OutputError, first_line, output_error
+from .files import (CONFIG_FILE, GIT_REVISION_FILE, LOCK_FILE, LOG_FILE, LOSS_CURVES_FILE, METRICS_FILE,
+                    PROVENANCE_FILE, SAMPLES_DIR, TRACKER_DIR, WANDB_RUN_ID_FILE, WANDB_STEP_FILE, write_atomic)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 _WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -47,8 +49,51 @@ def write_run_info(run_dir: Path, cfg: Config) -> Optional[str]:
     return revision
 
 
+_locked: dict[Path, int] = {}  # run directories this process trains in: the descriptor holding each lock
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Main process, before it writes anything there: hold ``<run_dir>/.lock`` for as long as it trains in
+    ``run_dir`` (``unlock_run_dir``, or the end of the process: the kernel releases the lock of a killed
+    process, so a lock file left behind never blocks). Another process that holds it: one line, exit 2."""
+    key = Path(run_dir).resolve()
+    if key in _locked:  # this process already trains here (a Trainer made again on the same run_dir)
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise output_error("run_dir", run_dir, exc) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid, host, *_ = os.read(fd, 256).decode(errors="replace").split() + ["?", "?"]
+        os.close(fd)
+        raise OutputError(f"run_dir {run_dir} is in use by another training process (pid {pid} on host {host}); "
+                          "wait for it to finish, or choose another run_dir") from None
+    except OSError as exc:  # a file system without flock (e.g. Lustre mounted without it): train unguarded
+        logging.getLogger("mednist_gan").warning(
+            "run_dir %s cannot be locked (%s): make sure no other training process uses it", run_dir,
+            exc.strerror or first_line(exc))
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    except OSError as exc:
+        os.close(fd)
+        raise output_error("run_dir", run_dir, exc) from None
+    _locked[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Let other processes train in ``run_dir`` again (the lock file stays: the lock is on it, not its existence)."""
+    fd = _locked.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def setup_logging(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
-    """Log lines go to the console and ``<run_dir>/train.log`` on the main process; others stay quiet."""
+    """Log lines go to the console, and on the main process to ``<run_dir>/train.log`` from ``open_log_file``
+    on (the lines before it are kept until then); the other processes log warnings only."""
     logger = logging.getLogger("mednist_gan")
     for handler in list(logger.handlers):  # an earlier run in this process: close its train.log
         logger.removeHandler(handler)
@@ -58,15 +103,30 @@ def setup_logging(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     logger.addHandler(console)
-    if is_main and run_dir is not None:
-        ensure_writable_folder(run_dir, "run_dir")
-        try:
-            file_handler = logging.FileHandler(run_dir / LOG_FILE)
-        except OSError as exc:
-            raise output_error("run_dir", run_dir, exc) from None
-        file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logger.addHandler(file_handler)
+    if is_main and run_dir is not None:  # flushLevel above every level: held until open_log_file
+        logger.addHandler(logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1))
     return logger
+
+
+def open_log_file(logger: logging.Logger, run_dir: Path) -> None:
+    """Main process, once the run may write to ``run_dir``: append the lines so far, and those to come, to train.log."""
+    try:
+        file_handler = logging.FileHandler(run_dir / LOG_FILE, errors="backslashreplace")  # non-UTF-8 file names
+    except OSError as exc:
+        raise output_error("run_dir", run_dir, exc) from None
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    for held in [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        held.setTarget(file_handler)
+        held.close()  # writes its lines to train.log
+        logger.removeHandler(held)
+    logger.addHandler(file_handler)
+
+
+def close_log_file(logger: logging.Logger) -> None:
+    """At the end of a run: later lines of this process (an export, another run) do not go to its train.log."""
+    for handler in [h for h in logger.handlers if isinstance(h, (logging.FileHandler, logging.handlers.MemoryHandler))]:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 # ----------------------------------------------------------------------------- experiment tracking
@@ -144,6 +204,7 @@ class Tracking:
     def __init__(self, cfg: Config, accelerator, run_dir: Path, logger: logging.Logger):
         self.cfg, self.acc, self.run_dir, self.log = cfg, accelerator, run_dir, logger
         self.is_main = accelerator.is_main_process
+        self.started = False  # start() ran: the run got past its resume checks and writes its records
         self.active = False
         self._warned: set[str] = set()
         self._wandb_offset = 0  # W&B step = training step + offset
@@ -155,6 +216,7 @@ class Tracking:
     def start(self, resumed_step: Optional[int] = None) -> None:
         """``resumed_step``: the step of the checkpoint this run resumed from, 0 for a fresh run: the records of
         later steps, which this run logs again, are dropped. None (unknown) keeps every record."""
+        self.started = True
         local_high = self._local_high_step() if self.is_main else 0
         if self.is_main and resumed_step is not None:
             self._local(lambda: self._forget_metrics_after(resumed_step), "metrics.jsonl")
@@ -397,7 +459,7 @@ class Tracking:
         if self.active:
             self._guard(self.acc.end_training, "finish")
             self.active = False
-        if self.is_main:
+        if self.is_main and self.started:
             self._local(lambda: plot_loss_curves(self.run_dir / METRICS_FILE, self.run_dir / LOSS_CURVES_FILE),
                         "loss_curves.png")
 

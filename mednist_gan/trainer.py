@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .checkpoint import TrainState
 from .config import Config, ModelConfig
 from .data import apply_augment, build_dataloader, load_labelled_dataset, sample_augment_params, scale_intensity
 from .errors import CheckpointError, ConfigError, TrainingError, first_line
@@ -44,20 +45,12 @@ from .optim import keep_run_options, make_optimizers, make_schedulers
 from .runcontrol import EndedEarly, Preempted, StopRequest, crash_point, peers_lost, write_failure
 from .runtime import (compiled_forwards, graph_capture, make_accelerator, memory_format, optimizer_options,
                       precision_warning, prepare_networks)
-from .tracking import Tracking, setup_logging, write_run_info
+from .tracking import (Tracking, close_log_file, lock_run_dir, open_log_file, setup_logging, unlock_run_dir,
+                       write_run_info)
 
 LATENT_RNG_FILE, AUGMENT_RNG_FILE = "latent_rng.pt", "augment_rng.pt"  # shared streams, saved by the main process
 AUGMENT_SEED_OFFSET = 3_000_017
 SAMPLE_SEED_OFFSET = 1_000_003
-
-
-@dataclass
-class TrainState:
-    """Counters saved with every checkpoint (plain JSON, so loading it can never run code)."""
-
-    step: int = 0  # iterations completed
-    epoch: int = 0  # epoch in progress
-    batch_in_epoch: int = 0  # batches of that epoch already consumed
 
 
 @dataclass
@@ -91,6 +84,8 @@ class Trainer:
         self.run_dir = cfg.run_path
         self.acc = acc = accelerator or make_accelerator(cfg)
         self.log = setup_logging(self.run_dir, acc.is_main_process)
+        if acc.is_main_process:  # one training process per run directory; the other ranks are part of this one
+            lock_run_dir(self.run_dir)
         if (mismatch := precision_warning(cfg)) is not None:
             self.log.warning(mismatch)
         world = acc.num_processes
@@ -156,8 +151,8 @@ class Trainer:
         weights = cfg.data.sampling_weights
         self.label_weights = None if weights is None else torch.tensor(weights, device=acc.device)
         self.augment_rng = torch.Generator(device=acc.device).manual_seed(cfg.train.seed + AUGMENT_SEED_OFFSET)
-        # Dropout uses the global RNG, different on every process.
-        set_seed(cfg.train.seed, device_specific=True)
+        # Dropout uses the global RNG, different on every process (numpy's seeds stop at 2**32 - 1).
+        set_seed((cfg.train.seed + acc.process_index) % 2**32)
         # A fixed latent batch (its own seed, drawn once) makes sample grids comparable over time.
         self.fixed_latents = torch.randn(cfg.log.num_samples, cfg.model.latent_size,
                                          generator=torch.Generator().manual_seed(cfg.train.seed + SAMPLE_SEED_OFFSET))
@@ -374,15 +369,19 @@ class Trainer:
         return state
 
     def _start(self) -> None:
-        """Run info, stale temporaries, resume, and the opening log lines."""
+        """Resume (its checks refuse before anything is written), then run info, train.log, stale temporaries,
+        and the opening log lines."""
         acc, cfg = self.acc, self.cfg
+        resume_from, damaged = self.resolve_resume()
+        saved_processes = self.load_checkpoint(resume_from) if resume_from is not None else None
+        acc.wait_for_everyone()  # every process has read its checkpoint before the main process moves any
         if acc.is_main_process:
+            self._set_aside(damaged, resume_from)
             self.git_revision = write_run_info(self.run_dir, cfg)
+            open_log_file(self.log, self.run_dir)
             ckpt.remove_stale_temporaries(self.run_dir)
         acc.wait_for_everyone()
-        resume_from = self.resolve_resume()
         if resume_from is not None:
-            saved_processes = self.load_checkpoint(resume_from)
             self._advance_epoch()
             self.final_checkpoint = resume_from
             self.log.info("resumed from %s (step %d, epoch %d, batch %d of the epoch)", resume_from,
@@ -528,35 +527,40 @@ class Trainer:
         self.state = TrainState(**meta["state"])
         return meta.get("num_processes")
 
-    def resolve_resume(self) -> Optional[Path]:
+    def resolve_resume(self) -> tuple[Optional[Path], list[tuple[Path, CheckpointError]]]:
+        """The checkpoint to resume from (None: a fresh run), and the damaged newer ones that ``_set_aside``
+        moves once it has loaded (read-only: every process decides alike)."""
         choice = self.cfg.train.resume
         if choice == "none":
             if ckpt.complete_checkpoints(self.run_dir):
                 raise ConfigError(f"train.resume='none' but {ckpt.checkpoints_dir(self.run_dir)} holds checkpoints of an "
                                   "earlier run: choose another run_dir, or resume with train.resume=auto")
-            return None
+            return None, []
         if choice == "auto":
-            return self._newest_intact_checkpoint()
+            intact, damaged = ckpt.newest_intact(self.run_dir)
+            if damaged and intact is None:
+                raise ckpt.no_intact_error(self.run_dir, damaged)
+            return intact, damaged
         path = Path(choice)
         if not path.is_dir():
             raise ConfigError(f"train.resume={choice!r}: no such checkpoint folder")
         ckpt.verify(path)  # the one the user named: damage is an error, not a fallback
-        return path
+        return path, []
 
-    def _newest_intact_checkpoint(self) -> Optional[Path]:
-        """The newest checkpoint that is as it was written; newer damaged ones are moved aside, and said so."""
-        intact, damaged = ckpt.newest_intact(self.run_dir)  # every process decides alike, before anything moves
-        if damaged and intact is None:
-            raise ckpt.no_intact_error(self.run_dir, damaged)
-        self.acc.wait_for_everyone()
-        if damaged and self.acc.is_main_process:
-            for bad, reason in damaged:
+    def _set_aside(self, damaged: list[tuple[Path, CheckpointError]], intact: Optional[Path]) -> None:
+        """Main process: move damaged checkpoints newer than ``intact`` aside for inspection, and say so; one that
+        cannot be moved stops the run (its step would be saved again beside it)."""
+        for bad, reason in damaged:
+            try:
                 moved = ckpt.set_aside(bad)
-                self.log.warning("checkpoint %s is damaged (%s): moved to %s for inspection; resuming from %s",
-                                 bad.name, reason, moved, intact)
+            except OSError as exc:
+                raise CheckpointError(f"cannot move damaged checkpoint {bad} aside ({exc.strerror or first_line(exc)}); "
+                                      f"it is damaged ({reason}): make {bad.parent} writable, or move {bad.name} "
+                                      f"elsewhere yourself, then run again to resume from {intact.name}") from None
+            self.log.warning("checkpoint %s is damaged (%s): moved to %s for inspection; resuming from %s",
+                             bad.name, reason, moved, intact)
+        if damaged:
             write_atomic(ckpt.checkpoints_dir(self.run_dir) / ckpt.LATEST, intact.name + "\n")
-        self.acc.wait_for_everyone()
-        return intact
 
     def export(self, out_dir: Path) -> None:
         """Main process: the trained generator's exports, from a fresh copy of its weights."""
@@ -613,4 +617,6 @@ def train(cfg: Config) -> Trainer:
             trainer.export(cfg.run_path / EXPORT_DIR)
     finally:
         trainer.tracking.finish()
+        close_log_file(trainer.log)
+        unlock_run_dir(cfg.run_path)
     return trainer
