@@ -350,12 +350,18 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
     """
     out_dir = Path(out_dir)
     check_replaceable(out_dir, what, EXPORT_NAMES, "export")
+    generator = generator.to("cpu").eval()
+    latents = torch.randn(4, model_cfg.latent_size, generator=torch.Generator().manual_seed(0))  # not the global RNG
+    with torch.no_grad():
+        images = generator(latents, torch.zeros(4, dtype=torch.long)) if _conditional(generator) else generator(latents)
+    if not torch.isfinite(images).all():
+        raise CheckpointError(f"{what} {out_dir}: not exported: the generator returns non-finite values (NaN/Inf); "
+                              "are its weights NaN?")
     try:
         recover_folder(out_dir)
         staging = staging_folder(out_dir)
     except OSError as exc:
         raise output_error(what, out_dir, exc) from None
-    generator = generator.to("cpu").eval()
     try:
         _write_serialized(staging / MODEL_FILE, lambda f: torch.save(generator_state_dict(generator), f))
         _write_serialized(staging / TORCHSCRIPT_FILE, lambda f: write_torchscript(generator, f))

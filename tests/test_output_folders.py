@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mednist_gan.config import ModelConfig, load_config
-from mednist_gan.errors import OutputError
+from mednist_gan.errors import CheckpointError, OutputError
 from mednist_gan.export import export_generator
 from mednist_gan.files import recover_folder
 from mednist_gan.networks import build_generator
@@ -154,3 +154,15 @@ def test_export_generator_names_the_folder_it_refuses(tmp_path):
     with pytest.raises(OutputError, match=r"^export folder .*best: exists and is not an earlier export"):
         export_generator(build_generator(cfg), cfg, tmp_path / "best", {})
     assert listing(tmp_path / "best") == {"mine.txt": hashlib.sha256(b"x").hexdigest()}
+
+
+def test_a_generator_that_returns_nan_is_not_exported(tmp_path):
+    import torch
+
+    cfg = ModelConfig()
+    generator = build_generator(cfg)
+    with torch.no_grad():
+        next(generator.parameters()).fill_(float("nan"))
+    with pytest.raises(CheckpointError, match=r"export folder .*exp: not exported: the generator returns non-finite"):
+        export_generator(generator, cfg, tmp_path / "exp", {})
+    assert list(tmp_path.iterdir()) == []
