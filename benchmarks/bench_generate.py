@@ -2,7 +2,7 @@
 
 Reference: the bundle's ``inference.json`` rebuilt from MONAI's parts (a Dataset of latents, a
 DataLoader of batch 1, ``SupervisedEvaluator`` with ``Activationsd(sigmoid)`` + ``SaveImaged`` PNG
-post-processing). Ours: ``mednist_gan.generate.generate`` (batched forward, threaded PNG writes).
+post-processing). Ours: ``mednist_gan.generator.generate.generate`` (batched forward, threaded PNG writes).
 Both use the seed bundle's weights and write N PNGs; start-up (model load) is included in both.
 
     python benchmarks/bench_generate.py [--num-samples 1000] [--weights ../shared/upstream/mednist_gan_bundle_model.pt]
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _report import SEED_WEIGHTS, machine, verdict  # noqa: E402
-from mednist_gan.generate import generate  # noqa: E402
+from mednist_gan.generator.generate import generate  # noqa: E402
 
 TARGET = 20.0
 

@@ -48,7 +48,7 @@ def time_steps(config: str, overrides: list[str], data: Path, iters: int, warmup
     import torch
 
     from mednist_gan.config import load_config
-    from mednist_gan.trainer import Trainer
+    from mednist_gan.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(REPO / "configs" / config, [

@@ -3,14 +3,14 @@
 Reference (the bundle's train.json rebuilt from MONAI's parts): ``CacheDataset`` of LoadImaged /
 EnsureChannelFirstd / ScaleIntensityd, then per-sample RandRotated / RandFlipd / RandZoomd in
 DataLoader workers, ``monai.engines.GanTrainer`` with d_train_steps=5, D ending in a Sigmoid and
-the bundle's BCELoss functions. Ours: ``mednist_gan.trainer.Trainer`` with ``configs/bundle.yaml``
+the bundle's BCELoss functions. Ours: ``mednist_gan.training.trainer.Trainer`` with ``configs/bundle.yaml``
 (fp32). Same images (the Hand folder), batch 600, same iteration semantics. Each side runs in its
 own subprocess (so peak resident memory is its own), one after the other, ``--iters`` timed
 iterations after one warm-up; the median iteration time gives images/s and the epoch time
 (17 iterations for 10,000 images). FLOPs of one iteration are counted once with
 ``torch.utils.flop_counter`` and compared with a measured fp32 matmul peak of this machine.
 For information, the reference runs a second time with our host-memory setting
-(``mednist_gan.hostmem``, ``runtime.keep_host_memory``), to show how much of the ratio is the allocator.
+(``mednist_gan.runtime.host_memory``, ``runtime.keep_host_memory``), to show how much of the ratio is the allocator.
 
     python benchmarks/bench_train.py [--iters 3] [--data ../shared/data/mednist] [--workers 2]
 
@@ -58,7 +58,7 @@ def run_reference(data: Path, iters: int, workers: int, keep_host_memory: bool =
     from ignite.engine import Events
 
     if keep_host_memory:  # the allocator setting our side uses (runtime.keep_host_memory), for comparison
-        from mednist_gan.hostmem import keep_freed_host_memory
+        from mednist_gan.runtime.host_memory import keep_freed_host_memory
 
         keep_freed_host_memory()
     files = sorted(str(p) for p in (data / "Hand").glob("*.jpeg"))
@@ -136,7 +136,7 @@ def run_ours(data: Path, iters: int, processes: int, overrides: list[str], windo
 def count_flops(data: Path) -> float:
     """FLOPs of one full iteration (5 D updates + 1 G update, forward and backward) at batch 600."""
     from mednist_gan.config import load_config
-    from mednist_gan.trainer import Trainer
+    from mednist_gan.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(REPO / "configs" / "bundle.yaml", [f"data.root={data}", f"run_dir={tmp}", "data.limit=600"])

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from mednist_gan.generate import generator_classes, load_model, make_latents, run_generator
-from mednist_gan.quality import diversity, load_real_images
+from mednist_gan.generator.generate import generator_classes, load_model, make_latents, run_generator
+from mednist_gan.quality.evaluate import diversity, load_real_images
 
 REPO = Path(__file__).resolve().parents[1]
 

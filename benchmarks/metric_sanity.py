@@ -28,8 +28,8 @@ SHIPPED = REPO / "mednist_gan" / "assets" / "generator" / "model.pt"
 
 def sanity_cases(reference: torch.Tensor, other: torch.Tensor, generators: dict[str, Path]) -> dict[str, torch.Tensor]:
     """Images to score against ``reference``: ``other`` real images as they are and damaged, then generators'."""
-    from mednist_gan.generate import load_model
-    from mednist_gan.quality import blurred, sample_images
+    from mednist_gan.generator.generate import load_model
+    from mednist_gan.quality.evaluate import blurred, sample_images
 
     n = len(other)
     cases = {"real (floor)": other}
@@ -44,7 +44,7 @@ def sanity_cases(reference: torch.Tensor, other: torch.Tensor, generators: dict[
 
 
 def main() -> int:
-    from mednist_gan.quality import QualityMeter, Scores, load_real_images, split_halves
+    from mednist_gan.quality.evaluate import QualityMeter, Scores, load_real_images, split_halves
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mednist")

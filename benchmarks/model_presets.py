@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from _report import flop_counter  # noqa: E402
 from mednist_gan.config import load_config  # noqa: E402
-from mednist_gan.networks import build_discriminator, build_generator  # noqa: E402
+from mednist_gan.models.networks import build_discriminator, build_generator  # noqa: E402
 
 DEFAULT = ("bundle.yaml", "quality.yaml", "wide.yaml", "resnet.yaml", "conditional.yaml")
 

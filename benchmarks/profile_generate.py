@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from _report import SEED_WEIGHTS, machine  # noqa: E402
-from mednist_gan.generate import _save_pngs, load_model, make_latents  # noqa: E402
+from mednist_gan.generator.generate import _save_pngs, load_model, make_latents  # noqa: E402
 from mednist_gan.images import encode_png, to_uint8_pictures  # noqa: E402
 
 

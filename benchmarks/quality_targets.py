@@ -96,21 +96,21 @@ def conditional_targets(result: dict) -> list[tuple[str, float, float, bool]]:
 
 def score_conditional_generator(model: Path, mednist_root: Path, num_samples: int | None = None,
                                 usefulness: int = USEFULNESS_PER_CLASS) -> dict:
-    from mednist_gan.quality import evaluate
+    from mednist_gan.quality.evaluate import evaluate
 
     return evaluate([(str(model), model, ("normal",))], mednist_root, num_samples, classes=["all"],
                     usefulness=usefulness, blur=(BLUR_SIGMA,))
 
 
 def score_hand_generator(model: Path, real_dir: Path, num_samples: int, seed_weights: Path = SEED_WEIGHTS) -> dict:
-    from mednist_gan.quality import evaluate
+    from mednist_gan.quality.evaluate import evaluate
 
     return evaluate([(str(model), model, ("normal",)), (f"baseline {seed_weights}", seed_weights, ("normal", "uniform"))],
                     real_dir, num_samples, blur=(BLUR_SIGMA,))
 
 
 def main() -> int:
-    from mednist_gan.quality import format_table, write_json
+    from mednist_gan.quality.evaluate import format_table, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="the generator (any format evaluate takes)")

@@ -33,7 +33,7 @@ def measure(config: Path, data: Path, iters: int) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     from mednist_gan.config import load_config
-    from mednist_gan.trainer import Trainer
+    from mednist_gan.training.trainer import Trainer
 
     cfg = load_config(config)
     iterations = math.ceil(HAND_IMAGES / cfg.train.batch_size) * cfg.train.epochs

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from mednist_gan.generate import SHIPPED_CONDITIONAL, SHIPPED_MODEL, generator_classes, load_model, make_latents
+from mednist_gan.generator.generate import SHIPPED_CONDITIONAL, SHIPPED_MODEL, generator_classes, load_model, make_latents
 from mednist_gan.images import image_grid, save_png, to_uint8_pictures
-from mednist_gan.quality import blurred, load_real_images
+from mednist_gan.quality.evaluate import blurred, load_real_images
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

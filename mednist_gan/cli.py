@@ -150,8 +150,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
-    from .runcontrol import PREEMPTED_EXIT_CODE, Preempted
-    from .trainer import train
+    from .training.stopping import PREEMPTED_EXIT_CODE, Preempted
+    from .training.trainer import train
 
     try:
         train(cfg)
@@ -162,7 +162,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .generator.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx)
     print(f"exported to {out}")
@@ -170,8 +170,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import generate, shipped_model
-    from .hostmem import keep_freed_host_memory
+    from .generator.generate import generate, shipped_model
+    from .runtime.host_memory import keep_freed_host_memory
 
     keep_freed_host_memory()  # a process of its own: large batches reuse their pages instead of faulting them in
     paths = generate(args.model or shipped_model(args.class_name), args.num_samples, args.output_dir, seed=args.seed, batch_size=args.batch_size,
@@ -184,10 +184,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import SAMPLE_ROOT
     from .errors import MednistGanError, OutputError
-    from .hostmem import keep_freed_host_memory
+    from .runtime.host_memory import keep_freed_host_memory
     from .files import ensure_writable_folder
-    from .generate import check_seed
-    from .quality import evaluate, format_table, write_json
+    from .generator.generate import check_seed
+    from .quality.evaluate import evaluate, format_table, write_json
 
     if args.num_samples is not None and args.num_samples < 2:
         raise MednistGanError(f"--num-samples {args.num_samples}: expected an integer >= 2")
@@ -217,12 +217,12 @@ def _train_feature_extractor(args: argparse.Namespace) -> int:
     from .files import ensure_writable_folder
 
     if args.command == "train-classifier":
-        from .classifier import WEIGHTS_FILE, train_classifier as train_extractor
+        from .quality.classifier import WEIGHTS_FILE, train_classifier as train_extractor
 
         def summary(r: dict) -> str:
             return f"held-out accuracy {r['test_accuracy']:.4%} on {r['test_images']} images"
     else:
-        from .encoder import WEIGHTS_FILE, train_encoder as train_extractor
+        from .quality.encoder import WEIGHTS_FILE, train_encoder as train_extractor
 
         def summary(r: dict) -> str:
             return f"held-out view retrieval {r['view_retrieval_top1']:.1%} on 1,000 images"
@@ -236,7 +236,7 @@ def _train_feature_extractor(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import load_sweep, run_trial, run_worker
+    from .sweep.worker import load_sweep, run_trial, run_worker
 
     spec = load_sweep(args.spec, args.overrides, args.sweep_dir)
     if args.dry_run:
@@ -247,7 +247,7 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     if args.trial is None:
         return run_worker(spec, args.parallel, args.worker_id, debug=args.debug)
-    from .runcontrol import PREEMPTED_EXIT_CODE, Preempted
+    from .training.stopping import PREEMPTED_EXIT_CODE, Preempted
 
     try:
         return run_trial(spec, args.trial)
@@ -257,7 +257,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _sweep_report(args: argparse.Namespace) -> int:
-    from .sweep_report import sweep_report
+    from .sweep.report import sweep_report
 
     sweep_report(args.sweep, args.overrides, args.sweep_dir, args.out, export=not args.no_export)
     return 0
@@ -314,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print("mednist-gan: interrupted", file=sys.stderr)
-        from .runcontrol import INTERRUPTED_EXIT_CODE
+        from .training.stopping import INTERRUPTED_EXIT_CODE
 
         return INTERRUPTED_EXIT_CODE
 

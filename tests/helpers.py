@@ -96,7 +96,7 @@ def main_process_tracking(run_dir: Path):
     from types import SimpleNamespace
 
     from mednist_gan.config import load_config
-    from mednist_gan.tracking import Tracking
+    from mednist_gan.training.tracking import Tracking
 
     cfg = load_config(CONFIGS / "debug.yaml", [f"run_dir={run_dir}"])
     return Tracking(cfg, SimpleNamespace(is_main_process=True), run_dir, logging.getLogger("mednist_gan"))

@@ -9,7 +9,7 @@ import pytest
 
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import ConfigWarning, load_config
-from mednist_gan.trainer import train
+from mednist_gan.training.trainer import train
 
 from helpers import CONFIGS, REPO, run_cli
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mednist_gan.config import load_config
-from mednist_gan.networks import ResNetGenerator, build_discriminator, build_generator
-from mednist_gan.runtime import compiled_forwards
-from mednist_gan.trainer import Trainer
+from mednist_gan.models.networks import ResNetGenerator, build_discriminator, build_generator
+from mednist_gan.runtime.accelerator import compiled_forwards
+from mednist_gan.training.trainer import Trainer
 
 from helpers import CONFIGS, reset_accelerate
 

@@ -17,8 +17,8 @@ from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import MEDNIST_CLASSES, ConfigWarning, load_config
 from mednist_gan.data import EpochShuffleSampler, load_labelled_dataset
 from mednist_gan.errors import ConfigError, MednistGanError
-from mednist_gan.generate import generate, generator_classes
-from mednist_gan.trainer import Trainer, train
+from mednist_gan.generator.generate import generate, generator_classes
+from mednist_gan.training.trainer import Trainer, train
 
 from helpers import CONFIGS, REPO, assert_close_up_to_adam_round_off, reset_accelerate, run_cli, train_cmd
 
@@ -146,7 +146,7 @@ def test_mode_seeking_pairs_the_generators_latents_by_class(tmp_path, mednist_ro
 
 
 def test_an_unconditional_generator_refuses_a_class(tmp_path):
-    from mednist_gan.generate import SHIPPED_MODEL
+    from mednist_gan.generator.generate import SHIPPED_MODEL
 
     with pytest.raises(MednistGanError, match="--class CXR: .* is an unconditional generator"):
         generate(SHIPPED_MODEL, 2, tmp_path / "x", class_name="CXR")
@@ -203,8 +203,8 @@ def test_a_conditional_generator_exports_to_a_monai_bundle_and_onnx(tmp_path):
     import dataclasses
 
     from mednist_gan.config import ModelConfig
-    from mednist_gan.export import export_generator
-    from mednist_gan.networks import build_generator
+    from mednist_gan.generator.export import export_generator
+    from mednist_gan.models.networks import build_generator
 
     cfg = ModelConfig(arch="resnet", latent_size=16, resnet_g_channels=2, resnet_d_channels=2, classes=["CXR", "Hand"])
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ import torch
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import load_config
 from mednist_gan.errors import CheckpointError
-from mednist_gan.trainer import train
+from mednist_gan.training.trainer import train
 
 from helpers import CONFIGS, forget_file_records, main_process_tracking, reset_accelerate, run_cli
 
@@ -173,7 +173,7 @@ def test_a_damaged_export_record_is_named_in_one_line(exported, tmp_path):
 
 
 def test_the_shipped_classifier_is_checked_against_its_card(tmp_path, monkeypatch):
-    from mednist_gan import classifier
+    from mednist_gan.quality import classifier
 
     weights, card = tmp_path / "classifier.pt", tmp_path / "classifier.json"
     shutil.copy(classifier.WEIGHTS_FILE, weights)
@@ -213,7 +213,7 @@ def test_a_damaged_wandb_run_id_gives_a_new_run_with_a_warning(tmp_path, caplog)
 
 
 def test_unwritable_run_records_warn_once_and_training_records_go_on(tmp_path, caplog):
-    from mednist_gan.tracking import plot_loss_curves
+    from mednist_gan.training.tracking import plot_loss_curves
 
     run = tmp_path / "run"
     (run / "metrics.jsonl").mkdir(parents=True)  # cannot be appended to
@@ -230,7 +230,7 @@ def test_unwritable_run_records_warn_once_and_training_records_go_on(tmp_path, c
 
 
 def test_an_unreadable_best_record_is_moved_aside_not_overwritten(tmp_path):
-    from mednist_gan.evaluation import read_best_score
+    from mednist_gan.training.in_training_eval import read_best_score
 
     best = tmp_path / "best"
     best.mkdir()

@@ -50,7 +50,7 @@ def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path, mednist_
     from accelerate.utils import set_seed
 
     from mednist_gan.config import ModelConfig
-    from mednist_gan.networks import build_generator
+    from mednist_gan.models.networks import build_generator
 
     set_seed(0)
     initial = build_generator(ModelConfig()).state_dict()

@@ -16,10 +16,10 @@ from PIL import Image
 
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import load_config
-from mednist_gan.export import export_checkpoint
-from mednist_gan.generate import generate
+from mednist_gan.generator.export import export_checkpoint
+from mednist_gan.generator.generate import generate
 from mednist_gan.images import encode_png
-from mednist_gan.trainer import train
+from mednist_gan.training.trainer import train
 
 from helpers import CONFIGS, REPO, reset_accelerate, run_cli
 
@@ -53,7 +53,7 @@ def test_export_matches_the_checkpoint_generator(trained_run):
     assert all(torch.equal(ours[k], checkpoint[k]) for k in ours)
     record = json.loads((trained_run / "export" / "export.json").read_text())
     assert record["step"] == 4 and record["config"]["model"]["latent_size"] == 64
-    from mednist_gan.tracking import git_revision
+    from mednist_gan.training.tracking import git_revision
 
     assert "normal" in record["latent_distribution"]
     assert record["git_revision"] == git_revision()  # None only where this is no usable git checkout
@@ -116,7 +116,7 @@ def test_pt2_and_torchscript_run_with_torch_alone_and_equal_the_eager_generator(
 
 def test_exported_modules_are_inference_only_in_this_process_too(trained_run):
     """``net(z)`` outside no_grad: no parameter requires grad, so no autograd graph is built."""
-    from mednist_gan.generate import load_model
+    from mednist_gan.generator.generate import load_model
 
     z = torch.randn(3, 64)
     for name in ("mednist_gan.pt2", "mednist_gan.ts"):
@@ -146,7 +146,7 @@ def test_exports_written_before_the_pt2_still_load_and_generate(tmp_path):
     is still checked against its record and generates the same pictures from either file."""
     old = REPO / "tests" / "fixtures" / "v0.1.0_run" / "export"
     assert "mednist_gan.pt2" not in json.loads((old / "export.json").read_text())["files"]
-    from mednist_gan.generate import load_model
+    from mednist_gan.generator.generate import load_model
 
     net, latent_size = load_model(old / "mednist_gan.ts")
     assert latent_size == 8 and net(torch.randn(2, 8)).shape == (2, 1, 64, 64)
@@ -306,7 +306,7 @@ def test_generating_from_torchscript_does_not_import_monai(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from mednist_gan.generate import SHIPPED_MODEL, generate
+        from mednist_gan.generator.generate import SHIPPED_MODEL, generate
         paths = generate(SHIPPED_MODEL, 3, Path({str(tmp_path / 'out')!r}))
         print(len(paths), "monai" in sys.modules)
     """)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mednist_gan.config import load_config
-from mednist_gan.runtime import graph_capture
-from mednist_gan.trainer import Trainer
+from mednist_gan.runtime.accelerator import graph_capture
+from mednist_gan.training.trainer import Trainer
 
 from helpers import CONFIGS, assert_close_up_to_adam_round_off, reset_accelerate
 
@@ -135,7 +135,7 @@ def test_graph_capture_is_used_only_where_it_can_be(tmp_path, mednist_root):
 def test_resume_into_captured_phases_continues_the_schedule(tmp_path, mednist_root):
     """A checkpoint of an eager run (learning rates saved as floats) resumes into captured phases: the learning
     rates become device tensors again, so the cosine schedule goes on, and the weights match an uninterrupted run."""
-    from mednist_gan.trainer import train
+    from mednist_gan.training.trainer import train
 
     common = ["optim.warmup_steps=3", "optim.decay=cosine", "optim.final_lr_ratio=0.5", "train.ema_decay=0.9",
               "checkpoint.every_steps=5", "export.at_end=false", "train.log_every=5"]

@@ -24,11 +24,11 @@ import ctypes, resource, sys, torch
 ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0)
 mode = sys.argv[1]
 if mode == "direct":
-    from mednist_gan.hostmem import keep_freed_host_memory
+    from mednist_gan.runtime.host_memory import keep_freed_host_memory
     print("applied", keep_freed_host_memory())
 elif mode.startswith("config"):
     from mednist_gan.config import load_config
-    from mednist_gan.runtime import make_accelerator
+    from mednist_gan.runtime.accelerator import make_accelerator
     keep = mode == "config-on"
     make_accelerator(load_config(sys.argv[2], [f"runtime.keep_host_memory={keep}", "log.tracker=none"]))
 faults = []

@@ -1,14 +1,14 @@
-"""Fidelity/diversity, memorization, class accuracy and usefulness metrics (mednist_gan.metrics) on real MedNIST."""
+"""Fidelity/diversity, memorization, class accuracy and usefulness metrics (mednist_gan.quality.metrics) on real MedNIST."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mednist_gan import metrics
-from mednist_gan.classifier import CLASSES, load_classifier, load_split, to_evaluation_pixels
+from mednist_gan.quality import metrics
+from mednist_gan.quality.classifier import CLASSES, load_classifier, load_split, to_evaluation_pixels
 from mednist_gan.errors import MednistGanError
-from mednist_gan.metrics import (class_accuracy, density_coverage, memorization, nearest_distances, precision_recall,
+from mednist_gan.quality.metrics import (class_accuracy, density_coverage, memorization, nearest_distances, precision_recall,
                                  usefulness)
 
 HAND, CXR = CLASSES.index("Hand"), CLASSES.index("CXR")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mednist_gan import cli
-from mednist_gan.generate import SHIPPED_MODEL
+from mednist_gan.generator.generate import SHIPPED_MODEL
 
 REFUSED = "refused, it holds pickled objects other than tensors"
 
@@ -99,9 +99,9 @@ def test_pt2_files_without_pickled_code_still_load(tmp_path):
     """The layout torch.export.save writes (raw weights, sample inputs pickled with tensors only), for a
     foreign program and for the project's class-conditional export."""
     from mednist_gan.config import ModelConfig
-    from mednist_gan.export import write_exported_program
-    from mednist_gan.generate import load_model
-    from mednist_gan.networks import build_generator
+    from mednist_gan.generator.export import write_exported_program
+    from mednist_gan.generator.generate import load_model
+    from mednist_gan.models.networks import build_generator
 
     net, size = load_model(_program(tmp_path / "tiny.pt2"))
     assert size == 4 and net(torch.randn(3, 4)).shape == (3, 1, 64, 64)
@@ -114,7 +114,7 @@ def test_pt2_files_without_pickled_code_still_load(tmp_path):
 def _nan_weights(tmp_path: Path) -> Path:
     """A model.pt of the seed bundle's architecture with one weight NaN."""
     from mednist_gan.config import ModelConfig
-    from mednist_gan.networks import build_generator
+    from mednist_gan.models.networks import build_generator
 
     state = build_generator(ModelConfig()).state_dict()
     state[next(k for k in state if k.endswith("weight"))].view(-1)[0] = float("nan")
@@ -135,7 +135,7 @@ def test_generator_returning_nan_is_one_line_in_generate_and_evaluate(tmp_path, 
 
 def test_foreign_generator_returning_nan_is_refused(tmp_path):
     from mednist_gan.errors import MednistGanError
-    from mednist_gan.generate import generate
+    from mednist_gan.generator.generate import generate
 
     ts = tmp_path / "nan.ts"
     torch.jit.script(TinyGenerator(nan=True).eval()).save(str(ts))
@@ -182,12 +182,12 @@ def test_class_names_that_are_not_plain_folder_names_are_refused(tmp_path, capsy
 
 
 def test_evaluate_out_that_is_a_folder_fails_before_scoring(tmp_path, capsys, monkeypatch):
-    import mednist_gan.quality
+    import mednist_gan.quality.evaluate
 
     def must_not_score(*args, **kwargs):
         raise AssertionError("scored before checking --out")
 
-    monkeypatch.setattr(mednist_gan.quality, "evaluate", must_not_score)
+    monkeypatch.setattr(mednist_gan.quality.evaluate, "evaluate", must_not_score)
     code, err = _mednist_gan(capsys, "evaluate", "--model", SHIPPED_MODEL, "--out", tmp_path)
     assert code == 2 and err == [f"mednist-gan: error: --out {tmp_path}: is a folder; "
                                  "expected the path of the JSON file to write"]
@@ -226,7 +226,7 @@ def test_generate_on_a_full_disk_is_one_line(tmp_path, capsys, full_disk, where)
 
 
 def test_generate_stops_at_the_first_failed_write(tmp_path, capsys, monkeypatch):
-    import mednist_gan.generate
+    import mednist_gan.generator.generate
 
     calls = []
 
@@ -234,7 +234,7 @@ def test_generate_stops_at_the_first_failed_write(tmp_path, capsys, monkeypatch)
         calls.append(path)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(mednist_gan.generate, "save_png", no_space)
+    monkeypatch.setattr(mednist_gan.generator.generate, "save_png", no_space)
     model = _noise_generator(tmp_path)
     code, err = _mednist_gan(capsys, "generate", "--model", model, "--latent-size", "4", "--num-samples", "10000",
                              "--batch-size", "10", "--output-dir", tmp_path / "png")
@@ -245,7 +245,7 @@ def test_generate_stops_at_the_first_failed_write(tmp_path, capsys, monkeypatch)
 
 def test_evaluate_json_on_a_full_disk_is_one_line_and_leaves_no_file(full_disk):
     from mednist_gan.errors import OutputError
-    from mednist_gan.quality import write_json
+    from mednist_gan.quality.evaluate import write_json
 
     with pytest.raises(OutputError, match=r"--out .*e\.json: cannot be created or written \(No space left on device\)"):
         write_json({"rows": ["x" * 1000] * 200}, full_disk / "e.json")

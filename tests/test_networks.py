@@ -9,9 +9,9 @@ import torch
 
 from mednist_gan.config import ModelConfig
 from mednist_gan.errors import ConfigError
-from mednist_gan.losses import discriminator_loss, generator_loss, mode_seeking_penalty, r1_penalty
-from mednist_gan.networks import ResNetDiscriminator, ResNetGenerator, build_discriminator, build_generator
-from mednist_gan.runtime import MaskDropout, use_mask_dropout
+from mednist_gan.models.losses import discriminator_loss, generator_loss, mode_seeking_penalty, r1_penalty
+from mednist_gan.models.networks import ResNetDiscriminator, ResNetGenerator, build_discriminator, build_generator
+from mednist_gan.runtime.accelerator import MaskDropout, use_mask_dropout
 
 
 def test_seed_bundle_weights_load_strictly_into_the_generator(upstream_weights):
@@ -140,7 +140,7 @@ def test_minibatch_stddev_tells_copies_from_variety_per_group():
     """model.resnet_mbstd: D's extra feature is each group's feature spread, the same for every image of a group,
     zero-ish for a group of copies; groups are consecutive images, so a process's slice computes what one process
     does; it reaches D's logits and R1's double backward."""
-    from mednist_gan.networks import minibatch_stddev
+    from mednist_gan.models.networks import minibatch_stddev
 
     torch.manual_seed(0)
     features = torch.randn(8, 5)
@@ -168,7 +168,7 @@ def test_minibatch_stddev_with_labels_sees_a_collapse_within_a_class():
     """A class-conditional D's statistic is each image's spread among its own class's images in its group: a
     generator that makes one image per class looks as varied as real images to the plain statistic (the classes
     differ), and like copies to this one."""
-    from mednist_gan.networks import minibatch_stddev
+    from mednist_gan.models.networks import minibatch_stddev
 
     torch.manual_seed(0)
     labels = torch.tensor([0, 1, 0, 1, 2, 2, 2, 0])
@@ -216,8 +216,8 @@ def test_resnet_discriminator_without_spectral_norm_is_plain_and_trains_under_r1
 
 
 def test_resnet_exports_round_trip(tmp_path):
-    from mednist_gan.export import export_generator, load_generator_weights
-    from mednist_gan.generate import load_model
+    from mednist_gan.generator.export import export_generator, load_generator_weights
+    from mednist_gan.generator.generate import load_model
 
     cfg = ModelConfig(arch="resnet", latent_size=16, resnet_g_channels=2, resnet_d_channels=2)
     torch.manual_seed(0)

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from mednist_gan.config import load_config
-from mednist_gan.export import load_generator_weights
-from mednist_gan.losses import discriminator_loss, generator_loss, r1_penalty
-from mednist_gan.optim import lr_factor
-from mednist_gan.trainer import Trainer, train
+from mednist_gan.generator.export import load_generator_weights
+from mednist_gan.models.losses import discriminator_loss, generator_loss, r1_penalty
+from mednist_gan.training.optim import lr_factor
+from mednist_gan.training.trainer import Trainer, train
 
 from helpers import CONFIGS, reset_accelerate
 
@@ -245,7 +245,7 @@ def test_a_checkpoint_does_not_carry_the_saving_runs_optimizer_implementation():
     """load_state_dict puts back the saved param groups; the run's own choices (capturable for CUDA graphs, fused
     on a GPU, foreach) and a capturable optimizer's learning-rate tensor come back after it (optim.keep_run_options).
     (A capturable or fused step needs a GPU: tests/test_gpu.py resumes an eager checkpoint into captured phases.)"""
-    from mednist_gan.optim import keep_run_options
+    from mednist_gan.training.optim import keep_run_options
 
     net = torch.nn.Linear(3, 2)
     saved = torch.optim.Adam(net.parameters(), lr=1e-3, foreach=False)  # as an eager CPU run saves it: lr a float

@@ -14,10 +14,10 @@ import pytest
 
 from mednist_gan.config import ModelConfig, load_config
 from mednist_gan.errors import CheckpointError, OutputError
-from mednist_gan.export import export_generator
+from mednist_gan.generator.export import export_generator
 from mednist_gan.files import recover_folder
-from mednist_gan.networks import build_generator
-from mednist_gan.trainer import train
+from mednist_gan.models.networks import build_generator
+from mednist_gan.training.trainer import train
 
 from helpers import CONFIGS, REPO, reset_accelerate, run_cli
 
@@ -75,8 +75,8 @@ KILLED_EXPORT = textwrap.dedent("""
     from pathlib import Path
     import mednist_gan.files as files
     from mednist_gan.config import ModelConfig
-    from mednist_gan.export import export_generator
-    from mednist_gan.networks import build_generator
+    from mednist_gan.generator.export import export_generator
+    from mednist_gan.models.networks import build_generator
 
     step, kill_at = 0, int(sys.argv[2])
     def dying(real):

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from mednist_gan.classifier import CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split, train_classifier
+from mednist_gan.quality.classifier import CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split, train_classifier
 from mednist_gan.config import load_config
-from mednist_gan.quality import QualityMeter, diversity, fmd, load_real_images, split_halves
-from mednist_gan.trainer import train
+from mednist_gan.quality.evaluate import QualityMeter, diversity, fmd, load_real_images, split_halves
+from mednist_gan.training.trainer import train
 
 from helpers import CONFIGS, REPO, run_cli
 
@@ -204,8 +204,8 @@ def test_evaluate_takes_any_generator_with_the_documented_interface(tmp_path):
 
 def test_foreign_generators_latent_size_and_interface_are_checked_in_one_line(tmp_path):
     from mednist_gan.errors import MednistGanError
-    from mednist_gan.generate import generate, load_model
-    from mednist_gan.quality import sample_images
+    from mednist_gan.generator.generate import generate, load_model
+    from mednist_gan.quality.evaluate import sample_images
 
     pt2 = tmp_path / "foreign.pt2"
     program = torch.export.export(ForeignGenerator(16).eval().requires_grad_(False), (torch.randn(2, 16),),
@@ -273,7 +273,7 @@ def conditional_stand_in(folder, root, classes, per_class: int):
 def test_evaluate_every_class_of_a_conditional_generator(tmp_path, mednist_root):
     """--class all: each class scored against its own real images, the generator sampled with that class's label.
     The stand-in returns training images: near the floor, the intended class, and flagged as memorized."""
-    from mednist_gan.classifier import CLASSES
+    from mednist_gan.quality.classifier import CLASSES
 
     order = list(reversed(CLASSES))  # the model's label order need not be the classifier's
     model = conditional_stand_in(tmp_path / "cond", mednist_root, order, 400)
@@ -304,8 +304,8 @@ def test_evaluate_every_class_of_a_conditional_generator(tmp_path, mednist_root)
 
 @pytest.mark.slow
 def test_usefulness_of_real_images_standing_in_for_generated_ones(tmp_path, mednist_root):
-    from mednist_gan.classifier import CLASSES
-    from mednist_gan.quality import evaluate
+    from mednist_gan.quality.classifier import CLASSES
+    from mednist_gan.quality.evaluate import evaluate
 
     model = conditional_stand_in(tmp_path / "cond", mednist_root, CLASSES, 300)
     result = evaluate([("stand-in", model, ("normal",))], mednist_root, 100, latent_size=8, classes=["all"],
@@ -364,7 +364,7 @@ def test_shipped_generator_is_a_bundle_generator_and_its_files_agree():
 def test_shipped_generator_beats_the_seed_bundle(mednist_root, upstream_weights):
     """The shipped weights meet the recipe's targets against the seed's (both latent distributions), at N = 2000:
     at most half the seed's FMD, diversity within 10% of the real images' (measured 0.42x and +8.6%)."""
-    from mednist_gan.quality import evaluate
+    from mednist_gan.quality.evaluate import evaluate
 
     result = evaluate([("shipped", SHIPPED / "model.pt", ("normal",)),
                        ("seed", upstream_weights, ("normal", "uniform"))], mednist_root / "Hand", 2000)
@@ -380,9 +380,9 @@ HAND = WEIGHTS_FILE.parent / "hand"
 
 
 def test_shipped_hand_generator_is_the_default_and_its_files_agree():
-    from mednist_gan.export import load_generator_weights
-    from mednist_gan.generate import SHIPPED_MODEL
-    from mednist_gan.networks import ResNetGenerator
+    from mednist_gan.generator.export import load_generator_weights
+    from mednist_gan.generator.generate import SHIPPED_MODEL
+    from mednist_gan.models.networks import ResNetGenerator
 
     assert SHIPPED_MODEL == HAND / "mednist_gan.ts"
     generator = load_generator_weights(HAND / "model.pt")  # the architecture from the export.json beside it
@@ -425,9 +425,9 @@ CONDITIONAL = WEIGHTS_FILE.parent / "conditional"
 
 def test_shipped_conditional_generator_is_the_default_with_a_class_and_its_files_agree():
     from mednist_gan.config import MEDNIST_CLASSES
-    from mednist_gan.export import load_generator_weights
-    from mednist_gan.generate import SHIPPED_CONDITIONAL, SHIPPED_MODEL, generator_classes, shipped_model
-    from mednist_gan.networks import ResNetGenerator
+    from mednist_gan.generator.export import load_generator_weights
+    from mednist_gan.generator.generate import SHIPPED_CONDITIONAL, SHIPPED_MODEL, generator_classes, shipped_model
+    from mednist_gan.models.networks import ResNetGenerator
 
     assert shipped_model() == SHIPPED_MODEL and shipped_model("CXR") == SHIPPED_CONDITIONAL == CONDITIONAL / "mednist_gan.ts"
     assert generator_classes(SHIPPED_CONDITIONAL) == list(MEDNIST_CLASSES)
@@ -446,7 +446,7 @@ def test_shipped_conditional_generator_is_the_default_with_a_class_and_its_files
 def test_generate_with_a_class_and_no_model_makes_that_class(tmp_path):
     """`mednist-gan generate --class all` without --model: each class's folder holds images the shipped classifier
     takes for that class (7 of 8 at least: its class accuracy is 99.7-100% at N = 5000)."""
-    from mednist_gan.classifier import CLASSES, to_evaluation_pixels
+    from mednist_gan.quality.classifier import CLASSES, to_evaluation_pixels
 
     result = run_cli("generate", "--class", "all", "--num-samples", "8", "--output-dir", str(tmp_path / "out"),
                      "--grid", str(tmp_path / "grid.png"))
@@ -508,8 +508,8 @@ def test_class_diversity_scores_each_class_of_a_conditional_generator(tmp_path, 
 
     from class_diversity import class_diversity
     from mednist_gan.config import ModelConfig
-    from mednist_gan.export import export_generator
-    from mednist_gan.networks import build_generator
+    from mednist_gan.generator.export import export_generator
+    from mednist_gan.models.networks import build_generator
 
     cfg = ModelConfig(arch="resnet", latent_size=16, resnet_g_channels=2, resnet_d_channels=2, classes=["CXR", "Hand"])
     torch.manual_seed(0)

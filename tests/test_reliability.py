@@ -22,7 +22,7 @@ from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import load_config
 from mednist_gan.data import list_images
 from mednist_gan.errors import TrainingError
-from mednist_gan.trainer import Trainer
+from mednist_gan.training.trainer import Trainer
 
 from helpers import CONFIGS, REPO, run_cli, train_cmd
 
@@ -356,7 +356,7 @@ def test_pickle_with_code_as_model_is_refused_and_nothing_runs(tmp_path):
 @pytest.mark.slow
 def test_truncated_checkpoint_file_is_named_and_not_resumed(debug_overrides, tmp_path):
     from mednist_gan.errors import CheckpointError
-    from mednist_gan.trainer import train
+    from mednist_gan.training.trainer import train
 
     train(_cfg(debug_overrides, "train.max_steps=2", "export.at_end=false"))
     latest = ckpt.find_latest(tmp_path / "run")

@@ -22,7 +22,7 @@ from mednist_gan import checkpoint as ckpt
 from mednist_gan.cli import main
 from mednist_gan.config import load_config
 from mednist_gan.errors import MednistGanError
-from mednist_gan.trainer import Trainer, train
+from mednist_gan.training.trainer import Trainer, train
 
 from helpers import CONFIGS, REPO, reset_accelerate, run_cli
 
@@ -269,7 +269,7 @@ def _rotate_once(monkeypatch, run: Path, when: str) -> list[bool]:
 
 @pytest.mark.parametrize("when", ["right after it is chosen", "while it is read"])
 def test_a_checkpoint_rotated_away_while_it_is_read_is_not_damaged(finished_run, tmp_path, when, monkeypatch, caplog):
-    from mednist_gan.generate import generate
+    from mednist_gan.generator.generate import generate
 
     monkeypatch.setattr(logging.getLogger("mednist_gan"), "propagate", True)
     caplog.set_level(logging.WARNING, logger="mednist_gan")

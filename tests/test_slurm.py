@@ -261,8 +261,8 @@ def test_sweep_array_shares_one_journal_prunes_resumes_a_preempted_trial_and_rep
     import optuna
     from optuna.trial import TrialState
 
-    from mednist_gan.generate import load_model
-    from mednist_gan.sweep import load_sweep, make_storage
+    from mednist_gan.generator.generate import load_model
+    from mednist_gan.sweep.worker import load_sweep, make_storage
     from wandb_records import config as wandb_config
     from wandb_records import read_records
 

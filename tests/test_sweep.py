@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from mednist_gan.cli import main
 from mednist_gan.config import ConfigWarning, load_config
 from mednist_gan.errors import ConfigError
-from mednist_gan.sweep import (_claim, _Reporter, _worker_lock, frozen_trial, load_sweep, make_pruner, make_storage,
+from mednist_gan.sweep.worker import (_claim, _Reporter, _worker_lock, frozen_trial, load_sweep, make_pruner, make_storage,
                                open_study)
 
 from helpers import CONFIGS, run_cli
@@ -383,8 +383,8 @@ def test_sweep_report_on_a_sweep_that_never_ran_creates_nothing(tmp_path, capsys
 def test_an_evaluation_callback_ends_the_run_after_the_next_iteration_and_its_checkpoint(debug_overrides, tmp_path):
     """The trainer's hook for a sweep's pruner: a reason returned by the callback ends the run cleanly."""
     from mednist_gan import checkpoint as ckpt
-    from mednist_gan.runcontrol import EndedEarly
-    from mednist_gan.trainer import Trainer
+    from mednist_gan.training.stopping import EndedEarly
+    from mednist_gan.training.trainer import Trainer
 
     cfg = load_config(CONFIGS / "debug.yaml", [*debug_overrides, "eval.every_steps=2", "eval.num_samples=8",
                                                "eval.keep_best=false", "checkpoint.every_steps=null"])

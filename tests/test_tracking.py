@@ -10,7 +10,7 @@ import time
 import pytest
 
 from mednist_gan.config import load_config
-from mednist_gan.trainer import Trainer, train
+from mednist_gan.training.trainer import Trainer, train
 
 from helpers import CONFIGS, REPO, main_process_tracking
 from wandb_records import config as wandb_config
@@ -217,7 +217,7 @@ def test_every_accelerate_tracker_is_a_choice():
     from accelerate.utils import LoggerType
 
     from mednist_gan.config import LogConfig
-    from mednist_gan.tracking import TRACKERS
+    from mednist_gan.training.tracking import TRACKERS
 
     choices = set(typing.get_args(typing.get_type_hints(LogConfig)["tracker"]))
     assert choices == {"none"} | {t.value for t in LoggerType if t.value != "all"}
@@ -281,7 +281,7 @@ def test_a_tracker_that_is_not_installed_is_a_one_line_error_before_training(tmp
 
 
 def test_check_tracker_installed_accepts_what_is_installed():
-    from mednist_gan.tracking import check_tracker_installed
+    from mednist_gan.training.tracking import check_tracker_installed
 
     for kind in ("none", "wandb", "tensorboard"):
         check_tracker_installed(kind)
@@ -292,7 +292,7 @@ def test_check_tracker_installed_accepts_what_is_installed():
 def test_loss_curves_get_an_fmd_panel_when_evaluation_ran(tmp_path):
     from PIL import Image
 
-    from mednist_gan.tracking import plot_loss_curves
+    from mednist_gan.training.tracking import plot_loss_curves
 
     rows = [{"step": s, "loss_d": 1 / s, "loss_g": s, "d_real": 0.6, "d_fake": 0.4} for s in (1, 2, 3, 4)]
     plain = tmp_path / "plain.jsonl"

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from mednist_gan.config import load_config
 from mednist_gan.data import list_images, load_images, scale_intensity
-from mednist_gan.trainer import Trainer
+from mednist_gan.training.trainer import Trainer
 
 from helpers import CONFIGS, assert_close_up_to_adam_round_off
 
@@ -96,7 +96,7 @@ def test_one_iteration_matches_monai_gan_trainer(tmp_path, mednist_root, d_train
 def trainer_initial_linear(cfg):
     from accelerate.utils import set_seed
 
-    from mednist_gan.networks import build_generator
+    from mednist_gan.models.networks import build_generator
 
     set_seed(cfg.train.seed)
     return build_generator(cfg.model).state_dict()["linear.weight"]

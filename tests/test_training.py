@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import load_config
 from mednist_gan.errors import CheckpointError, ConfigError
-from mednist_gan.trainer import Trainer, train
+from mednist_gan.training.trainer import Trainer, train
 
 from helpers import CONFIGS, forget_file_records, run_cli
 

@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MEDNIST_CLASSES
-from .data import list_images, load_images, scale_intensity
-from .errors import CheckpointError, DataError, first_line
-from .files import sha256_file, write_atomic
-from .images import to_uint8
+from ..config import MEDNIST_CLASSES
+from ..data import list_images, load_images, scale_intensity
+from ..errors import CheckpointError, DataError, first_line
+from ..files import sha256_file, write_atomic
+from ..images import to_uint8
 
 CLASSES = MEDNIST_CLASSES
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 WEIGHTS_FILE = ASSETS / "classifier.pt"
 CARD_JSON = ASSETS / "classifier.json"
 CARD_MD = ASSETS / "classifier.md"
@@ -68,7 +68,7 @@ def load_classifier(path: Optional[Path] = None) -> MedNISTClassifier:
         raise CheckpointError(f"classifier weights {path}: no such file "
                               "(train them with `mednist-gan train-classifier --data-root <MedNIST>`)")
     if path == WEIGHTS_FILE:  # the shipped weights must be the ones their card describes
-        from .checkpoint import verify_recorded_sha256
+        from ..checkpoint import verify_recorded_sha256
 
         verify_recorded_sha256(path, json.loads(CARD_JSON.read_text())["sha256"], CARD_JSON)
     try:
@@ -117,7 +117,7 @@ def fit(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
         seed: int, decay_to_zero: bool = False, log=None) -> nn.Module:
     """Cross-entropy training with Adam, a seeded shuffle per epoch (seed + 1) and, with ``decay_to_zero``, the
     learning rate decayed linearly to 0; ``log`` gets a line per epoch (and turns on a terminal progress bar)."""
-    from .generate import progress_bar
+    from ..generator.generate import progress_bar
 
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * -(-len(images) // batch_size)

@@ -16,13 +16,13 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import Config
-from .data import scale_intensity
-from .errors import first_line
-from .export import export_generator
-from .files import BEST_DIR, PROVENANCE_FILE, recover_folder
-from .networks import generator_copy
+from .. import checkpoint as ckpt
+from ..config import Config
+from ..data import scale_intensity
+from ..errors import first_line
+from ..generator.export import export_generator
+from ..files import BEST_DIR, PROVENANCE_FILE, recover_folder
+from ..models.networks import generator_copy
 
 LATENT_SEED_OFFSET = 2_000_003
 
@@ -57,7 +57,7 @@ class InTrainingEvaluation:
     def __call__(self, generator: torch.nn.Module, autocast, step: int, provenance: dict) -> dict:
         """Score ``generator`` (under ``autocast``); export it to ``best/`` when its ``eval.best_metric`` is the
         lowest so far."""
-        from .quality import QualityMeter, sample_images
+        from ..quality.evaluate import QualityMeter, sample_images
 
         cfg = self.cfg
         picks = self._real_subsets()

@@ -17,7 +17,7 @@ from monai.networks.nets import Discriminator, Generator
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 # Widths of the residual networks' stages, as multiples of model.resnet_g_channels / resnet_d_channels.
 G_WIDTHS = (16, 8, 4, 2, 1)  # 4x4 -> 8x8 -> 16x16 -> 32x32 -> 64x64

@@ -17,9 +17,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .errors import ConfigError, first_line
-from .files import ensure_writable_folder, write_atomic
-from .sweep import JOURNAL_FILE, RECORD_ATTR, TRIALS_DIR, _optuna, load_sweep, make_storage, summary
+from ..errors import ConfigError, first_line
+from ..files import ensure_writable_folder, write_atomic
+from .worker import JOURNAL_FILE, RECORD_ATTR, TRIALS_DIR, _optuna, load_sweep, make_storage, summary
 
 LEADERBOARD_CSV, LEADERBOARD_JSON, HISTORY_PNG, BEST_TRIAL_DIR = ("leaderboard.csv", "leaderboard.json", "history.png",
                                                                   "best_trial")
@@ -179,9 +179,9 @@ def export_best(study, record: dict, sweep_dir: Path, out_dir: Path) -> Optional
     """The best complete trial's generator (its newest intact checkpoint), with the sweep in its provenance."""
     from optuna.trial import TrialState
 
-    from .checkpoint import META, resolve
-    from .config import ModelConfig
-    from .export import checkpoint_provenance, export_generator, load_checkpoint_generator
+    from ..checkpoint import META, resolve
+    from ..config import ModelConfig
+    from ..generator.export import checkpoint_provenance, export_generator, load_checkpoint_generator
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None

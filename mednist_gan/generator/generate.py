@@ -17,16 +17,16 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .errors import CheckpointError, MednistGanError, first_line, output_error
-from .files import PROVENANCE_FILE, ensure_writable_folder
-from .images import image_grid, save_png, to_uint8_pictures
+from ..errors import CheckpointError, MednistGanError, first_line, output_error
+from ..files import PROVENANCE_FILE, ensure_writable_folder
+from ..images import image_grid, save_png, to_uint8_pictures
 
 LATENTS = ("normal", "uniform")
 # The generators used when no --model is given (each folder's MODEL_CARD.md says how it was trained): the Hand
 # generator of configs/resnet.yaml, and with --class the six-class one of configs/conditional.yaml;
 # assets/generator holds the bundle-architecture one of configs/quality.yaml.
-SHIPPED_MODEL = Path(__file__).parent / "assets" / "hand" / "mednist_gan.ts"
-SHIPPED_CONDITIONAL = Path(__file__).parent / "assets" / "conditional" / "mednist_gan.ts"
+SHIPPED_MODEL = Path(__file__).parents[1] / "assets" / "hand" / "mednist_gan.ts"
+SHIPPED_CONDITIONAL = Path(__file__).parents[1] / "assets" / "conditional" / "mednist_gan.ts"
 MAX_SAMPLES = 10_000_000  # all latents are drawn at once: 10M of size 128 take 5 GB
 MAX_SEED = 2**63 - 1
 
@@ -83,7 +83,7 @@ def _agreed_latent_size(path: Path, own: Optional[int], given: Optional[int]) ->
 
 def _verify_against_export_record(path: Path) -> None:
     """An exported file is checked against the sha256 its ``export.json`` records (when it sits beside one)."""
-    from .checkpoint import verify_recorded_sha256
+    from ..checkpoint import verify_recorded_sha256
 
     record = path.parent / PROVENANCE_FILE
     if not record.exists():
@@ -263,7 +263,7 @@ def generator_classes(path: Path) -> Optional[list[str]]:
         if record.is_file():
             classes = json.loads(record.read_text()).get("classes")
         elif path.is_dir():
-            from .checkpoint import read_meta, resolve
+            from ..checkpoint import read_meta, resolve
 
             record = path
             classes = read_meta(resolve(path))["config"]["model"].get("classes")
@@ -275,7 +275,7 @@ def generator_classes(path: Path) -> Optional[list[str]]:
         return None
     if not isinstance(classes, list):
         raise CheckpointError(f"{record}: classes {classes!r}: expected a list of class names")
-    from .config import check_class_name
+    from ..config import check_class_name
 
     for name in classes:
         check_class_name(name, str(record), CheckpointError)  # --class all writes <output-dir>/<class>/

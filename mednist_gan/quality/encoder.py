@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classifier import ASSETS, CLASSES, load_split, save_with_card
-from .errors import CheckpointError, first_line
+from ..errors import CheckpointError, first_line
 
 WEIGHTS_FILE = ASSETS / "encoder.pt"
 CARD_JSON = ASSETS / "encoder.json"
@@ -68,7 +68,7 @@ class MedNISTEncoder(nn.Module):
 
 def load_encoder(path: Optional[Path] = None) -> MedNISTEncoder:
     """The shipped encoder (or the weights at ``path``), in eval mode on the CPU."""
-    from .checkpoint import verify_recorded_sha256
+    from ..checkpoint import verify_recorded_sha256
 
     path = Path(path) if path is not None else WEIGHTS_FILE
     if not path.is_file():
@@ -145,7 +145,7 @@ def train_encoder(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 5, ba
     """Contrastive training on the seeded training split of every class (the classifier's split function, so
     the same images are held out); writes the weights and their card. Deterministic algorithms, a fixed
     seed and a fixed thread count: re-running reproduces the weights on the same machine and versions."""
-    from .generate import progress_bar
+    from ..generator.generate import progress_bar
 
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)

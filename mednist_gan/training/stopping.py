@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .errors import TrainingError, first_line
+from ..errors import TrainingError, first_line
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
 PREEMPTED_EXIT_CODE = 3

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import ConfigError, MednistGanError
+from ..errors import ConfigError, MednistGanError
 
 MEDNIST_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/MedNIST.tar.gz"
 MEDNIST_MD5 = "0bc7306e7427e00ad1c5526a6677552d"

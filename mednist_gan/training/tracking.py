@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import Config
-from .errors import ConfigError, OutputError, first_line, output_error
-from .files import (CONFIG_FILE, GIT_REVISION_FILE, LOCK_FILE, LOG_FILE, LOSS_CURVES_FILE, METRICS_FILE,
+from ..config import Config
+from ..errors import ConfigError, OutputError, first_line, output_error
+from ..files import (CONFIG_FILE, GIT_REVISION_FILE, LOCK_FILE, LOG_FILE, LOSS_CURVES_FILE, METRICS_FILE,
                     PROVENANCE_FILE, SAMPLES_DIR, TRACKER_DIR, WANDB_RUN_ID_FILE, WANDB_STEP_FILE, write_atomic)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -392,7 +392,7 @@ class Tracking:
     def log_samples(self, pictures, step: int, columns: Optional[int] = None) -> Path:
         """Main process: a grid of upright uint8 pictures (``columns`` a row, e.g. one row per class), as PNG in
         samples/ and to the tracker."""
-        from .images import image_grid, save_png
+        from ..images import image_grid, save_png
 
         grid = image_grid(pictures, columns)
         path = self.run_dir / SAMPLES_DIR / f"step_{step:06d}.png"

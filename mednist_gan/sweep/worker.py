@@ -43,10 +43,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 
-from .config import Config, ConfigWarning, load_config, read_yaml
-from .errors import ConfigError, MednistGanError, TrainingError, first_line
-from .files import ensure_writable_folder, write_atomic
-from .runcontrol import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, CatchStopSignals, write_failure
+from ..config import Config, ConfigWarning, load_config, read_yaml
+from ..errors import ConfigError, MednistGanError, TrainingError, first_line
+from ..files import ensure_writable_folder, write_atomic
+from ..training.stopping import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, CatchStopSignals, write_failure
 
 SPEC_KEYS = ("name", "base", "overrides", "sweep_dir", "storage", "trials", "budget", "objective", "sampler",
              "pruner", "enqueue", "params")
@@ -906,7 +906,7 @@ def run_trial(spec: SweepSpec, number: int) -> int:
     lock = _Lock(_trial_lock(spec, number))
     if not lock.acquire():
         raise ConfigError(f"sweep {spec.name}: trial {number} is being run by {lock.holder()}")
-    from .runcontrol import Preempted
+    from ..training.stopping import Preempted
 
     trial = Trial(study, frozen._trial_id)
     try:
@@ -924,9 +924,9 @@ def run_trial(spec: SweepSpec, number: int) -> int:
 def _train_trial(study, trial, spec: SweepSpec, cfg: Config, frozen) -> int:
     from optuna.trial import TrialState
 
-    from .files import EXPORT_DIR
-    from .runcontrol import EndedEarly
-    from .trainer import Trainer
+    from ..files import EXPORT_DIR
+    from ..training.stopping import EndedEarly
+    from ..training.trainer import Trainer
 
     reporter = _Reporter(trial, spec, frozen)
     trainer = Trainer(cfg, on_evaluation=reporter)

@@ -29,24 +29,24 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from .checkpoint import TrainState
-from .config import Config, ModelConfig
-from .data import apply_augment, build_dataloader, load_labelled_dataset, sample_augment_params, scale_intensity
-from .errors import CheckpointError, ConfigError, TrainingError, first_line
-from .evaluation import InTrainingEvaluation
-from .export import checkpoint_provenance, export_generator
-from .files import EXPORT_DIR, write_atomic
-from .graphs import PhaseGraphs
-from .images import to_uint8_pictures
-from .losses import discriminator_loss, generator_loss, mode_seeking_penalty, r1_penalty
-from .networks import build_discriminator, build_generator, generator_copy
+from .. import checkpoint as ckpt
+from ..checkpoint import TrainState
+from ..config import Config, ModelConfig
+from ..data import apply_augment, build_dataloader, load_labelled_dataset, sample_augment_params, scale_intensity
+from ..errors import CheckpointError, ConfigError, TrainingError, first_line
+from .in_training_eval import InTrainingEvaluation
+from ..generator.export import checkpoint_provenance, export_generator
+from ..files import EXPORT_DIR, write_atomic
+from ..runtime.cuda_graphs import PhaseGraphs
+from ..images import to_uint8_pictures
+from ..models.losses import discriminator_loss, generator_loss, mode_seeking_penalty, r1_penalty
+from ..models.networks import build_discriminator, build_generator, generator_copy
 from .optim import keep_run_options, make_optimizers, make_schedulers
-from .runcontrol import EndedEarly, Preempted, StopRequest, crash_point, peers_lost, write_failure
-from .runtime import (compiled_forwards, graph_capture, make_accelerator, memory_format, optimizer_options,
+from .stopping import EndedEarly, Preempted, StopRequest, crash_point, peers_lost, write_failure
+from ..runtime.accelerator import (compiled_forwards, graph_capture, make_accelerator, memory_format, optimizer_options,
                       precision_warning, prepare_networks)
-from .tracking import (Tracking, close_log_file, lock_run_dir, open_log_file, setup_logging, unlock_run_dir,
-                       write_run_info)
+from .tracking import (Tracking, check_tracker_installed, close_log_file, lock_run_dir, open_log_file,
+                       setup_logging, tracker_dir, unlock_run_dir, write_run_info)
 
 LATENT_RNG_FILE, AUGMENT_RNG_FILE = "latent_rng.pt", "augment_rng.pt"  # shared streams, saved by the main process
 AUGMENT_SEED_OFFSET = 3_000_017
@@ -82,7 +82,8 @@ class Trainer:
         self.cfg = cfg
         self.on_evaluation = on_evaluation
         self.run_dir = cfg.run_path
-        self.acc = acc = accelerator or make_accelerator(cfg)
+        check_tracker_installed(cfg.log.tracker)  # before Accelerate warns about it in its own words
+        self.acc = acc = accelerator or make_accelerator(cfg, tracker_dir(cfg))
         self.log = setup_logging(self.run_dir, acc.is_main_process)
         if acc.is_main_process:  # one training process per run directory; the other ranks are part of this one
             lock_run_dir(self.run_dir)

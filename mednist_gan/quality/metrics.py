@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .classifier import CLASSES, MedNISTClassifier, fit, load_classifier, to_evaluation_pixels
-from .errors import MednistGanError
+from ..errors import MednistGanError
 
 BLOCK = 1 << 24  # distances computed at once: 64 MB of float32 (e.g. 1,677 queries x 10,000 references)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -15,16 +16,14 @@ from torch.nn.utils import parametrize
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, InitProcessGroupKwargs
 
-from .config import Config, RuntimeConfig
-from .errors import ConfigError
-from .hostmem import keep_freed_host_memory
+from ..config import Config, RuntimeConfig
+from ..errors import ConfigError
+from .host_memory import keep_freed_host_memory
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    """One Accelerator per process, after the process-wide settings (threads, host memory, determinism)."""
-    from .tracking import check_tracker_installed, tracker_dir
-
-    check_tracker_installed(cfg.log.tracker)  # before Accelerate warns about it in its own words
+def make_accelerator(cfg: Config, tracker_dir: Optional[Path] = None) -> Accelerator:
+    """One Accelerator per process, after the process-wide settings (threads, host memory, determinism); its
+    trackers (``log.tracker``) write under ``tracker_dir``."""
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision='fp16' needs a CUDA GPU, and none is visible: use 'bf16' or 'no' on CPU")
     if cfg.runtime.num_threads is not None:
@@ -46,7 +45,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
     accelerator = Accelerator(
         log_with=tracker,
-        project_dir=str(tracker_dir(cfg)),
+        project_dir=None if tracker_dir is None else str(tracker_dir),
         # Without a GPU, processes started by a launcher form a gloo group (Accelerate's MULTI_CPU).
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.precision,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .config import OptimConfig
+from ..config import OptimConfig
 
 
 def make_optimizers(generator: torch.nn.Module, discriminator: torch.nn.Module, cfg: OptimConfig,

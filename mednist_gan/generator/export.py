@@ -19,13 +19,13 @@ from typing import BinaryIO, Callable, Optional, Union
 
 import torch
 
-from . import __version__
-from .checkpoint import EMA_FILE, META, read_meta, resolve
-from .config import ModelConfig
-from .errors import CheckpointError, first_line, output_error
-from .files import (PROVENANCE_FILE, check_replaceable, fsync_tree, recover_folder, replace_folder, sha256_file,
+from .. import __version__
+from ..checkpoint import EMA_FILE, META, read_meta, resolve
+from ..config import ModelConfig
+from ..errors import CheckpointError, first_line, output_error
+from ..files import (PROVENANCE_FILE, check_replaceable, fsync_tree, recover_folder, replace_folder, sha256_file,
                     staging_folder)
-from .networks import build_generator
+from ..models.networks import build_generator
 
 MODEL_FILE = "model.pt"
 TORCHSCRIPT_FILE = "mednist_gan.ts"

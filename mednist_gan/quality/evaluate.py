@@ -33,10 +33,10 @@ import torch
 
 from . import metrics
 from .classifier import CLASSES, load_classifier, to_evaluation_pixels
-from .data import list_images, load_images, scale_intensity
+from ..data import list_images, load_images, scale_intensity
 from .encoder import load_encoder
-from .errors import MednistGanError, output_error
-from .files import write_atomic
+from ..errors import MednistGanError, output_error
+from ..files import write_atomic
 
 # 3 scales so that a 7-pixel window still fits the coarsest (16x16) scale of a 64x64 image;
 # MS-SSIM's first three weights (Wang et al., 2003), renormalised.
@@ -217,7 +217,7 @@ def sample_images(model: Callable[..., torch.Tensor], latent_size: int, n: int, 
     """N images from seeded latents; with ``source`` (the model's file) the output is held to the documented
     interface, (N, 1, 64, 64), in one line; ``progress`` names a bar shown on a terminal. ``label``: the class
     index for a class-conditional generator, called as ``model(latents, labels)``."""
-    from .generate import make_latents, progress_bar, run_generator
+    from ..generator.generate import make_latents, progress_bar, run_generator
 
     z = make_latents(n, latent_size, seed, latent)
     out = []
@@ -249,7 +249,7 @@ class _Model:
 
 def _load_models(models: list[tuple[str, Path, tuple[str, ...]]], classes: list[Optional[str]],
                  latent_size: Optional[int], device: str) -> list[_Model]:
-    from .generate import generator_classes, load_model
+    from ..generator.generate import generator_classes, load_model
 
     loaded = []
     for name, path, latents in models:
@@ -298,7 +298,7 @@ def evaluate(models: list[tuple[str, Path, tuple[str, ...]]], real_dir: Path, nu
     training on as many real images. ``blur`` (Gaussian sigmas): also score the floor's real images blurred with
     each, the yardstick of issue #17's targets ("no worse than real images blurred with sigma 1.5").
     """
-    from .generate import progress_bar
+    from ..generator.generate import progress_bar
 
     if any(not (s > 0) for s in blur):
         raise MednistGanError(f"--blurred {', '.join(f'{s:g}' for s in blur)}: expected Gaussian sigmas > 0")

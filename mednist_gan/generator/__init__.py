@@ -1,0 +1,1 @@
+"""A trained generator outside training: loading every format, the exporters, ``generate``."""
