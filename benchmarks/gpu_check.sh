@@ -45,7 +45,7 @@ train_gpu() {
     local run=/tmp/gpu_runs
     rm -rf "$run"
     python3 -m mednist_gan train --config configs/bundle.yaml data.root="$MEDNIST_ROOT" run_dir=$run/bundle \
-        train.max_steps=300 train.log_every=50 checkpoint.every_steps=100 log.sample_every=100 eval.every_steps=150 \
+        train.max_steps=300 log.every_steps=50 checkpoint.every_steps=100 log.sample_every=100 eval.every_steps=150 \
         log.tracker=none || return 1
     python3 -m mednist_gan train --config configs/quality.yaml data.root="$MEDNIST_ROOT" run_dir=$run/quality \
         train.max_steps=400 eval.every_steps=200 log.sample_every=200 log.tracker=none || return 1

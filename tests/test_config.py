@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 
-from mednist_gan.config import (MAX_YAML_VALUES, Config, ConfigWarning, ModelConfig, check_class_name, config_from_record,
-                                describe_fields, load_config, plain_folder_name, read_yaml)
+from mednist_gan.config import (MAX_YAML_VALUES, Config, ConfigWarning, ModelConfig, check_class_name,
+                                config_from_record, describe_fields, load_config, plain_folder_name, read_yaml)
 from mednist_gan.errors import CheckpointError, ConfigError
 
 from helpers import CONFIGS, REPO, run_cli
@@ -140,9 +140,12 @@ BAD_FILES = {
                       "config file {f} line 3, column 1: key 'train' appears twice in one mapping"),
     "key_twice": (b"train:\n  epochs: 2\n  epochs: 3\n",
                   "config file {f} line 3, column 3: key 'epochs' appears twice in one mapping"),
-    "alias_bomb": (_bomb().encode(), f"config file {{f}} line 5, column 5: more than {MAX_YAML_VALUES} values once aliases"),
-    "alias_loop": (b"data: &d {classes: [*d]}\n", "config file {f} line 1, column 7: an alias refers to a node that contains it"),
-    "too_large": (b"# " + b"x" * (1 << 20) + b"\n", "config file {f}: larger than 1 MiB, the most a YAML file may hold"),
+    "alias_bomb": (_bomb().encode(),
+                   f"config file {{f}} line 5, column 5: more than {MAX_YAML_VALUES} values once aliases"),
+    "alias_loop": (b"data: &d {classes: [*d]}\n",
+                   "config file {f} line 1, column 7: an alias refers to a node that contains it"),
+    "too_large": (b"# " + b"x" * (1 << 20) + b"\n",
+                  "config file {f}: larger than 1 MiB, the most a YAML file may hold"),
     "seed_negative": (b"train: {seed: -1}\n", "train.seed=-1 is not allowed: expected an integer in 0..4294967295"),
     "seed_too_large": (b"train: {seed: 100000000000000000000}\n",
                        "train.seed=100000000000000000000 is not allowed: expected an integer in 0..4294967295"),
@@ -166,7 +169,8 @@ def test_bad_config_files_are_one_line_errors(tmp_path, case):
     assert "\n" not in str(err.value) and len(str(err.value)) < 300
 
 
-@pytest.mark.parametrize("case", ["base_number", "latin1", "section_twice", "alias_bomb", "seed_negative", "class_path"])
+@pytest.mark.parametrize("case", ["base_number", "latin1", "section_twice", "alias_bomb", "seed_negative",
+                                  "class_path"])
 def test_bad_config_files_are_one_line_on_the_cli(tmp_path, case):
     content, message = BAD_FILES[case]
     path = tmp_path / "bad.yaml"
@@ -246,7 +250,8 @@ def test_plain_folder_names():
         check_class_name(good, "export.json")
     for bad in ("", ".", "..", ".x", "a/b", "a\\b", "a\0b", None, 3):
         assert not plain_folder_name(bad)
-    with pytest.raises(ConfigError, match=r"^export\.json: class name '\.\./x' is not allowed: expected a plain folder name"):
+    with pytest.raises(ConfigError,
+                       match=r"^export\.json: class name '\.\./x' is not allowed: expected a plain folder name"):
         check_class_name("../x", "export.json")
     with pytest.raises(CheckpointError, match="class name '' is not allowed"):
         check_class_name("", "export.json", CheckpointError)
@@ -278,7 +283,8 @@ def test_records_of_newer_versions_ignore_unknown_keys_with_one_warning(tmp_path
                                       "wrote them): model.future_width, train.future_flag, future_section")
     with pytest.warns(ConfigWarning, match=r"export\.json: ignoring config keys .*: model\.future_width$"):
         assert ModelConfig.from_record(config["model"], "export.json") == ModelConfig()
-    with pytest.raises(ConfigError, match="unknown config key 'model.future_width'"):  # a user's config still refuses it
+    # a user's config still refuses it
+    with pytest.raises(ConfigError, match="unknown config key 'model.future_width'"):
         load_config(None, ["model.future_width=3"])
 
 
