@@ -261,8 +261,9 @@ def test_sweep_array_shares_one_journal_prunes_resumes_a_preempted_trial_and_rep
     import optuna
     from optuna.trial import TrialState
 
-    from mednist_gan.generator.generate import load_model
-    from mednist_gan.sweep.worker import load_sweep, make_storage
+    from mednist_gan.generator.loader import open_generator
+    from mednist_gan.sweep.spec import load_sweep
+    from mednist_gan.sweep.study import make_storage
     from wandb_records import config as wandb_config
     from wandb_records import read_records
 
@@ -347,7 +348,8 @@ def test_sweep_array_shares_one_journal_prunes_resumes_a_preempted_trial_and_rep
     provenance = json.loads((exported / "export.json").read_text())
     assert provenance["sweep"]["trial"] == best.number and provenance["step"] == 6
     for name in ("mednist_gan.ts", "mednist_gan.pt2", "model.pt"):
-        generate, latent_size = load_model(exported / name)
+        opened = open_generator(exported / name)
+        generate, latent_size = opened.network, opened.latent_size
         assert generate(torch.randn(2, latent_size)).shape == (2, 1, 64, 64)
     assert (sweep_dir / "report" / "history.png").stat().st_size > 1000
     assert len((sweep_dir / "report" / "leaderboard.csv").read_text().splitlines()) == 7

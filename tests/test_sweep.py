@@ -21,8 +21,11 @@ from optuna.trial import TrialState
 from mednist_gan.cli import main
 from mednist_gan.config import ConfigWarning, load_config
 from mednist_gan.errors import ConfigError
-from mednist_gan.sweep.worker import (_claim, _Reporter, _worker_lock, frozen_trial, load_sweep, make_pruner, make_storage,
-                               open_study)
+from mednist_gan.sweep.locks import worker_lock_file
+from mednist_gan.sweep.spec import load_sweep
+from mednist_gan.sweep.study import frozen_trial, make_pruner, make_storage, open_study
+from mednist_gan.sweep.trial import _Reporter
+from mednist_gan.sweep.worker import _claim
 
 from helpers import CONFIGS, run_cli
 
@@ -100,7 +103,8 @@ BAD_SPACES = {
     "empty choices": ({"params": {"train.loss": {"choices": []}}},
                       "params.train.loss.choices=[] is not allowed: expected a non-empty list"),
     "wrong type of a choice": ({"params": {"train.batch_size": {"choices": [64, "big"]}}},
-                               "params.train.batch_size.choices: train.batch_size='big' has the wrong type: expected int"),
+                               "params.train.batch_size.choices: train.batch_size='big' has the wrong type: "
+                               "expected int"),
     "wrong type of a bound": ({"params": {"train.d_train_steps": {"low": 1, "high": 2.5}}},
                               "params.train.d_train_steps.high=2.5 is not allowed: expected an integer"),
     "a range of words": ({"params": {"train.loss": {"low": 1, "high": 2}}},
@@ -159,7 +163,8 @@ def test_a_grid_sweep_runs_each_point_once_at_most(tmp_path):
     assert load_sweep(path).trials == 6  # the grid's size when trials is not given
     with pytest.raises(ConfigError, match=r"trials=7 is not allowed: expected an integer from 1 to the grid's 6"):
         load_sweep(_space(tmp_path, name="g7.yaml", sampler="grid", trials=7,
-                          params={"train.loss": {"choices": ["bce", "ns"]}, "train.d_train_steps": {"choices": [1, 2, 3]}}))
+                          params={"train.loss": {"choices": ["bce", "ns"]},
+                                  "train.d_train_steps": {"choices": [1, 2, 3]}}))
     spec = load_sweep(path)
     study, teller = open_study(spec, create=True, salt="w"), open_study(spec, create=False)
     seen = set()
@@ -244,8 +249,8 @@ def test_a_worker_resumes_its_own_trial_first_and_takes_over_a_gone_workers_tria
     assert _claim(study, spec, "a", {0})[0] == 2  # the last new trial
     study.tell(2, 1.0)
     # No new trials left. Worker b's trial 1 is not taken while b lives (holds its lock) ...
-    _worker_lock(spec, "b").parent.mkdir(exist_ok=True)
-    holder = _hold_lock(_worker_lock(spec, "b"))
+    worker_lock_file(spec, "b").parent.mkdir(exist_ok=True)
+    holder = _hold_lock(worker_lock_file(spec, "b"))
     try:
         assert _claim(study, spec, "a", {0}) is None
     finally:
@@ -262,8 +267,8 @@ def test_a_worker_resumes_its_own_trial_first_and_takes_over_a_gone_workers_tria
 def test_a_worker_id_in_use_is_refused_in_one_line(tmp_path, capsys):
     path = _space(tmp_path)
     spec = load_sweep(path)
-    _worker_lock(spec, "w7").parent.mkdir(parents=True)
-    holder = _hold_lock(_worker_lock(spec, "w7"))
+    worker_lock_file(spec, "w7").parent.mkdir(parents=True)
+    holder = _hold_lock(worker_lock_file(spec, "w7"))
     try:
         assert main(["sweep", str(path), "--worker-id", "w7"]) == 2
     finally:
@@ -312,8 +317,9 @@ def test_a_cut_last_journal_line_is_moved_aside_and_the_workers_go_on(tmp_path, 
     assert journal.read_bytes() == damaged
 
     # The next worker moves the cut line aside, then appends whole records of its own.
-    with pytest.warns(ConfigWarning, match=rf"line {lines} was cut short \(a writer killed mid-write, or a full disk\): "
-                                           rf"moved it to optuna\.journal\.damaged-[0-9-]+; the {lines - 1} records"):
+    with pytest.warns(ConfigWarning,
+                      match=rf"line {lines} was cut short \(a writer killed mid-write, or a full disk\): "
+                            rf"moved it to optuna\.journal\.damaged-[0-9-]+; the {lines - 1} records"):
         study = open_study(spec, create=True, salt="b")
     [saved] = journal.parent.glob("optuna.journal.damaged-*")
     assert saved.read_bytes() == cut and damaged.startswith(journal.read_bytes())
@@ -335,7 +341,8 @@ def test_a_cut_last_journal_line_is_moved_aside_and_the_workers_go_on(tmp_path, 
 def test_a_journal_line_that_is_not_a_record_stops_workers_and_the_report_in_one_line(tmp_path, capsys):
     spec, journal = _started_sweep(tmp_path)
     lines = journal.read_bytes().split(b"\n")
-    lines[2] = b'{"op_code":4,"worker_id":"a-1","study_id":0,"datetime_start":"20' + lines[2]  # a record glued to a cut one
+    # a record glued to a cut one
+    lines[2] = b'{"op_code":4,"worker_id":"a-1","study_id":0,"datetime_start":"20' + lines[2]
     journal.write_bytes(b"\n".join(lines))
     damaged = journal.read_bytes()
     message = (f"sweep journal {journal} line 3: not a journal record (not JSON: Expecting ',' delimiter: "

@@ -19,7 +19,8 @@ from typing import Any, Optional, Sequence
 
 from ..errors import ConfigError, first_line
 from ..files import ensure_writable_folder, write_atomic
-from .worker import JOURNAL_FILE, RECORD_ATTR, TRIALS_DIR, _optuna, load_sweep, make_storage, summary
+from .spec import JOURNAL_FILE, TRIALS_DIR, load_sweep
+from .study import RECORD_ATTR, _optuna, make_storage, summary
 
 LEADERBOARD_CSV, LEADERBOARD_JSON, HISTORY_PNG, BEST_TRIAL_DIR = ("leaderboard.csv", "leaderboard.json", "history.png",
                                                                   "best_trial")
@@ -49,7 +50,8 @@ def load_report_study(source: Path, overrides: Sequence[str] = (), sweep_dir: Op
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise ConfigError(f"sweep {name}: not started yet (no study in its storage): run mednist-gan sweep first") from None
+        raise ConfigError(f"sweep {name}: not started yet (no study in its storage): "
+                          "run mednist-gan sweep first") from None
     record = study.user_attrs.get(RECORD_ATTR)
     if not record:
         raise ConfigError(f"study {name}: not a mednist-gan sweep (no record of its search space)")
@@ -67,7 +69,10 @@ def leaderboard(study, record: dict, sweep_dir: Path) -> list[dict]:
     rows = []
     for t in trials:
         state = t.state.name.lower()
-        value = t.value if state == "complete" else (t.intermediate_values[t.last_step] if t.last_step is not None else None)
+        if state == "complete":
+            value = t.value
+        else:  # a pruned, running or failed trial: its last evaluation, if any
+            value = t.intermediate_values[t.last_step] if t.last_step is not None else None
         scores = t.user_attrs.get("scores", {})
         row = {"trial": t.number, "state": state, metric: value, "step": t.user_attrs.get("step", t.last_step)}
         row.update({p: t.params.get(p) for p in params})
@@ -179,21 +184,19 @@ def export_best(study, record: dict, sweep_dir: Path, out_dir: Path) -> Optional
     """The best complete trial's generator (its newest intact checkpoint), with the sweep in its provenance."""
     from optuna.trial import TrialState
 
-    from ..checkpoint import META, resolve
-    from ..config import ModelConfig
-    from ..generator.export import checkpoint_provenance, export_generator, load_checkpoint_generator
+    from ..generator.export import checkpoint_provenance, export_generator
+    from ..generator.loader import open_generator
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None
     best = study.best_trial
-    checkpoint = resolve(sweep_dir / TRIALS_DIR / f"trial_{best.number:04d}")
-    generator, meta = load_checkpoint_generator(checkpoint)
-    provenance = checkpoint_provenance(checkpoint, meta)
+    trial_dir = sweep_dir / TRIALS_DIR / f"trial_{best.number:04d}"
+    opened = open_generator(trial_dir, checkpoint_only=True)  # its newest intact checkpoint, verified once
+    provenance = checkpoint_provenance(opened.source, opened.record)
     provenance["sweep"] = {"name": study.study_name, "trial": best.number, "params": best.params,
                            "objective": {**record["objective"], "value": best.value},
                            "scores": best.user_attrs.get("scores", {})}
-    return export_generator(generator, ModelConfig.from_record(meta["config"]["model"], checkpoint / META), out_dir,
-                            provenance)
+    return export_generator(opened.network, opened.model_config, out_dir, provenance)
 
 
 def sweep_report(source: Path, overrides: Sequence[str] = (), sweep_dir: Optional[Path] = None,
