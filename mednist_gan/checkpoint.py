@@ -88,6 +88,13 @@ def newest_intact(run_dir: Path, attempts: int = 5) -> tuple[Optional[Path], lis
     A checkpoint that a running training rotated away while it was read is not damaged: the checkpoints are
     listed again (``attempts`` times at most) and the new newest one is read.
     """
+    intact, _, damaged = _newest_intact(run_dir, attempts)
+    return intact, damaged
+
+
+def _newest_intact(run_dir: Path, attempts: int
+                   ) -> tuple[Optional[Path], Optional[dict], list[tuple[Path, CheckpointError]]]:
+    """``newest_intact``, with the metadata ``verify`` returned for the intact checkpoint."""
     listed = complete_checkpoints(run_dir)
     candidates = listed[::-1]
     latest = find_latest(run_dir)
@@ -97,13 +104,12 @@ def newest_intact(run_dir: Path, attempts: int = 5) -> tuple[Optional[Path], lis
     damaged = []
     for candidate in candidates:
         try:
-            verify(candidate)
-            return candidate, damaged
+            return candidate, verify(candidate), damaged
         except CheckpointError as exc:
             if attempts > 1 and (not candidate.is_dir() or complete_checkpoints(run_dir) != listed):
-                return newest_intact(run_dir, attempts - 1)
+                return _newest_intact(run_dir, attempts - 1)
             damaged.append((candidate, exc))
-    return None, damaged
+    return None, None, damaged
 
 
 def no_intact_error(run_dir: Path, damaged: list[tuple[Path, CheckpointError]]) -> CheckpointError:
@@ -127,18 +133,22 @@ def resolve(path: Path) -> Path:
 
     Read-only: damaged checkpoints of a run directory are skipped (with a warning), not moved.
     """
+    return resolve_with_meta(path)[0]
+
+
+def resolve_with_meta(path: Path) -> tuple[Path, dict]:
+    """``resolve``, and the checkpoint's metadata as ``verify`` read it: each file is checked once, here."""
     path = Path(path)
     if not (path / META).is_file() and checkpoints_dir(path).is_dir():
-        intact, damaged = newest_intact(path)
+        intact, meta, damaged = _newest_intact(path, attempts=5)
         if intact is None:
             if damaged:
                 raise no_intact_error(path, damaged)
             raise CheckpointError(f"{path}: a run directory without a complete checkpoint")
         for bad, reason in damaged:
             log.warning("skipping damaged checkpoint %s (%s); using %s", bad, reason, intact)
-        return intact
-    verify(path)
-    return path
+        return intact, meta
+    return path, verify(path)
 
 
 def read_meta(checkpoint: Path) -> dict:
@@ -309,4 +319,5 @@ def verify_safe(checkpoint: Path) -> None:
                 f"(weights_only loading: {first_line(exc, 120)})"
             ) from None
         except Exception as exc:
-            raise CheckpointError(f"{path}: unreadable checkpoint file ({type(exc).__name__}: {first_line(exc, 120)})") from None
+            raise CheckpointError(f"{path}: unreadable checkpoint file "
+                                  f"({type(exc).__name__}: {first_line(exc, 120)})") from None

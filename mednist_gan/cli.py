@@ -36,81 +36,87 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=5")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
-    export = sub.add_parser("export", help="write generator-only files (model.pt, mednist_gan.pt2, mednist_gan.ts, bundle/) "
-                                           "from a training checkpoint")
-    export.add_argument("--checkpoint", type=Path, required=True, help="a checkpoints/step_* folder, or a run directory (its newest checkpoint)")
+    export = sub.add_parser("export", help="write generator-only files (model.pt, mednist_gan.pt2, mednist_gan.ts, "
+                                           "bundle/) from a training checkpoint")
+    export.add_argument("--checkpoint", type=Path, required=True,
+                        help="a checkpoints/step_* folder, or a run directory (its newest checkpoint)")
     export.add_argument("--out", type=Path, required=True,
                         help="output folder: new, empty, or an earlier export (replaced atomically)")
     export.add_argument("--onnx", action="store_true",
                         help="also write mednist_gan.onnx (needs the onnx extra: pip install 'mednist-gan[onnx]')")
 
-    gen = sub.add_parser("generate", help="write sample PNGs from an exported generator or a checkpoint")
-    gen.add_argument("--model", type=Path, default=None,
-                     help="mednist_gan.pt2, mednist_gan.ts, model.pt, or a checkpoint folder; "
-                          "default: a generator shipped in the package (Hand, or the six-class one with --class)")
-    gen.add_argument("--latent-size", type=int, default=None,
-                     help="latent size of a .pt2/TorchScript generator that does not show it (read from the model otherwise)")
-    gen.add_argument("--num-samples", type=int, default=16)
-    gen.add_argument("--output-dir", type=Path, default=Path("outputs"))
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch-size", type=int, default=256)
-    gen.add_argument("--grid", type=Path, default=None, help="also write a grid of the first 64 samples here")
-    gen.add_argument("--latent", choices=("normal", "uniform"), default="normal",
-                     help="latent distribution: normal (how mednist-gan trains) or uniform (the seed bundle's inference)")
-    gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda when available")
-    gen.add_argument("--class", dest="class_name", default=None, metavar="NAME",
-                     help="a class-conditional generator's class to make (a name from its export.json 'classes'; the "
-                          "shipped one: AbdomenCT, BreastMRI, CXR, ChestCT, Hand, HeadCT), or 'all': --num-samples of "
-                          "each, into <output-dir>/<class>/, the grid a row per class")
+    generate = sub.add_parser("generate", help="write sample PNGs from an exported generator or a checkpoint")
+    generate.add_argument("--model", type=Path, default=None,
+                          help="mednist_gan.pt2, mednist_gan.ts, model.pt, an export folder, a checkpoint folder or a "
+                               "run directory (its newest checkpoint); default: a generator shipped in the package "
+                               "(Hand, or the six-class one with --class)")
+    generate.add_argument("--latent-size", type=int, default=None,
+                          help="latent size of a .pt2/TorchScript generator that does not show it "
+                               "(read from the model otherwise)")
+    generate.add_argument("--num-samples", type=int, default=16)
+    generate.add_argument("--output-dir", type=Path, default=Path("outputs"))
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--batch-size", type=int, default=256)
+    generate.add_argument("--grid", type=Path, default=None, help="also write a grid of the first 64 samples here")
+    generate.add_argument("--latent", choices=("normal", "uniform"), default="normal",
+                          help="latent distribution: normal (how mednist-gan trains) or uniform "
+                               "(the seed bundle's inference)")
+    generate.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda when available")
+    generate.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                          help="a class-conditional generator's class to make (a name from its export.json 'classes'; "
+                               "the shipped one: AbdomenCT, BreastMRI, CXR, ChestCT, Hand, HeadCT), or 'all': "
+                               "--num-samples of each, into <output-dir>/<class>/, the grid a row per class")
 
-    ev = sub.add_parser("evaluate", help="score generators against real images: distances in two feature spaces, "
-                                         "precision/recall, density/coverage, diversity, memorization, class accuracy")
-    ev.add_argument("--model", type=Path, action="append", default=[], required=True,
-                    help="mednist_gan.pt2, mednist_gan.ts, model.pt or a checkpoint folder, or any .pt2/TorchScript "
-                         "generator: latents (N, L) -> images (N, 1, 64, 64) in [0, 1]; repeat to compare several")
-    ev.add_argument("--baseline", type=Path, action="append", default=[],
-                    help="a reference generator (e.g. the seed bundle's model.pt), scored with both latent distributions")
-    ev.add_argument("--real-dir", type=Path, default=None,
-                    help="folder of real images (e.g. MedNIST/Hand); default: the package's 200-image sample")
-    ev.add_argument("--num-samples", type=int, default=None,
-                    help="N generated and N real images per comparison (default: min(5000, real images / 2))")
-    ev.add_argument("--latent", choices=("normal", "uniform", "both"), default="normal")
-    ev.add_argument("--latent-size", type=int, default=None,
-                    help="L for a .pt2/TorchScript generator that does not show it (read from the model otherwise)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--classifier", type=Path, default=None,
-                    help="classifier weights for FMD, KID and class accuracy (default: the shipped one)")
-    ev.add_argument("--encoder", type=Path, default=None,
-                    help="self-supervised encoder weights for FD-SSL, precision/recall, density/coverage and "
-                         "memorization (default: the shipped one)")
-    ev.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME",
-                    help="score against this class's real images (--real-dir then holds the class folders); "
-                         "repeat, or 'all' for every class folder; a class-conditional generator is sampled with its label")
-    ev.add_argument("--usefulness", type=int, nargs="?", const=1000, default=0, metavar="PER_CLASS",
-                    help="with --class all and class-conditional generators: train a classifier on PER_CLASS (default "
-                         "1000) generated images of each class only and report its accuracy on real held-out images, "
-                         "beside one trained on as many real images")
-    ev.add_argument("--blurred", type=float, action="append", default=[], metavar="SIGMA",
-                    help="also score the floor's real images blurred with this Gaussian sigma (repeatable): a yardstick "
-                         "(issue #17's targets compare generators with sigma 1.5)")
-    ev.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where the JSON result goes")
+    evaluate = sub.add_parser("evaluate", help="score generators against real images: distances in two feature "
+                                               "spaces, precision/recall, density/coverage, diversity, memorization, "
+                                               "class accuracy")
+    evaluate.add_argument("--model", type=Path, action="append", default=[], required=True,
+                          help="mednist_gan.pt2, mednist_gan.ts, model.pt, an export folder, a checkpoint folder or a "
+                               "run directory, or any .pt2/TorchScript generator: latents (N, L) -> images "
+                               "(N, 1, 64, 64) in [0, 1]; repeat to compare several")
+    evaluate.add_argument("--baseline", type=Path, action="append", default=[],
+                          help="a reference generator (e.g. the seed bundle's model.pt), scored with both latent "
+                               "distributions")
+    evaluate.add_argument("--real-dir", type=Path, default=None,
+                          help="folder of real images (e.g. MedNIST/Hand); default: the package's 200-image sample")
+    evaluate.add_argument("--num-samples", type=int, default=None,
+                          help="N generated and N real images per comparison (default: min(5000, real images / 2))")
+    evaluate.add_argument("--latent", choices=("normal", "uniform", "both"), default="normal")
+    evaluate.add_argument("--latent-size", type=int, default=None,
+                          help="L for a .pt2/TorchScript generator that does not show it "
+                               "(read from the model otherwise)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--classifier", type=Path, default=None,
+                          help="classifier weights for FMD, KID and class accuracy (default: the shipped one)")
+    evaluate.add_argument("--encoder", type=Path, default=None,
+                          help="self-supervised encoder weights for FD-SSL, precision/recall, density/coverage and "
+                               "memorization (default: the shipped one)")
+    evaluate.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME",
+                          help="score against this class's real images (--real-dir then holds the class folders); "
+                               "repeat, or 'all' for every class folder; a class-conditional generator is sampled "
+                               "with its label")
+    evaluate.add_argument("--usefulness", type=int, nargs="?", const=1000, default=0, metavar="PER_CLASS",
+                          help="with --class all and class-conditional generators: train a classifier on PER_CLASS "
+                               "(default 1000) generated images of each class only and report its accuracy on real "
+                               "held-out images, beside one trained on as many real images")
+    evaluate.add_argument("--blurred", type=float, action="append", default=[], metavar="SIGMA",
+                          help="also score the floor's real images blurred with this Gaussian sigma (repeatable): a "
+                               "yardstick (the shipped generators' targets, docs/quality.md, use sigma 1.5)")
+    evaluate.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where the JSON result goes")
 
-    tc = sub.add_parser("train-classifier", help="train the MedNIST classifier whose features FMD uses")
-    tc.add_argument("--data-root", type=Path, required=True, help="MedNIST folder with the six class folders")
-    tc.add_argument("--out", type=Path, default=None, help="weights file (default: the package's shipped file)")
-    tc.add_argument("--epochs", type=int, default=3)
-    tc.add_argument("--seed", type=int, default=0)
-    tc.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, so the run is reproducible)")
-    tc.add_argument("--limit-per-class", type=int, default=None, help="use only the first N images of each class")
-
-    te = sub.add_parser("train-encoder", help="train the self-supervised MedNIST encoder: the second feature space "
-                                              "of the quality metrics (no labels)")
-    te.add_argument("--data-root", type=Path, required=True, help="MedNIST folder with the six class folders")
-    te.add_argument("--out", type=Path, default=None, help="weights file (default: the package's shipped file)")
-    te.add_argument("--epochs", type=int, default=5)
-    te.add_argument("--seed", type=int, default=0)
-    te.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, so the run is reproducible)")
-    te.add_argument("--limit-per-class", type=int, default=None, help="use only the first N images of each class")
+    train_classifier = sub.add_parser("train-classifier", help="train the MedNIST classifier whose features FMD uses")
+    train_encoder = sub.add_parser("train-encoder", help="train the self-supervised MedNIST encoder: the second "
+                                                         "feature space of the quality metrics (no labels)")
+    for extractor, epochs in ((train_classifier, 3), (train_encoder, 5)):
+        extractor.add_argument("--data-root", type=Path, required=True,
+                               help="MedNIST folder with the six class folders")
+        extractor.add_argument("--out", type=Path, default=None,
+                               help="weights file (default: the package's shipped file)")
+        extractor.add_argument("--epochs", type=int, default=epochs)
+        extractor.add_argument("--seed", type=int, default=0)
+        extractor.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, so the run is reproducible)")
+        extractor.add_argument("--limit-per-class", type=int, default=None,
+                               help="use only the first N images of each class")
 
     sw = sub.add_parser("sweep", help="run trials of a search space (configs/sweeps/*.yaml) with Optuna: a worker; "
                                       "start several (slurm/sweep.sbatch) for a parallel sweep")
@@ -138,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config-help", help="list every config key with its default and meaning")
 
-    for p in (parser, train, export, gen, ev, tc, te, sw, rep):
+    for p in (parser, train, export, generate, evaluate, train_classifier, train_encoder, sw, rep):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -174,9 +180,9 @@ def _generate(args: argparse.Namespace) -> int:
     from .runtime.host_memory import keep_freed_host_memory
 
     keep_freed_host_memory()  # a process of its own: large batches reuse their pages instead of faulting them in
-    paths = generate(args.model or shipped_model(args.class_name), args.num_samples, args.output_dir, seed=args.seed, batch_size=args.batch_size,
-                     grid=args.grid, latent=args.latent, device=args.device, latent_size=args.latent_size,
-                     class_name=args.class_name)
+    paths = generate(args.model or shipped_model(args.class_name), args.num_samples, args.output_dir, seed=args.seed,
+                     batch_size=args.batch_size, grid=args.grid, latent=args.latent, device=args.device,
+                     latent_size=args.latent_size, class_name=args.class_name)
     print(f"wrote {len(paths)} PNGs to {args.output_dir}" + (f" and a grid to {args.grid}" if args.grid else ""))
     return 0
 
@@ -200,8 +206,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     ensure_writable_folder(args.out.resolve().parent, "--out")
     keep_freed_host_memory()
     latents = ("normal", "uniform") if args.latent == "both" else (args.latent,)
-    models = [(str(m), m, latents) for m in args.model]
-    models += [(f"baseline {b}", b, ("normal", "uniform")) for b in args.baseline]
+    models = [(str(model), model, latents) for model in args.model]
+    models += [(f"baseline {baseline}", baseline, ("normal", "uniform")) for baseline in args.baseline]
     result = evaluate(models, real_dir, args.num_samples, args.seed, args.classifier, latent_size=args.latent_size,
                       encoder=args.encoder, classes=args.classes or None, usefulness=args.usefulness, blur=args.blurred)
     print(format_table(result))
@@ -236,7 +242,9 @@ def _train_feature_extractor(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep.worker import load_sweep, run_trial, run_worker
+    from .sweep.spec import load_sweep
+    from .sweep.trial import run_trial
+    from .sweep.worker import run_worker
 
     spec = load_sweep(args.spec, args.overrides, args.sweep_dir)
     if args.dry_run:
@@ -271,8 +279,8 @@ def _config_help(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "export": _export, "generate": _generate, "evaluate": _evaluate,
-            "train-classifier": _train_feature_extractor, "train-encoder": _train_feature_extractor, "sweep": _sweep, "sweep-report": _sweep_report,
-            "config-help": _config_help}
+            "train-classifier": _train_feature_extractor, "train-encoder": _train_feature_extractor, "sweep": _sweep,
+            "sweep-report": _sweep_report, "config-help": _config_help}
 
 
 def _one_line_warnings() -> None:

@@ -11,7 +11,8 @@ import torch
 from mednist_gan.quality.classifier import load_split
 from mednist_gan.quality.encoder import (CARD_JSON, WEIGHTS_FILE, MedNISTEncoder, gaussian_blur, load_encoder, nt_xent,
                                  random_views, train_encoder, view_retrieval)
-from mednist_gan.quality.evaluate import blurred, load_real_images
+from mednist_gan.quality.evaluate import load_real_images
+from mednist_gan.quality.scores import blurred
 
 from helpers import run_cli
 

@@ -53,7 +53,7 @@ def test_export_matches_the_checkpoint_generator(trained_run):
     assert all(torch.equal(ours[k], checkpoint[k]) for k in ours)
     record = json.loads((trained_run / "export" / "export.json").read_text())
     assert record["step"] == 4 and record["config"]["model"]["latent_size"] == 64
-    from mednist_gan.training.tracking import git_revision
+    from mednist_gan.training.run_folder import git_revision
 
     assert "normal" in record["latent_distribution"]
     assert record["git_revision"] == git_revision()  # None only where this is no usable git checkout
@@ -116,11 +116,12 @@ def test_pt2_and_torchscript_run_with_torch_alone_and_equal_the_eager_generator(
 
 def test_exported_modules_are_inference_only_in_this_process_too(trained_run):
     """``net(z)`` outside no_grad: no parameter requires grad, so no autograd graph is built."""
-    from mednist_gan.generator.generate import load_model
+    from mednist_gan.generator.loader import open_generator
 
     z = torch.randn(3, 64)
     for name in ("mednist_gan.pt2", "mednist_gan.ts"):
-        net, latent_size = load_model(trained_run / "export" / name)
+        opened = open_generator(trained_run / "export" / name)
+        net, latent_size = opened.network, opened.latent_size
         assert latent_size == 64
         images = net(z)
         assert images.shape == (3, 1, 64, 64) and not images.requires_grad and images.grad_fn is None, name
@@ -146,9 +147,10 @@ def test_exports_written_before_the_pt2_still_load_and_generate(tmp_path):
     is still checked against its record and generates the same pictures from either file."""
     old = REPO / "tests" / "fixtures" / "v0.1.0_run" / "export"
     assert "mednist_gan.pt2" not in json.loads((old / "export.json").read_text())["files"]
-    from mednist_gan.generator.generate import load_model
+    from mednist_gan.generator.loader import open_generator
 
-    net, latent_size = load_model(old / "mednist_gan.ts")
+    opened = open_generator(old / "mednist_gan.ts")
+    net, latent_size = opened.network, opened.latent_size
     assert latent_size == 8 and net(torch.randn(2, 8)).shape == (2, 1, 64, 64)
     a = generate(old / "mednist_gan.ts", 4, tmp_path / "a", seed=1)
     b = generate(old / "model.pt", 4, tmp_path / "b", seed=1)
@@ -197,7 +199,10 @@ def test_generate_writes_upright_8bit_pngs_and_is_seeded(trained_run, tmp_path):
     assert len(a) == 10 and all(p.is_file() for p in a)
     image = Image.open(a[0])
     assert image.mode == "L" and image.size == (64, 64)
-    arrays = lambda paths: [np.asarray(Image.open(p)) for p in paths]
+
+    def arrays(paths):
+        return [np.asarray(Image.open(p)) for p in paths]
+
     assert all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(b)))
     assert not all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(c)))
     assert Image.open(tmp_path / "grid.png").size[0] > 64
@@ -212,7 +217,8 @@ def test_generate_writes_upright_8bit_pngs_and_is_seeded(trained_run, tmp_path):
 @pytest.mark.parametrize("shape", [(64, 64), (3, 130), (131, 1)])
 def test_png_encoder_round_trips_through_pillow(shape, tmp_path):
     rng = np.random.default_rng(sum(shape))
-    for array in (rng.integers(0, 256, shape, dtype=np.uint8), np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)):
+    for array in (rng.integers(0, 256, shape, dtype=np.uint8), np.zeros(shape, np.uint8),
+                  np.full(shape, 255, np.uint8)):
         path = tmp_path / "x.png"
         path.write_bytes(encode_png(array))
         image = Image.open(path)

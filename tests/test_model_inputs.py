@@ -100,14 +100,16 @@ def test_pt2_files_without_pickled_code_still_load(tmp_path):
     foreign program and for the project's class-conditional export."""
     from mednist_gan.config import ModelConfig
     from mednist_gan.generator.export import write_exported_program
-    from mednist_gan.generator.generate import load_model
+    from mednist_gan.generator.loader import open_generator
     from mednist_gan.models.networks import build_generator
 
-    net, size = load_model(_program(tmp_path / "tiny.pt2"))
+    opened = open_generator(_program(tmp_path / "tiny.pt2"))
+    net, size = opened.network, opened.latent_size
     assert size == 4 and net(torch.randn(3, 4)).shape == (3, 1, 64, 64)
     cfg = ModelConfig(arch="resnet", classes=["Hand", "CXR"])
     write_exported_program(build_generator(cfg), tmp_path / "mednist_gan.pt2", cfg.latent_size)
-    net, size = load_model(tmp_path / "mednist_gan.pt2")
+    opened = open_generator(tmp_path / "mednist_gan.pt2")
+    net, size = opened.network, opened.latent_size
     assert net(torch.randn(3, size), torch.tensor([0, 1, 1])).shape == (3, 1, 64, 64)
 
 
@@ -124,7 +126,8 @@ def _nan_weights(tmp_path: Path) -> Path:
 
 def test_generator_returning_nan_is_one_line_in_generate_and_evaluate(tmp_path, capsys):
     model = _nan_weights(tmp_path)
-    code, err = _mednist_gan(capsys, "generate", "--model", model, "--num-samples", "4", "--output-dir", tmp_path / "png")
+    code, err = _mednist_gan(capsys, "generate", "--model", model, "--num-samples", "4",
+                             "--output-dir", tmp_path / "png")
     assert code == 2 and len(err) == 1, err
     assert f"--model {model}: the generator returned non-finite values (NaN/Inf) for " in err[0]
     assert not list((tmp_path / "png").glob("*.png"))
@@ -156,7 +159,8 @@ def test_generate_options_are_checked_before_any_work(tmp_path, capsys, args, me
     if "cuda" in args[-1] and torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible here")
     start = time.monotonic()
-    code, err = _mednist_gan(capsys, "generate", "--model", tmp_path / "absent.ts", "--output-dir", tmp_path / "o", *args)
+    code, err = _mednist_gan(capsys, "generate", "--model", tmp_path / "absent.ts", "--output-dir", tmp_path / "o",
+                             *args)
     assert code == 2 and err == [f"mednist-gan: error: {message}"]  # before the (missing) model is looked at
     assert time.monotonic() - start < 5 and not (tmp_path / "o").exists()
 
@@ -263,4 +267,5 @@ def test_a_full_disk_anywhere_else_is_still_one_line(monkeypatch, capsys):
 
     monkeypatch.setitem(cli.COMMANDS, "config-help", full)
     assert cli.main(["config-help"]) == 2
-    assert capsys.readouterr().err == "mednist-gan: error: /runs/x/sweep.yaml: cannot be written (No space left on device)\n"
+    assert capsys.readouterr().err == ("mednist-gan: error: /runs/x/sweep.yaml: cannot be written "
+                                       "(No space left on device)\n")

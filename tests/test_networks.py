@@ -38,7 +38,8 @@ def test_losses_equal_the_bundle_sigmoid_bce_formulation_in_fp32(scale):
     real_logits = torch.randn(64, 1, generator=g) * scale
     fake_logits = torch.randn(64, 1, generator=g) * scale
     bce = torch.nn.BCELoss()
-    bundle_d = (bce(torch.sigmoid(fake_logits), torch.zeros(64, 1)) + bce(torch.sigmoid(real_logits), torch.ones(64, 1))) / 2
+    bundle_d = (bce(torch.sigmoid(fake_logits), torch.zeros(64, 1))
+                + bce(torch.sigmoid(real_logits), torch.ones(64, 1))) / 2
     bundle_g = bce(torch.sigmoid(fake_logits), torch.ones(64, 1))
     assert torch.allclose(discriminator_loss(real_logits, fake_logits), bundle_d, rtol=1e-5, atol=1e-6)
     assert torch.allclose(generator_loss(fake_logits), bundle_g, rtol=1e-5, atol=1e-6)
@@ -184,7 +185,8 @@ def test_minibatch_stddev_with_labels_sees_a_collapse_within_a_class():
     single = torch.tensor([0, 1, 1, 1, 0, 0, 0, 0])  # image 0 is the only one of its class in the first group of 4
     assert float(minibatch_stddev(varied, 4, single)[0]) < 1e-3
     # groups are still consecutive: two slices compute what the whole batch does
-    assert torch.equal(torch.cat([minibatch_stddev(varied[:4], 4, labels[:4]), minibatch_stddev(varied[4:], 4, labels[4:])]),
+    assert torch.equal(torch.cat([minibatch_stddev(varied[:4], 4, labels[:4]),
+                                  minibatch_stddev(varied[4:], 4, labels[4:])]),
                        minibatch_stddev(varied, 4, labels))
     D = ResNetDiscriminator(4, 64, num_classes=3, mbstd_group=4)
     x = torch.rand(8, 1, 64, 64, requires_grad=True)
@@ -216,8 +218,8 @@ def test_resnet_discriminator_without_spectral_norm_is_plain_and_trains_under_r1
 
 
 def test_resnet_exports_round_trip(tmp_path):
-    from mednist_gan.generator.export import export_generator, load_generator_weights
-    from mednist_gan.generator.generate import load_model
+    from mednist_gan.generator.export import export_generator
+    from mednist_gan.generator.loader import open_generator
 
     cfg = ModelConfig(arch="resnet", latent_size=16, resnet_g_channels=2, resnet_d_channels=2)
     torch.manual_seed(0)
@@ -226,9 +228,10 @@ def test_resnet_exports_round_trip(tmp_path):
     z = torch.randn(3, 16)
     with torch.no_grad():
         expected = G(z)
-        assert torch.equal(load_generator_weights(out / "model.pt")(z), expected)  # architecture from export.json
+        assert torch.equal(open_generator(out / "model.pt").network(z), expected)  # architecture from export.json
         for name in ("mednist_gan.ts", "mednist_gan.pt2"):
-            net, latent_size = load_model(out / name)
+            opened = open_generator(out / name)
+            net, latent_size = opened.network, opened.latent_size
             assert latent_size == 16 and torch.allclose(net(z), expected, atol=1e-6), name
     assert (out / "bundle" / "models" / "model.ts").is_file()  # a MONAI bundle around the TorchScript file
     assert "torch.jit.load" in (out / "bundle" / "configs" / "inference.json").read_text()

@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 
-from mednist_gan.quality.classifier import CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split, train_classifier
+from mednist_gan.quality.classifier import (CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split,
+                                            train_classifier)
 from mednist_gan.config import load_config
-from mednist_gan.quality.evaluate import QualityMeter, diversity, fmd, load_real_images, split_halves
+from mednist_gan.quality.evaluate import load_real_images, split_halves
+from mednist_gan.quality.scores import QualityMeter, diversity, fmd
 from mednist_gan.training.trainer import train
 
 from helpers import CONFIGS, REPO, run_cli
@@ -151,7 +153,8 @@ def test_evaluate_command_table_and_json(tmp_path, mednist_root, upstream_weight
     assert names[:2] == [("real vs real (floor)", None), ("real blurred, sigma 1.5", "blurred")]
     assert [latent for _, latent in names[2:]] == ["normal", "uniform", "normal", "uniform"]
     floor, blur, normal, uniform = data["rows"][:4]
-    assert floor["fmd"] < normal["fmd"] < uniform["fmd"]  # the seed's training latents beat its inference's uniform ones
+    # the seed's training latents beat its inference's uniform ones
+    assert floor["fmd"] < normal["fmd"] < uniform["fmd"]
     assert data["rows"][2]["fmd"] == data["rows"][4]["fmd"]  # the same weights and seed: the same numbers
     assert blur["fd_ssl"] > 2 * floor["fd_ssl"] and blur["fmd"] > normal["fmd"]  # blurred hands: far from the floor
     assert blur["memorization_pixels"] is None and blur["memorization_encoder"] is None  # a yardstick, not a generator
@@ -178,7 +181,8 @@ class ForeignGenerator(torch.nn.Module):
     def __init__(self, latent_size: int = 16, size: int = 64):
         super().__init__()
         self.size = size
-        self.basis = torch.nn.Parameter(torch.randn(latent_size, size * size, generator=torch.Generator().manual_seed(0)))
+        self.basis = torch.nn.Parameter(torch.randn(latent_size, size * size,
+                                                    generator=torch.Generator().manual_seed(0)))
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(latents @ self.basis).reshape(-1, 1, self.size, self.size)
@@ -204,17 +208,19 @@ def test_evaluate_takes_any_generator_with_the_documented_interface(tmp_path):
 
 def test_foreign_generators_latent_size_and_interface_are_checked_in_one_line(tmp_path):
     from mednist_gan.errors import MednistGanError
-    from mednist_gan.generator.generate import generate, load_model
+    from mednist_gan.generator.generate import generate
+    from mednist_gan.generator.loader import open_generator
     from mednist_gan.quality.evaluate import sample_images
 
     pt2 = tmp_path / "foreign.pt2"
     program = torch.export.export(ForeignGenerator(16).eval().requires_grad_(False), (torch.randn(2, 16),),
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     torch.export.save(program, str(pt2))
-    net, size = load_model(pt2)  # read from the program's input shape
+    opened = open_generator(pt2)  # read from the program's input shape
+    net, size = opened.network, opened.latent_size
     assert size == 16 and net(torch.randn(3, 16)).shape == (3, 1, 64, 64)
     with pytest.raises(MednistGanError, match="--latent-size 8: --model .*foreign.pt2 takes latents of size 16"):
-        load_model(pt2, latent_size=8)
+        open_generator(pt2, latent_size=8)
     assert len(generate(pt2, 3, tmp_path / "png")) == 3
     ts = tmp_path / "foreign.ts"
     torch.jit.script(ForeignGenerator(16).eval()).save(str(ts))
@@ -222,8 +228,10 @@ def test_foreign_generators_latent_size_and_interface_are_checked_in_one_line(tm
         generate(ts, 3, tmp_path / "png17", latent_size=17)  # the wrong size for this module
     small = tmp_path / "small.ts"
     torch.jit.script(ForeignGenerator(16, size=32).eval()).save(str(small))
-    net, size = load_model(small, latent_size=16)
-    with pytest.raises(MednistGanError, match=r"returned \(10, 1, 32, 32\) for 10 latents; expected images \(10, 1, 64, 64\)"):
+    opened = open_generator(small, latent_size=16)
+    net, size = opened.network, opened.latent_size
+    with pytest.raises(MednistGanError,
+                       match=r"returned \(10, 1, 32, 32\) for 10 latents; expected images \(10, 1, 64, 64\)"):
         sample_images(net, size, 10, 0, "normal", source=small)
 
 
@@ -380,12 +388,12 @@ HAND = WEIGHTS_FILE.parent / "hand"
 
 
 def test_shipped_hand_generator_is_the_default_and_its_files_agree():
-    from mednist_gan.generator.export import load_generator_weights
     from mednist_gan.generator.generate import SHIPPED_MODEL
+    from mednist_gan.generator.loader import open_generator
     from mednist_gan.models.networks import ResNetGenerator
 
     assert SHIPPED_MODEL == HAND / "mednist_gan.ts"
-    generator = load_generator_weights(HAND / "model.pt")  # the architecture from the export.json beside it
+    generator = open_generator(HAND / "model.pt").network  # the architecture from the export.json beside it
     assert isinstance(generator, ResNetGenerator) and generator.num_classes == 0
     ts = torch.jit.load(str(HAND / "mednist_gan.ts"))
     z = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
@@ -425,13 +433,14 @@ CONDITIONAL = WEIGHTS_FILE.parent / "conditional"
 
 def test_shipped_conditional_generator_is_the_default_with_a_class_and_its_files_agree():
     from mednist_gan.config import MEDNIST_CLASSES
-    from mednist_gan.generator.export import load_generator_weights
-    from mednist_gan.generator.generate import SHIPPED_CONDITIONAL, SHIPPED_MODEL, generator_classes, shipped_model
+    from mednist_gan.generator.generate import SHIPPED_CONDITIONAL, SHIPPED_MODEL, shipped_model
+    from mednist_gan.generator.loader import open_generator
     from mednist_gan.models.networks import ResNetGenerator
 
-    assert shipped_model() == SHIPPED_MODEL and shipped_model("CXR") == SHIPPED_CONDITIONAL == CONDITIONAL / "mednist_gan.ts"
-    assert generator_classes(SHIPPED_CONDITIONAL) == list(MEDNIST_CLASSES)
-    generator = load_generator_weights(CONDITIONAL / "model.pt")
+    assert (shipped_model() == SHIPPED_MODEL
+            and shipped_model("CXR") == SHIPPED_CONDITIONAL == CONDITIONAL / "mednist_gan.ts")
+    assert open_generator(SHIPPED_CONDITIONAL).classes == list(MEDNIST_CLASSES)
+    generator = open_generator(CONDITIONAL / "model.pt").network
     assert isinstance(generator, ResNetGenerator) and generator.num_classes == 6
     ts = torch.jit.load(str(CONDITIONAL / "mednist_gan.ts"))
     z = torch.randn(12, 128, generator=torch.Generator().manual_seed(0))
@@ -485,7 +494,8 @@ def test_conditional_targets_name_every_class_and_catch_a_collapse():
     from quality_targets import conditional_targets
 
     def block(name, diversity, fd_ssl, memo=0.001):
-        floor = {"model": None, "name": "real vs real (floor)", "memorization_pixels": 0.01, "memorization_encoder": 0.01}
+        floor = {"model": None, "name": "real vs real (floor)", "memorization_pixels": 0.01,
+                 "memorization_encoder": 0.01}
         blur = {"model": None, "name": "real blurred, sigma 1.5", "fd_ssl": 0.4}
         model = {"model": "g.pt", "name": "g", "class_accuracy": 0.99, "diversity": diversity, "fd_ssl": fd_ssl,
                  "memorization_pixels": memo, "memorization_encoder": 0.0}

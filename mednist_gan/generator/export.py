@@ -20,16 +20,12 @@ from typing import BinaryIO, Callable, Optional, Union
 import torch
 
 from .. import __version__
-from ..checkpoint import EMA_FILE, META, read_meta, resolve
 from ..config import ModelConfig
-from ..errors import CheckpointError, first_line, output_error
+from ..errors import CheckpointError, output_error
 from ..files import (PROVENANCE_FILE, check_replaceable, fsync_tree, recover_folder, replace_folder, sha256_file,
                     staging_folder)
-from ..models.networks import build_generator
+from .loader import EXPORTED_PROGRAM_FILE, MODEL_FILE, TORCHSCRIPT_FILE, open_generator
 
-MODEL_FILE = "model.pt"
-TORCHSCRIPT_FILE = "mednist_gan.ts"
-EXPORTED_PROGRAM_FILE = "mednist_gan.pt2"
 ONNX_FILE = "mednist_gan.onnx"
 BUNDLE_DIR = "bundle"
 LATENT_DISTRIBUTION = "standard normal: torch.randn(N, latent_size)"
@@ -38,74 +34,6 @@ LATENT_DISTRIBUTION = "standard normal: torch.randn(N, latent_size)"
 def generator_state_dict(generator: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
     """A flat, contiguous fp32 CPU state_dict with exactly the seed bundle's keys."""
     return OrderedDict((k, v.detach().to("cpu", torch.float32).contiguous()) for k, v in generator.state_dict().items())
-
-
-def load_checkpoint_generator(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
-    """The generator (with its sigmoid) and the metadata of a training checkpoint folder (or a run directory's newest).
-
-    With ``train.ema_decay`` the checkpoint holds the moving-average weights too, and those are used.
-    """
-    from safetensors.torch import load_file
-
-    checkpoint = resolve(checkpoint)  # verified: each file as it was written
-    meta = read_meta(checkpoint)
-    model_cfg = ModelConfig.from_record(meta["config"]["model"], checkpoint / META)
-    weights = checkpoint / EMA_FILE
-    if not weights.is_file():
-        weights = checkpoint / "model.safetensors"  # Accelerate saves prepared models in order: G first
-    if not weights.is_file():
-        raise CheckpointError(f"{checkpoint}: no generator weights (model.safetensors) in this checkpoint")
-    generator = build_generator(model_cfg, init=False)
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:
-        raise CheckpointError(f"{weights}: unreadable checkpoint file ({type(exc).__name__}: {first_line(exc, 120)})") from None
-    _load_strict(generator, state, weights)
-    return generator.eval(), meta
-
-
-def _load_strict(generator: torch.nn.Module, state: dict, source: Path) -> None:
-    expected = generator.state_dict()
-    for key, value in expected.items():
-        if key not in state:
-            raise CheckpointError(f"{source}: missing key {key!r}: not weights of this generator architecture")
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
-                                  f"this generator needs {tuple(value.shape)}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise CheckpointError(f"{source}: unexpected key {extra[0]!r}: not weights of this generator architecture")
-    generator.load_state_dict(state, strict=True)
-
-
-def load_generator_weights(path: Path, model_cfg: Optional[ModelConfig] = None) -> torch.nn.Module:
-    """A flat generator state_dict (``model.pt``, the bundle's format) into a generator with its sigmoid."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not loadable as generator weights ({type(exc).__name__}: "
-                              f"{first_line(exc, 160)})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # the bundle's training checkpoints wrap the weights as {"model": ...}
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state_dict of generator weights, found {type(state).__name__}")
-    if model_cfg is None:
-        model_cfg = _model_config_beside(path)
-    generator = build_generator(model_cfg, init=False)
-    _load_strict(generator, state, path)
-    return generator.eval()
-
-
-def _model_config_beside(path: Path) -> ModelConfig:
-    provenance = path.parent / PROVENANCE_FILE
-    if not provenance.exists():
-        return ModelConfig()  # the seed bundle's architecture
-    try:
-        return ModelConfig.from_record(json.loads(provenance.read_text())["config"]["model"], provenance)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{provenance}: unreadable export provenance, needed for the architecture of {path.name} "
-                              f"({type(exc).__name__}: {first_line(exc, 120)})") from None
 
 
 class _Standalone(torch.nn.Module):
@@ -156,7 +84,8 @@ def write_torchscript(generator: torch.nn.Module, f: Union[Path, BinaryIO]) -> N
 
 
 def write_exported_program(generator: torch.nn.Module, f: Union[Path, BinaryIO], latent_size: int) -> None:
-    """``torch.export`` program, any batch size: ``torch.export.load(path).module()(latents[, labels])`` needs torch alone."""
+    """``torch.export`` program, any batch size: ``torch.export.load(path).module()(latents[, labels])`` needs
+    torch alone."""
     example, dynamic = _example_inputs(generator, latent_size)
     program = torch.export.export(_inference_module(generator), example, dynamic_shapes=dynamic, strict=False)
     torch.export.save(program, f if isinstance(f, io.IOBase) else str(f))
@@ -268,7 +197,8 @@ def write_torchscript_bundle(torchscript: Path, bundle_dir: Path, model_cfg: Mod
     ``python -m monai.bundle run inferring`` runs it with MONAI and torch alone. A class-conditional generator makes
     the class ``class_index`` names (``--class_index 2`` on that command line; ``class_names`` lists them)."""
     size, classes = model_cfg.latent_size, list(model_cfg.classes)
-    labels = ("(torch.full((batchdata.shape[0],), @class_index, dtype=torch.long, device=@device),)" if classes else "()")
+    labels = ("(torch.full((batchdata.shape[0],), @class_index, dtype=torch.long, device=@device),)"
+              if classes else "()")
     network = {
         **({"class_names": classes, "class_index": 0} if classes else {}),
         "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
@@ -281,7 +211,8 @@ def write_torchscript_bundle(torchscript: Path, bundle_dir: Path, model_cfg: Mod
         label_input = {"type": "tuples", "format": "class index", "num_channels": 0, "spatial_shape": [],
                        "dtype": "int64", "value_range": [0, len(classes) - 1], "is_patch_data": False,
                        "channel_def": {str(i): name for i, name in enumerate(classes)}}
-    what = f"the MedNIST classes {', '.join(classes)} (one class-conditional generator)" if classes else "MedNIST images"
+    what = (f"the MedNIST classes {', '.join(classes)} (one class-conditional generator)" if classes
+            else "MedNIST images")
     choose = ("\nA class-conditional generator: `--class_index i` makes class `class_names[i]` "
               f"({', '.join(f'{i} = {c}' for i, c in enumerate(classes))}).\n" if classes else "")
     readme = f"""# MedNIST generator (mednist-gan, model.arch={model_cfg.arch})
@@ -398,12 +329,12 @@ def export_generator(generator: torch.nn.Module, model_cfg: ModelConfig, out_dir
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, onnx: bool = False) -> Path:
-    """``mednist-gan export``: the generator of a training checkpoint, with its provenance."""
+    """``mednist-gan export``: the generator of a training checkpoint (or a run directory's newest), with its
+    provenance."""
     check_replaceable(Path(out_dir), "--out", EXPORT_NAMES, "export")  # before the checkpoint is read
-    checkpoint = resolve(checkpoint)  # the provenance names the checkpoint folder itself
-    generator, meta = load_checkpoint_generator(checkpoint)
-    return export_generator(generator, ModelConfig.from_record(meta["config"]["model"], checkpoint / META), out_dir,
-                            checkpoint_provenance(checkpoint, meta), onnx=onnx, what="--out")
+    opened = open_generator(checkpoint, checkpoint_only=True)
+    return export_generator(opened.network, opened.model_config, out_dir,
+                            checkpoint_provenance(opened.source, opened.record), onnx=onnx, what="--out")
 
 
 def checkpoint_provenance(checkpoint: Path, meta: dict) -> dict:

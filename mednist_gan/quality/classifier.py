@@ -23,6 +23,7 @@ from ..data import list_images, load_images, scale_intensity
 from ..errors import CheckpointError, DataError, first_line
 from ..files import sha256_file, write_atomic
 from ..images import to_uint8
+from ..terminal import progress_bar
 
 CLASSES = MEDNIST_CLASSES
 ASSETS = Path(__file__).parents[1] / "assets"
@@ -76,7 +77,8 @@ def load_classifier(path: Optional[Path] = None) -> MedNISTClassifier:
         net = MedNISTClassifier()
         net.load_state_dict(state)
     except Exception as exc:
-        raise CheckpointError(f"classifier weights {path}: not loadable ({type(exc).__name__}: {first_line(exc, 120)})") from None
+        raise CheckpointError(f"classifier weights {path}: not loadable "
+                              f"({type(exc).__name__}: {first_line(exc, 120)})") from None
     return net.eval()
 
 
@@ -117,8 +119,6 @@ def fit(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
         seed: int, decay_to_zero: bool = False, log=None) -> nn.Module:
     """Cross-entropy training with Adam, a seeded shuffle per epoch (seed + 1) and, with ``decay_to_zero``, the
     learning rate decayed linearly to 0; ``log`` gets a line per epoch (and turns on a terminal progress bar)."""
-    from ..generator.generate import progress_bar
-
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * -(-len(images) // batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps) if decay_to_zero else None
@@ -197,6 +197,7 @@ def save_with_card(net: nn.Module, out: Path, card: dict, shipped: tuple[Path, P
 
 def _card_markdown(card: dict) -> str:
     r = card["results"]
+    training, torch_version = card["training"], card["versions"]["torch"]
     counts = ", ".join(f"{k} {v}" for k, v in r["per_class_images"].items())
     return f"""# MedNIST classifier (feature extractor for FMD)
 
@@ -207,8 +208,8 @@ def _card_markdown(card: dict) -> str:
   from it and carry the same attribution and share-alike terms.
 - **Split**: {card["split"]}: {r["train_images"]} training, {r["test_images"]} held-out images.
 - **Held-out accuracy**: {r["test_accuracy"]:.4%} (training split {r["train_accuracy"]:.4%}).
-- **Training**: {card["training"]["epochs"]} epochs, batch {card["training"]["batch_size"]}, {card["training"]["optimizer"]},
-  deterministic algorithms, {card["training"]["threads"]} CPU threads, {r["seconds"]} s; torch {card["versions"]["torch"]}.
+- **Training**: {training["epochs"]} epochs, batch {training["batch_size"]}, {training["optimizer"]},
+  deterministic algorithms, {training["threads"]} CPU threads, {r["seconds"]} s; torch {torch_version}.
 - **Weights**: `{card["weights"]}`, sha256 `{card["sha256"]}`.
 - **Reproduce** (same weights on the same machine and library versions):
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from .classifier import ASSETS, CLASSES, load_split, save_with_card
 from ..errors import CheckpointError, first_line
+from ..terminal import progress_bar
 
 WEIGHTS_FILE = ASSETS / "encoder.pt"
 CARD_JSON = ASSETS / "encoder.json"
@@ -80,7 +81,8 @@ def load_encoder(path: Optional[Path] = None) -> MedNISTEncoder:
         net = MedNISTEncoder()
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:
-        raise CheckpointError(f"encoder weights {path}: not loadable ({type(exc).__name__}: {first_line(exc, 120)})") from None
+        raise CheckpointError(f"encoder weights {path}: not loadable "
+                              f"({type(exc).__name__}: {first_line(exc, 120)})") from None
     return net.eval()
 
 
@@ -145,8 +147,6 @@ def train_encoder(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 5, ba
     """Contrastive training on the seeded training split of every class (the classifier's split function, so
     the same images are held out); writes the weights and their card. Deterministic algorithms, a fixed
     seed and a fixed thread count: re-running reproduces the weights on the same machine and versions."""
-    from ..generator.generate import progress_bar
-
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
@@ -190,8 +190,9 @@ def train_encoder(data_root: Path, out: Path = WEIGHTS_FILE, epochs: int = 5, ba
         "objective": f"SimCLR NT-Xent, temperature {temperature}; views: {_views_description()}",
         "data": str(data_root), "split": f"per class, seeded permutation (seed {seed}), {holdout:.0%} held out "
                                          "(the classifier's split function)",
-        "training": {"epochs": epochs, "batch_size": batch_size, "optimizer": f"Adam lr {lr} (one-cycle), weight decay 1e-6",
-                     "seed": seed, "threads": threads, "deterministic": True, "limit_per_class": limit_per_class},
+        "training": {"epochs": epochs, "batch_size": batch_size,
+                     "optimizer": f"Adam lr {lr} (one-cycle), weight decay 1e-6", "seed": seed, "threads": threads,
+                     "deterministic": True, "limit_per_class": limit_per_class},
         "results": result, "command": command,
     }
     return save_with_card(net, out, card, (WEIGHTS_FILE, CARD_JSON, CARD_MD), _card_markdown)
