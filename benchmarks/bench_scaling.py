@@ -39,7 +39,7 @@ def _reset_accelerate() -> None:
 
 def _step(trainer, indices) -> None:
     """One iteration as ``fit`` runs it, on a fixed index batch."""
-    trainer.train_step(trainer.prepare_reals(indices))
+    trainer.gan_step.run(trainer.gan_step.prepare_reals(indices), step=trainer.state.step)
     trainer.state.step += 1
 
 
@@ -55,18 +55,20 @@ def time_steps(config: str, overrides: list[str], data: Path, iters: int, warmup
             f"data.root={data}", f"run_dir={tmp}", "log.sample_every=null",
             "export.at_end=false", "eval.every_steps=null", "eval.every_epochs=null", *overrides])
         trainer = Trainer(cfg)
+        step = trainer.gan_step
         indices = next(iter(trainer.loader))
 
-        # FLOPs of as many eager iterations as lazy R1 takes to repeat (graphs off: replays are invisible to the counter).
+        # FLOPs of as many eager iterations as lazy R1 takes to repeat
+        # (graphs off: replays are invisible to the counter).
         window = cfg.train.r1_every if cfg.train.r1_gamma > 0 else 1
-        trainer.graphs.enabled, captured = False, trainer.graphs.enabled
-        forwards = trainer.g_forward, trainer.d_forward  # and the plain networks (compiled code hides its FLOPs too)
-        trainer.g_forward, trainer.d_forward = trainer.G, trainer.D
+        step.graphs.enabled, captured = False, step.graphs.enabled
+        forwards = step.g_forward, step.d_forward  # and the plain networks (compiled code hides its FLOPs too)
+        step.g_forward, step.d_forward = trainer.G, trainer.D
         with flop_counter() as counter:
             for _ in range(window):
                 _step(trainer, indices)
-        trainer.graphs.enabled = captured
-        trainer.g_forward, trainer.d_forward = forwards
+        step.graphs.enabled = captured
+        step.g_forward, step.d_forward = forwards
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         for _ in range(warmup):
             _step(trainer, indices)
@@ -77,8 +79,9 @@ def time_steps(config: str, overrides: list[str], data: Path, iters: int, warmup
         sync()
         seconds = (time.perf_counter() - start) / iters
         G, D = trainer.acc.unwrap_model(trainer.G), trainer.acc.unwrap_model(trainer.D)
-        result = {"s_per_iter": seconds, "flops": counter.get_total_flops() / window, "captured": bool(trainer.graphs.graphs),
-                  "g_params": sum(p.numel() for p in G.parameters()), "d_params": sum(p.numel() for p in D.parameters()),
+        result = {"s_per_iter": seconds, "flops": counter.get_total_flops() / window,
+                  "captured": bool(step.graphs.graphs), "g_params": sum(p.numel() for p in G.parameters()),
+                  "d_params": sum(p.numel() for p in D.parameters()),
                   "d_train_steps": cfg.train.d_train_steps, "g_train_steps": cfg.train.g_train_steps,
                   "batch": cfg.train.batch_size}
         del trainer
@@ -122,7 +125,8 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, default=8, help="GPUs of the projection")
     parser.add_argument("--bus-gbps", type=float, default=360.0,
                         help="assumed all-reduce bus bandwidth, GB/s (NCCL on 8 NVLink-4 GPUs: about 360-480)")
-    parser.add_argument("--latency-us", type=float, default=25.0, help="assumed latency of one small NCCL all-reduce, us")
+    parser.add_argument("--latency-us", type=float, default=25.0,
+                        help="assumed latency of one small NCCL all-reduce, us")
     parser.add_argument("--batches", type=int, nargs="*", default=[600, 300, 150, 75],
                         help="per-device batches of the bundle recipe to time (none: only the recipes' rows)")
     args = parser.parse_args()
@@ -148,9 +152,10 @@ def main() -> int:
         print(f"{batch:>16} {precision:>9} {mode:>7} {r['s_per_iter']:9.4f} {batch / r['s_per_iter']:10.0f} "
               f"{r['flops'] / r['s_per_iter'] / 1e12:8.2f}")
 
-    print("\nrecipes and model presets at their own batch, fp32 (TF32 convolutions, runtime.tf32) and bf16, CUDA graphs; "
-          "the bundle also without channels_last (instance norm computes in NCHW: channels_last costs a copy around every "
-          "normalisation) and with runtime.compile (inductor fuses the small kernels; with and without graphs):")
+    print("\nrecipes and model presets at their own batch, fp32 (TF32 convolutions, runtime.tf32) and bf16, CUDA "
+          "graphs; the bundle also without channels_last (instance norm computes in NCHW: channels_last costs a copy "
+          "around every normalisation) and with runtime.compile (inductor fuses the small kernels; with and without "
+          "graphs):")
     presets = ("bundle.yaml", "quality.yaml", "wide.yaml", "resnet.yaml", "conditional.yaml")
     variants = {"NCHW": ["runtime.channels_last=false"], "compile": ["runtime.compile=true"],
                 "compile, eager": ["runtime.compile=true", "runtime.cuda_graphs=false"]}
@@ -165,7 +170,8 @@ def main() -> int:
         print(f"  {config:16s} {precision:>4}{layout}: batch {r['batch']:4d}, {r['s_per_iter'] * 1e3:7.2f} ms/iter, "
               f"{r['batch'] / r['s_per_iter']:9.0f} images/s, {r['flops'] / 1e9:6.1f} GFLOP/iter, "
               f"{achieved:6.2f} TFLOP/s = {100 * achieved / peak:4.1f}% of the "
-              f"{'bf16' if precision == 'bf16' else 'tf32'} matmul peak; G {r['g_params']:,} / D {r['d_params']:,} params")
+              f"{'bf16' if precision == 'bf16' else 'tf32'} matmul peak; "
+              f"G {r['g_params']:,} / D {r['d_params']:,} params")
 
     r = rows.get((600, "no", "true")) or rows.get((600, "no", "false"))
     if r is None:  # no batch rows asked for (the recipes only), or none ran
@@ -176,8 +182,10 @@ def main() -> int:
     comm = r["d_train_steps"] * (args.latency_us * 1e-6 + 2 * (n - 1) / n * 4 * r["d_params"] / (args.bus_gbps * 1e9)) \
         + r["g_train_steps"] * (args.latency_us * 1e-6 + 2 * (n - 1) / n * 4 * r["g_params"] / (args.bus_gbps * 1e9))
     print(f"\nall-reduce per iteration (DDP, fp32 gradients): {reduces} all-reduces, {volume / 1e6:.2f} MB in all "
-          f"(D {4 * r['d_params'] / 1e6:.2f} MB x {r['d_train_steps']}, G {4 * r['g_params'] / 1e6:.2f} MB x {r['g_train_steps']}); "
-          f"assumed {args.latency_us:g} us + {args.bus_gbps:g} GB/s bus bandwidth -> {comm * 1e3:.2f} ms per iteration on {n} GPUs")
+          f"(D {4 * r['d_params'] / 1e6:.2f} MB x {r['d_train_steps']}, "
+          f"G {4 * r['g_params'] / 1e6:.2f} MB x {r['g_train_steps']}); "
+          f"assumed {args.latency_us:g} us + {args.bus_gbps:g} GB/s bus bandwidth -> "
+          f"{comm * 1e3:.2f} ms per iteration on {n} GPUs")
     per_device = 600 // n
     nearest = min(args.batches, key=lambda b: abs(b - per_device))
     for precision in ("no", "bf16"):

@@ -115,7 +115,7 @@ def run_ours(data: Path, iters: int, processes: int, overrides: list[str], windo
     threads = max(cores // processes, 1)
     with tempfile.TemporaryDirectory() as tmp:
         args = ["--config", str(REPO / "configs" / "bundle.yaml"), f"run_dir={tmp}", f"data.root={data}",
-                f"train.max_steps={(iters + 1) * window}", f"train.log_every={window}", "export.at_end=false",
+                f"train.max_steps={(iters + 1) * window}", f"log.every_steps={window}", "export.at_end=false",
                 "checkpoint.every_epochs=null", "log.sample_every=null", f"runtime.num_threads={threads}", *overrides]
         if processes == 1:
             cmd = [sys.executable, "-m", "mednist_gan.train", *args]
@@ -141,9 +141,9 @@ def count_flops(data: Path) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(REPO / "configs" / "bundle.yaml", [f"data.root={data}", f"run_dir={tmp}", "data.limit=600"])
         trainer = Trainer(cfg)
-        real = trainer.prepare_reals(next(iter(trainer.loader)))
+        real = trainer.gan_step.prepare_reals(next(iter(trainer.loader)))
         with flop_counter() as counter:
-            trainer.train_step(real)
+            trainer.gan_step.run(real, step=trainer.state.step)
     return counter.get_total_flops()
 
 
@@ -201,8 +201,10 @@ def main() -> int:
     parser.add_argument("--no-tuned-reference", action="store_true",
                         help="skip the extra reference run with our host-memory setting (information only)")
     parser.add_argument("--window", type=int, default=None,
-                        help="our side's iterations per timed window (one log line each); default 1 on CPU, 20 on a GPU")
-    parser.add_argument("--side", choices=("reference", "reference-kept-memory", "ours", "flops"), help=argparse.SUPPRESS)
+                        help="our side's iterations per timed window (one log line each); "
+                             "default 1 on CPU, 20 on a GPU")
+    parser.add_argument("--side", choices=("reference", "reference-kept-memory", "ours", "flops"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 

@@ -43,17 +43,17 @@ def measure(config: Path, data: Path, iters: int) -> dict:
         small = load_config(config, [f"run_dir={tmp}", f"data.root={data}", f"data.limit={cfg.train.batch_size}",
                                      "log.tracker=none", "eval.every_steps=null", "eval.every_epochs=null"])
         trainer = Trainer(small)
-        real = trainer.prepare_reals(next(iter(trainer.loader)))
-        trainer.train_step(real)  # warm-up
+        real = trainer.gan_step.prepare_reals(next(iter(trainer.loader)))
+        trainer.gan_step.run(real, step=trainer.state.step)  # warm-up
         window = max(1, cfg.train.r1_every if cfg.train.r1_gamma > 0 else 1)
         with flop_counter() as counter:
             for _ in range(window):
-                trainer.train_step(real)
+                trainer.gan_step.run(real, step=trainer.state.step)
                 trainer.state.step += 1
         times = []
         for _ in range(iters):
             start = time.perf_counter()
-            trainer.train_step(real)
+            trainer.gan_step.run(real, step=trainer.state.step)
             trainer.state.step += 1
             times.append(time.perf_counter() - start)
         trainer.tracking.finish()
@@ -72,13 +72,15 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mednist")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--max-ratio", type=float, default=1.0,
-                        help="target: the recipe's FLOPs at most this many times the baseline's (1 for configs/quality.yaml, "
-                             "40 for the larger model presets)")
+                        help="target: the recipe's FLOPs at most this many times the baseline's "
+                             "(1 for configs/quality.yaml, 40 for the larger model presets)")
     args = parser.parse_args()
     print(machine())
-    sides = {"bundle": measure(args.baseline, args.data, args.iters), "recipe": measure(args.config, args.data, args.iters)}
+    sides = {"bundle": measure(args.baseline, args.data, args.iters),
+             "recipe": measure(args.config, args.data, args.iters)}
     for name, r in sides.items():
-        print(f"{name:7} {r['iterations']:6d} iterations x {r['flops_per_iter'] / 1e9:8.2f} GFLOP = {r['flops'] / 1e12:8.2f} TFLOP; "
+        print(f"{name:7} {r['iterations']:6d} iterations x {r['flops_per_iter'] / 1e9:8.2f} GFLOP "
+              f"= {r['flops'] / 1e12:8.2f} TFLOP; "
               f"{r['s_per_iter']:.3f} s/iteration here -> {r['seconds'] / 3600:.2f} h")
     flop_ratio = sides["recipe"]["flops"] / sides["bundle"]["flops"]
     time_ratio = sides["recipe"]["seconds"] / sides["bundle"]["seconds"]

@@ -23,16 +23,17 @@ pytestmark = pytest.mark.slow
 
 def _weights(nets: dict) -> dict:
     """A float32 CPU copy of each network's state_dict, keys prefixed with its name."""
-    return {f"{name}.{k}": v.detach().float().cpu().clone() for name, net in nets.items() for k, v in net.state_dict().items()}
+    return {f"{name}.{k}": v.detach().float().cpu().clone()
+            for name, net in nets.items() for k, v in net.state_dict().items()}
 
 
 def _run(tmp_path, mednist_root, compile_: bool, options: list[str]):
     # Dropout off: compiled code draws its masks with other random streams than eager code.
     cfg = load_config(CONFIGS / "debug.yaml", [
-        f"run_dir={tmp_path / f'compile-{compile_}'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
-        "data.limit=96", "train.batch_size=16", "train.d_train_steps=2", "train.loss=ns", "train.r1_gamma=1.0",
-        "train.r1_every=3", "train.ema_decay=0.9", "model.d_dropout=0", "runtime.tf32=false",
-        f"runtime.compile={str(compile_).lower()}", *options])
+        f"run_dir={tmp_path / f'compile-{compile_}'}", f"data.root={mednist_root}",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.limit=96", "train.batch_size=16", "train.d_train_steps=2",
+        "train.loss=ns", "train.r1_gamma=1.0", "train.r1_every=3", "train.ema_decay=0.9", "model.d_dropout=0",
+        "runtime.tf32=false", f"runtime.compile={str(compile_).lower()}", *options])
     torch._dynamo.reset()
     trainer = Trainer(cfg)
     unwrap = trainer.acc.unwrap_model
@@ -40,7 +41,8 @@ def _run(tmp_path, mednist_root, compile_: bool, options: list[str]):
     batches, metrics = iter(trainer.loader), []
     for _ in range(STEPS):
         indices = next(batches)
-        step = trainer.train_step(trainer.prepare_reals(indices), trainer.real_labels(indices))
+        step = trainer.gan_step.run(trainer.gan_step.prepare_reals(indices), trainer.gan_step.real_labels(indices),
+                                     step=trainer.state.step)
         metrics.append({k: v.item() for k, v in step.items()})
         trainer.state.step += 1
     weights = _weights({"G": unwrap(trainer.G), "D": unwrap(trainer.D), "EMA": trainer.ema})
@@ -60,8 +62,8 @@ def test_compiled_forward_passes_train_the_same_model(tmp_path, mednist_root, op
     # It did compile (the modules themselves stay plain: the same state_dict keys, no "_orig_mod." prefix); the
     # spectrally normalised discriminator stays eager (runtime.compiled_forwards says why), a plain one compiles.
     compiled = torch._dynamo.eval_frame.OptimizedModule
-    assert isinstance(trainer.g_forward, compiled)
-    assert isinstance(trainer.d_forward, compiled) == (cfg.model.arch == "monai" or not cfg.model.resnet_d_sn)
+    assert isinstance(trainer.gan_step.g_forward, compiled)
+    assert isinstance(trainer.gan_step.d_forward, compiled) == (cfg.model.arch == "monai" or not cfg.model.resnet_d_sn)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
     assert weights.keys() == eager_weights.keys()
     # Every step's losses agree (R1 steps 0 and 3 ran D's forward on the real images eagerly, the others compiled).

@@ -17,7 +17,8 @@ from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import MEDNIST_CLASSES, ConfigWarning, load_config
 from mednist_gan.data import EpochShuffleSampler, load_labelled_dataset
 from mednist_gan.errors import ConfigError, MednistGanError
-from mednist_gan.generator.generate import generate, generator_classes
+from mednist_gan.generator.generate import generate
+from mednist_gan.generator.loader import open_generator
 from mednist_gan.training.trainer import Trainer, train
 
 from helpers import CONFIGS, REPO, assert_close_up_to_adam_round_off, reset_accelerate, run_cli, train_cmd
@@ -37,7 +38,8 @@ def test_several_classes_make_a_conditional_model_config(tmp_path, mednist_root)
     assert cfg.model.classes == ["CXR", "Hand"]
     assert load_config(CONFIGS / "debug.yaml", ["data.classes=[all]", *TINY]).model.classes == list(MEDNIST_CLASSES)
     assert load_config(CONFIGS / "debug.yaml").model.classes == []  # one class: unconditional, the bundle's
-    with pytest.raises(ConfigError, match="model.arch='monai' is not allowed: expected 'resnet' for a class-conditional"):
+    with pytest.raises(ConfigError,
+                       match="model.arch='monai' is not allowed: expected 'resnet' for a class-conditional"):
         load_config(CONFIGS / "debug.yaml", [TWO])
     with pytest.raises(ConfigError, match=r"model.classes=\['Hand'\] is not allowed: expected nothing: it is set from"):
         load_config(CONFIGS / "debug.yaml", [TWO, *TINY, "model.classes=[Hand]"])
@@ -77,20 +79,22 @@ def test_class_weights_give_a_class_its_share_of_real_batches_and_generated_labe
     assert list(sampler) == list(EpochShuffleSampler(4000, seed=3, labels=uneven.repeat(40), class_weights=[1.0, 3.0]))
     trainer = Trainer(_cfg(tmp_path, mednist_root, "data.class_weights={Hand: 3}", "train.mode_seeking=1"))
     assert trainer.cfg.data.sampling_weights == [1.0, 3.0]  # CXR (not named) weighs 1
-    labels = torch.cat([trainer.sample_labels(8, pairs=True) for _ in range(250)])
+    labels = torch.cat([trainer.gan_step.sample_labels(8, pairs=True) for _ in range(250)])
     assert torch.equal(labels[0::2], labels[1::2]) and 0.70 < labels.float().mean().item() < 0.80
     drawn = []  # the trainer's own loader: 10 epochs of 32 draws from 16 CXR and 16 Hand images
     for epoch in range(10):
         trainer.sampler.set_epoch(epoch)
         drawn += list(trainer.sampler)
-    assert 0.65 < trainer.real_labels(torch.tensor(drawn)).float().mean().item() < 0.85
+    assert 0.65 < trainer.gan_step.real_labels(torch.tensor(drawn)).float().mean().item() < 0.85
     # Evenly, as before: the default draws what it always drew (a resumed run keeps its stream).
     even = Trainer(_cfg(tmp_path, mednist_root, f"run_dir={tmp_path / 'even'}"))
-    assert even.cfg.data.sampling_weights is None and even.label_weights is None
-    for bad, words in (("data.class_weights={Hnd: 3}", "data.class_weights.Hnd=3.0 is not allowed: expected a class of "
-                        "data.classes (CXR, Hand)"), ("data.class_weights.Hand=0", "data.class_weights.Hand=0.0 is not "
-                        "allowed: expected a weight > 0"), ("data.class_weights=3", "data.class_weights=3 has the wrong "
-                        "type: expected a mapping of str to float")):
+    assert even.cfg.data.sampling_weights is None and even.gan_step.label_weights is None
+    for bad, words in (("data.class_weights={Hnd: 3}",
+                        "data.class_weights.Hnd=3.0 is not allowed: expected a class of data.classes (CXR, Hand)"),
+                       ("data.class_weights.Hand=0",
+                        "data.class_weights.Hand=0.0 is not allowed: expected a weight > 0"),
+                       ("data.class_weights=3",
+                        "data.class_weights=3 has the wrong type: expected a mapping of str to float")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             _cfg(tmp_path, mednist_root, bad)
     with pytest.raises(ConfigError, match=re.escape("expected nothing: class weights need several data.classes")):
@@ -107,7 +111,7 @@ def test_conditional_training_exports_and_generates_every_class(tmp_path, mednis
     assert record["classes"] == ["CXR", "Hand"] and "labels" in record["inputs"]
     for model in (export / "mednist_gan.ts", export / "mednist_gan.pt2", export / "model.pt",
                   ckpt.find_latest(trainer.run_dir)):
-        assert generator_classes(model) == ["CXR", "Hand"], model
+        assert open_generator(model).classes == ["CXR", "Hand"], model
         one = generate(model, 3, tmp_path / model.name / "cxr", seed=1, class_name="CXR")
         assert len(one) == 3 and all(p.parent.name == "cxr" for p in one)
     every = generate(export / "mednist_gan.pt2", 3, tmp_path / "all", seed=1, class_name="all", grid=tmp_path / "g.png")
@@ -117,7 +121,8 @@ def test_conditional_training_exports_and_generates_every_class(tmp_path, mednis
     cxr = np.asarray(Image.open(every[0]), dtype=np.int16)
     hand = np.asarray(Image.open([p for p in every if p.parent.name == "Hand"][0]), dtype=np.int16)
     assert np.abs(cxr - hand).max() > 0
-    with pytest.raises(MednistGanError, match="a class-conditional generator of CXR, Hand; name the class with --class"):
+    with pytest.raises(MednistGanError,
+                       match="a class-conditional generator of CXR, Hand; name the class with --class"):
         generate(export / "mednist_gan.pt2", 2, tmp_path / "x")
     with pytest.raises(MednistGanError, match="--class Knee: .* makes CXR, Hand"):
         generate(export / "mednist_gan.pt2", 2, tmp_path / "x", class_name="Knee")
@@ -135,14 +140,15 @@ def test_mode_seeking_pairs_the_generators_latents_by_class(tmp_path, mednist_ro
     """train.mode_seeking: the generator's labels come in pairs (2k, 2k+1), the term is logged beside loss_g, and
     a per-process batch that cannot be paired is refused before training."""
     trainer = Trainer(_cfg(tmp_path, mednist_root, "train.max_steps=2", "train.mode_seeking=1"))
-    labels = torch.cat([trainer.sample_labels(8, pairs=True) for _ in range(20)])
+    labels = torch.cat([trainer.gan_step.sample_labels(8, pairs=True) for _ in range(20)])
     assert torch.equal(labels[0::2], labels[1::2]) and set(labels.tolist()) == {0, 1}
     trainer.fit()
     logged = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(record.get("mode_seeking", 0) > 0 for record in logged), logged
     reset_accelerate()
     with pytest.raises(ConfigError, match="train.mode_seeking .* per-process batch \\(7\\) must be even"):
-        Trainer(_cfg(tmp_path, mednist_root, f"run_dir={tmp_path / 'odd'}", "train.mode_seeking=1", "train.batch_size=7"))
+        Trainer(_cfg(tmp_path, mednist_root, f"run_dir={tmp_path / 'odd'}", "train.mode_seeking=1",
+                     "train.batch_size=7"))
 
 
 def test_an_unconditional_generator_refuses_a_class(tmp_path):
@@ -171,7 +177,8 @@ def test_conditional_resume_is_bitwise(tmp_path, mednist_root):
     interrupted.tracking.finish()
     reset_accelerate()
     resumed = train(load_config(CONFIGS / "debug.yaml", [f"run_dir={tmp_path / 'b'}", *common]))
-    for a, b in ((straight.ema, resumed.ema), (straight.acc.unwrap_model(straight.D), resumed.acc.unwrap_model(resumed.D))):
+    for a, b in ((straight.ema, resumed.ema),
+                 (straight.acc.unwrap_model(straight.D), resumed.acc.unwrap_model(resumed.D))):
         for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(x, y), key
 
@@ -181,9 +188,10 @@ def test_conditional_resume_is_bitwise(tmp_path, mednist_root):
 def test_conditional_two_processes_equal_one(tmp_path, mednist_root, mode_seeking):
     """Labels of real and generated images follow the global batch: 2 x half batch ends where 1 x full batch does,
     with the mode-seeking term too (its pairs never straddle two processes)."""
-    common = ["--config", str(CONFIGS / "debug.yaml"), f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
-              "data.limit=16", "train.batch_size=8", TWO, *TINY, "train.max_steps=1", "export.at_end=false",
-              "train.deterministic=false", "train.d_train_steps=2", f"train.mode_seeking={mode_seeking}"]
+    common = ["--config", str(CONFIGS / "debug.yaml"), f"data.root={mednist_root}",
+              f"data.cache_dir={tmp_path / 'cache'}", "data.limit=16", "train.batch_size=8", TWO, *TINY,
+              "train.max_steps=1", "export.at_end=false", "train.deterministic=false", "train.d_train_steps=2",
+              f"train.mode_seeking={mode_seeking}"]
     for n in (1, 2):
         result = subprocess.run([*train_cmd(n), *common, f"run_dir={tmp_path / str(n)}"], cwd=REPO, capture_output=True,
                                 text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -216,9 +224,10 @@ def test_a_conditional_generator_exports_to_a_monai_bundle_and_onnx(tmp_path):
     # The MONAI bundle folder runs the TorchScript file with MONAI alone, for the class --class_index names.
     bundle = out / "bundle"
     pngs = tmp_path / "bundle_out"
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file", "configs/inference.json",
-                           "--meta_file", "configs/metadata.json", "--bundle_root", ".", "--output_dir", str(pngs),
-                           "--num_samples", "2", "--class_index", "1"], cwd=bundle, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "inferring",
+                           "--config_file", "configs/inference.json", "--meta_file", "configs/metadata.json",
+                           "--bundle_root", ".", "--output_dir", str(pngs), "--num_samples", "2", "--class_index", "1"],
+                          cwd=bundle, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     written = sorted(pngs.glob("*.png"))
     assert len(written) == 2 and np.asarray(Image.open(written[0])).shape == (64, 64)

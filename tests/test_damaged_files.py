@@ -109,7 +109,8 @@ def test_export_and_generate_check_the_checkpoint_they_read(two_checkpoints, tmp
     _cut(run / "checkpoints" / "step_000004" / "model.safetensors")
     # A damaged checkpoint folder, named: one line.
     for args in (("export", "--checkpoint", str(run / "checkpoints" / "step_000004"), "--out", str(tmp_path / "e")),
-                 ("generate", "--model", str(run / "checkpoints" / "step_000004"), "--output-dir", str(tmp_path / "g"))):
+                 ("generate", "--model", str(run / "checkpoints" / "step_000004"),
+                  "--output-dir", str(tmp_path / "g"))):
         result = run_cli(*args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert "step_000004/model.safetensors: 100 bytes" in result.stderr
@@ -117,7 +118,8 @@ def test_export_and_generate_check_the_checkpoint_they_read(two_checkpoints, tmp
     # The run directory: its newest intact checkpoint, said so, and nothing moved (a reader does not move files).
     result = run_cli("export", "--checkpoint", str(run), "--out", str(tmp_path / "e"))
     assert result.returncode == 0, result.stderr
-    assert "skipping damaged checkpoint" in result.stderr and "using " + str(run / "checkpoints" / "step_000002") in result.stderr
+    assert ("skipping damaged checkpoint" in result.stderr
+            and "using " + str(run / "checkpoints" / "step_000002") in result.stderr)
     assert json.loads((tmp_path / "e" / "export.json").read_text())["step"] == 2
     assert (run / "checkpoints" / "step_000004").is_dir()
 
@@ -159,7 +161,8 @@ def test_a_damaged_export_is_named_in_one_line(exported, tmp_path, name):
     _flip_one_byte(out / name)
     result = run_cli("generate", "--model", str(out / name), "--output-dir", str(tmp_path / "g"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert f"{out / name}: damaged or replaced (its sha256 differs from the one in {out / 'export.json'})" in result.stderr
+    assert (f"{out / name}: damaged or replaced (its sha256 differs from the one in {out / 'export.json'})"
+            in result.stderr)
 
 
 @pytest.mark.slow
@@ -213,7 +216,7 @@ def test_a_damaged_wandb_run_id_gives_a_new_run_with_a_warning(tmp_path, caplog)
 
 
 def test_unwritable_run_records_warn_once_and_training_records_go_on(tmp_path, caplog):
-    from mednist_gan.training.tracking import plot_loss_curves
+    from mednist_gan.training.records import plot_loss_curves
 
     run = tmp_path / "run"
     (run / "metrics.jsonl").mkdir(parents=True)  # cannot be appended to
@@ -238,7 +241,8 @@ def test_an_unreadable_best_record_is_moved_aside_not_overwritten(tmp_path):
     (best / "export.json").write_text("{")
     assert read_best_score(best, "eval/fmd", logging.getLogger("mednist_gan")) == float("inf")
     assert not best.exists() and (tmp_path / "damaged-best" / "model.pt").read_bytes() == b"weights"
-    assert read_best_score(best, "eval/fmd", logging.getLogger("mednist_gan")) == float("inf")  # nothing there: a new best
+    # nothing there: a new best
+    assert read_best_score(best, "eval/fmd", logging.getLogger("mednist_gan")) == float("inf")
 
 
 # ----------------------------------------------------------------------------- destinations that cannot be written

@@ -137,7 +137,8 @@ def test_with_dropout_two_processes_agree_with_one_statistically(tmp_path, medni
     assert len(one) == len(two) == 40
     assert any(x["loss_d"] != y["loss_d"] for x, y in zip(one, two))  # not bitwise: masks differ per process
     for steps, band, rel in ((slice(0, 40), 0.03, 0.10), (slice(0, 10), 0.02, 0.05)):
-        mean = {key: (sum(m[key] for m in one[steps]) / len(one[steps]), sum(m[key] for m in two[steps]) / len(two[steps]))
+        mean = {key: (sum(m[key] for m in one[steps]) / len(one[steps]),
+                      sum(m[key] for m in two[steps]) / len(two[steps]))
                 for key in CURVES}
         for key in ("loss_d", "d_real", "d_fake"):
             assert abs(mean[key][0] - mean[key][1]) <= band, (steps, key, mean[key])

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from mednist_gan.config import load_config
-from mednist_gan.generator.export import load_generator_weights
+from mednist_gan.generator.loader import open_generator
 from mednist_gan.models.losses import discriminator_loss, generator_loss, r1_penalty
 from mednist_gan.training.optim import lr_factor
 from mednist_gan.training.trainer import Trainer, train
@@ -71,21 +71,21 @@ def test_r1_adds_its_gradient_to_the_discriminator_update(tmp_path, mednist_root
                        "model.d_dropout=0", "data.augment=false")
     D = trainer.acc.unwrap_model(trainer.D)
     G = trainer.acc.unwrap_model(trainer.G)
-    real = trainer.prepare_reals(next(iter(trainer.loader)))
-    rng_state = trainer.latent_rng.get_state()
+    real = trainer.gan_step.prepare_reals(next(iter(trainer.loader)))
+    rng_state = trainer.gan_step.latent_rng.get_state()
     d_params = [p.detach().clone() for p in D.parameters()]
     g_state = {k: v.clone() for k, v in G.state_dict().items()}
     grads: list = []
     _record_grads(trainer.opt_d, grads)
-    trainer.train_step(real)
+    trainer.gan_step.run(real, step=trainer.state.step)
 
     # The same update by hand: the loss on the same images, plus gamma/2 * |grad_x D(x)|^2.
-    trainer.latent_rng.set_state(rng_state)
+    trainer.gan_step.latent_rng.set_state(rng_state)
     with torch.no_grad():
         for p, p0 in zip(D.parameters(), d_params):
             p.copy_(p0)
         G.load_state_dict(g_state)  # the generator update that followed is undone too
-        fake = G(trainer.sample_latents(trainer.per_device_batch))
+        fake = G(trainer.gan_step.sample_latents(trainer.per_device_batch))
     x = real.detach().clone().requires_grad_(True)
     real_logits = D(x)
     loss = discriminator_loss(real_logits, D(fake), "ns")
@@ -123,7 +123,7 @@ def test_ema_equals_the_formula_and_is_exported(tmp_path, mednist_root):
             (1 - decay) * decay ** (steps - k) * history[k][i] for k in range(1, steps + 1))
         assert torch.allclose(ema, expected, rtol=1e-5, atol=1e-7)
         assert not torch.allclose(ema, history[-1][i])  # and it is not the raw weights
-    exported = load_generator_weights(tmp_path / "export" / "model.pt")
+    exported = open_generator(tmp_path / "export" / "model.pt").network
     for (name, value), mine in zip(exported.state_dict().items(), trainer.ema.state_dict().values()):
         assert torch.equal(value, mine), name
     # The checkpoint keeps the average, and `generate`/`export` from the checkpoint use it.
@@ -167,7 +167,7 @@ def test_update_ratio_and_phase_batch_sizes(tmp_path, mednist_root):
     G.register_forward_hook(lambda m, inputs, out: G_batches.append(inputs[0].shape[0]))
     _record_grads(trainer.opt_d, d_steps)
     _record_grads(trainer.opt_g, g_steps)
-    metrics = trainer.train_step(trainer.prepare_reals(next(iter(trainer.loader))))
+    metrics = trainer.gan_step.run(trainer.gan_step.prepare_reals(next(iter(trainer.loader))), step=trainer.state.step)
     assert G_batches == [8, 4, 4]  # one fake batch for the D phase, then two fresh latent batches of 4
     assert (len(d_steps), len(g_steps)) == (3, 2)
     assert math.isfinite(metrics["loss_g"].item())
@@ -189,7 +189,7 @@ def test_learning_rate_schedules():
 def test_scheduled_learning_rate_is_what_the_optimizers_use(tmp_path, mednist_root):
     cfg = load_config(CONFIGS / "debug.yaml", [
         f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
-        "train.max_steps=4", "train.log_every=1", "optim.warmup_steps=2", "optim.decay=linear",
+        "train.max_steps=4", "log.every_steps=1", "optim.warmup_steps=2", "optim.decay=linear",
         "optim.final_lr_ratio=0.5", "log.sample_every=null", "export.at_end=false"])
     train(cfg)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -222,7 +222,7 @@ def test_resume_with_ema_and_schedule_is_bitwise(tmp_path, mednist_root):
     reset_accelerate()
     resumed = train(load_config(CONFIGS / "debug.yaml", [f"run_dir={tmp_path / 'b'}", *common]))
     assert resumed.state.step == straight.state.step == 4
-    assert resumed.lr_used == straight.lr_used
+    assert resumed.gan_step.lr_used == straight.gan_step.lr_used
     for (k, a), b in zip(straight.ema.state_dict().items(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b), k
     G_a, G_b = (t.acc.unwrap_model(t.G).state_dict() for t in (straight, resumed))
@@ -257,7 +257,8 @@ def test_a_checkpoint_does_not_carry_the_saving_runs_optimizer_implementation():
     assert (group["capturable"], group["foreach"], group["lr"]) == (False, False, 1e-3)  # what the checkpoint said
     keep_run_options(resumed, torch.device("cpu"))
     assert group["capturable"] and group["foreach"] and not group.get("fused")
-    assert isinstance(group["lr"], torch.Tensor) and float(group["lr"]) == pytest.approx(1e-3)  # the saved rate, as a tensor
+    # the saved rate, as a tensor
+    assert isinstance(group["lr"], torch.Tensor) and float(group["lr"]) == pytest.approx(1e-3)
     assert resumed.state[next(iter(net.parameters()))]["step"] == 1  # the state itself is the checkpoint's
     # A non-capturable optimizer keeps a float learning rate.
     plain = torch.optim.Adam(net.parameters(), lr=5e-4)

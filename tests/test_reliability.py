@@ -192,7 +192,7 @@ class _PoisonAt:
     """Make the real batch of one step NaN, as a corrupt input or an exploding update would."""
 
     def __init__(self, trainer: Trainer, step: int):
-        self.trainer, self.step, self.original = trainer, step, trainer.prepare_reals
+        self.trainer, self.step, self.original = trainer, step, trainer.gan_step.prepare_reals
 
     def __call__(self, batch):
         real = self.original(batch)
@@ -200,8 +200,8 @@ class _PoisonAt:
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(debug_overrides, tmp_path):
-    trainer = Trainer(_cfg(debug_overrides, "train.max_steps=4", "checkpoint.every_steps=2", "train.log_every=10"))
-    trainer.prepare_reals = _PoisonAt(trainer, 3)
+    trainer = Trainer(_cfg(debug_overrides, "train.max_steps=4", "checkpoint.every_steps=2", "log.every_steps=10"))
+    trainer.gan_step.prepare_reals = _PoisonAt(trainer, 3)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 3 \(loss_d=nan"):
         trainer.fit()
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run")] == ["step_000002"]
@@ -212,9 +212,10 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(d
 @pytest.mark.slow
 def test_nonfinite_updates_can_be_skipped(debug_overrides, tmp_path):
     trainer = Trainer(_cfg(debug_overrides, "train.max_steps=4", "train.nonfinite=skip", "export.at_end=false"))
-    trainer.prepare_reals = _PoisonAt(trainer, 2)
+    trainer.gan_step.prepare_reals = _PoisonAt(trainer, 2)
     state = trainer.fit()
-    assert state.step == 4 and trainer.skipped_updates == 5  # the five D updates of step 2 (G's loss stayed finite)
+    # the five D updates of step 2 (G's loss stayed finite)
+    assert state.step == 4 and trainer.gan_step.skipped_updates == 5
     weights = load_file(str(ckpt.find_latest(tmp_path / "run") / "model_1.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert "non-finite loss, update skipped" in (tmp_path / "run" / "train.log").read_text()

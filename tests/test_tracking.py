@@ -32,7 +32,7 @@ def test_offline_wandb_run_holds_losses_images_config_and_artifact(debug_overrid
     records = read_records(next(offline.glob("run-*.wandb")))
     rows = history(records)
     losses = {row["_step"]: row for row in rows if "loss_d" in row}
-    assert sorted(losses) == [1, 2, 3, 4]  # train.log_every=1 in the debug config
+    assert sorted(losses) == [1, 2, 3, 4]  # log.every_steps=1 in the debug config
     for row in losses.values():
         for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "lr_g", "lr_d", "epoch"):
             assert math.isfinite(row[key]), (key, row)
@@ -292,7 +292,7 @@ def test_check_tracker_installed_accepts_what_is_installed():
 def test_loss_curves_get_an_fmd_panel_when_evaluation_ran(tmp_path):
     from PIL import Image
 
-    from mednist_gan.training.tracking import plot_loss_curves
+    from mednist_gan.training.records import plot_loss_curves
 
     rows = [{"step": s, "loss_d": 1 / s, "loss_g": s, "d_real": 0.6, "d_fake": 0.4} for s in (1, 2, 3, 4)]
     plain = tmp_path / "plain.jsonl"

@@ -67,8 +67,8 @@ def test_one_iteration_matches_monai_gan_trainer(tmp_path, mednist_root, d_train
     torch.manual_seed(123)
     engine.run()
     torch.manual_seed(123)
-    trainer.latent_rng = torch.default_generator  # draw latents exactly as GanTrainer does
-    trainer.train_step(real)
+    trainer.gan_step.latent_rng = torch.default_generator  # draw latents exactly as GanTrainer does
+    trainer.gan_step.run(real, step=trainer.state.step)
 
     # The same computation in other kernels (our D outputs logits and uses BCE-with-logits, MONAI's a
     # Sigmoid head and BCELoss; oneDNN picks its kernels by CPU): equal up to round-off, which Adam amplifies

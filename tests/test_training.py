@@ -49,8 +49,8 @@ def test_training_changes_the_weights_and_losses_are_finite(debug_overrides):
     trainer.fit()
     after = trainer.acc.unwrap_model(trainer.G).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    real = trainer.prepare_reals(next(iter(trainer.loader)))
-    metrics = trainer.train_step(real)
+    real = trainer.gan_step.prepare_reals(next(iter(trainer.loader)))
+    metrics = trainer.gan_step.run(real, step=trainer.state.step)
     assert all(torch.isfinite(v) for v in metrics.values())
     assert 0 < metrics["d_real"] < 1 and 0 < metrics["d_fake"] < 1
 
@@ -65,7 +65,8 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, mednist_
     train(load_config(CONFIGS / "debug.yaml", [*common, f"run_dir={straight}", f"train.max_steps={2 * stop_at}"]))
     resumed = tmp_path / "resumed"
     train(load_config(CONFIGS / "debug.yaml", [*common, f"run_dir={resumed}", f"train.max_steps={stop_at}"]))
-    trainer = train(load_config(CONFIGS / "debug.yaml", [*common, f"run_dir={resumed}", f"train.max_steps={2 * stop_at}"]))
+    trainer = train(load_config(CONFIGS / "debug.yaml",
+                                [*common, f"run_dir={resumed}", f"train.max_steps={2 * stop_at}"]))
     assert "resumed from" in (resumed / "train.log").read_text()
     assert trainer.state.step == 2 * stop_at
     a, b = _weights(ckpt.find_latest(straight)), _weights(ckpt.find_latest(resumed))

@@ -75,9 +75,11 @@ def graph_capture(cfg: Config, device: torch.device, num_processes: int) -> tupl
     return True, None
 
 
-def optimizer_options(rt: RuntimeConfig, device: torch.device, capture: bool) -> dict:
-    """Keyword arguments of ``optim.make_optimizers`` for this device: fused Adam on CUDA, capturable for graphs."""
-    return {"fused": device.type == "cuda" and rt.fused_adam, "capturable": capture, "device": device}
+def optimizer_options(runtime: RuntimeConfig, device: torch.device, capture: bool) -> dict:
+    """Keyword arguments of ``optim.make_optimizers`` for this device: fused Adam on CUDA, capturable for graphs,
+    else ``runtime.foreach``."""
+    return {"fused": device.type == "cuda" and runtime.fused_adam, "foreach": runtime.foreach, "capturable": capture,
+            "device": device}
 
 
 def precision_warning(cfg: Config) -> Optional[str]:
@@ -120,17 +122,17 @@ def use_mask_dropout(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def memory_format(rt: RuntimeConfig) -> torch.memory_format:
-    return torch.channels_last if rt.channels_last else torch.contiguous_format
+def memory_format(runtime: RuntimeConfig) -> torch.memory_format:
+    return torch.channels_last if runtime.channels_last else torch.contiguous_format
 
 
-def prepare_networks(generator: torch.nn.Module, discriminator: torch.nn.Module, rt: RuntimeConfig,
+def prepare_networks(generator: torch.nn.Module, discriminator: torch.nn.Module, runtime: RuntimeConfig,
                      device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The runtime settings applied to freshly built networks: memory format, and CPU-only speed-ups."""
-    fmt = memory_format(rt)
-    if rt.cpu_mask_dropout and device.type == "cpu":
+    layout = memory_format(runtime)
+    if runtime.cpu_mask_dropout and device.type == "cpu":
         use_mask_dropout(discriminator)
-    return generator.to(memory_format=fmt), discriminator.to(memory_format=fmt)
+    return generator.to(memory_format=layout), discriminator.to(memory_format=layout)
 
 
 def compiled_forwards(generator: torch.nn.Module, discriminator: torch.nn.Module,

@@ -1,4 +1,4 @@
-"""CUDA graphs for the trainer's phases: a phase's kernels launched as one graph instead of one by one.
+"""CUDA graphs for the training step's phases: a phase's kernels launched as one graph instead of one by one.
 
 A phase is a function of tensors that returns a dict of tensors (the discriminator's updates of one
 iteration, or one generator update: forward, backward and optimizer step). Its first ``warmup`` calls
@@ -12,7 +12,7 @@ shape (the smaller last batch of an epoch) under another graph.
 A graph replays exactly the kernels it recorded, so what a phase reads must live in tensors that stay in
 place: the weights and optimizer state (updated in place), learning rates held as tensors (capturable
 Adam), the inputs given here. Random numbers from PyTorch's default generator (dropout) advance with
-every replay; the trainer's own generators (latents, augmentation) are drawn outside, into the inputs.
+every replay; the step's own generators (latents, augmentation) are drawn outside, into the inputs.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ Phase = Callable[..., dict[str, torch.Tensor]]
 
 
 class PhaseGraphs:
+    """Runs phases by key: eagerly while ``enabled`` is False or during a key's warm-up, then as its CUDA graph."""
+
     def __init__(self, enabled: bool, warmup: int = 3):
         self.enabled, self.warmup = enabled, warmup
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], dict[str, torch.Tensor]]] = {}

@@ -57,7 +57,8 @@ class InTrainingEvaluation:
     def __call__(self, generator: torch.nn.Module, autocast, step: int, provenance: dict) -> dict:
         """Score ``generator`` (under ``autocast``); export it to ``best/`` when its ``eval.best_metric`` is the
         lowest so far."""
-        from ..quality.evaluate import QualityMeter, sample_images
+        from ..quality.evaluate import sample_images
+        from ..quality.scores import QualityMeter
 
         cfg = self.cfg
         picks = self._real_subsets()
@@ -82,15 +83,18 @@ class InTrainingEvaluation:
         for label, images in generated.items():
             if label is not None:
                 name = self.classes[label]
-                result.update({f"eval/{name}/{key}": value for key, value in asdict(self.meters[label].score(images)).items()})
-        self.log.info("evaluation at step %d: FMD %.3f FD-SSL %.3f precision %.3f recall %.3f diversity %.4f (real %.4f)%s",
+                result.update({f"eval/{name}/{key}": value
+                               for key, value in asdict(self.meters[label].score(images)).items()})
+        self.log.info("evaluation at step %d: FMD %.3f FD-SSL %.3f precision %.3f recall %.3f "
+                      "diversity %.4f (real %.4f)%s",
                       step, scores.fmd, scores.fd_ssl, scores.precision, scores.recall, scores.diversity,
                       self.meters[None].real_diversity,
                       "".join(f"; {c} FD-SSL {result[f'eval/{c}/fd_ssl']:.3f}" for c in self.classes))
         if cfg.eval.keep_best and result[self.best_key] < self.best:
             self.best = result[self.best_key]
             export_generator(generator_copy(cfg.model, generator), cfg.model, self.best_dir,
-                             {**provenance, "eval": {**result, "num_samples": self.num_samples}, "config": cfg.to_dict()})
+                             {**provenance, "eval": {**result, "num_samples": self.num_samples},
+                              "config": cfg.to_dict()})
             self.log.info("new best %s %.3f: exported to %s", cfg.eval.best_metric, self.best, self.best_dir)
         return result
 

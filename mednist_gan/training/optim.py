@@ -11,12 +11,13 @@ from ..config import OptimConfig
 
 
 def make_optimizers(generator: torch.nn.Module, discriminator: torch.nn.Module, cfg: OptimConfig,
-                    fused: bool = False, capturable: bool = False,
+                    fused: bool = False, foreach: Optional[bool] = None, capturable: bool = False,
                     device: Optional[torch.device] = None) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """Adam for each network. ``capturable`` (for CUDA graphs) keeps the step counts and learning rates as
-    tensors on ``device``, so that a replayed update uses the schedule's current learning rate."""
+    """Adam for each network: ``fused``, or else ``foreach`` (None: PyTorch's choice). ``capturable`` (for CUDA
+    graphs) keeps the step counts and learning rates as tensors on ``device``, so that a replayed update uses the
+    schedule's current learning rate."""
     betas = tuple(cfg.betas)
-    options = {"fused": True} if fused else {"foreach": cfg.foreach}
+    options = {"fused": True} if fused else {"foreach": foreach}
 
     def adam(net: torch.nn.Module, lr: float) -> torch.optim.Adam:
         rate = torch.tensor(lr, device=device) if capturable else lr
