@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from mednist_gan.generator.generate import generator_classes, load_model, make_latents, run_generator
-from mednist_gan.quality.evaluate import diversity, load_real_images
+from mednist_gan.generator.generate import make_latents, run_generator
+from mednist_gan.generator.loader import open_generator
+from mednist_gan.quality.evaluate import load_real_images
+from mednist_gan.quality.scores import diversity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 def class_diversity(model: Path, data: Path, num_samples: int = 300, num_real: int = 2000,
                     pairs: int = 500, seed: int = 0) -> list[tuple[str, float, float]]:
     """(class, generated images' diversity, real images' diversity) for every class the generator makes."""
-    classes = generator_classes(model)
+    opened = open_generator(model)
+    classes, net, size = opened.classes, opened.network, opened.latent_size
     if not classes:
         raise SystemExit(f"--model {model}: not a class-conditional generator")
-    net, size = load_model(model)
     rows = []
     for index, name in enumerate(classes):
         labels = torch.full((num_samples,), index, dtype=torch.long)

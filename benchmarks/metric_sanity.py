@@ -28,8 +28,9 @@ SHIPPED = REPO / "mednist_gan" / "assets" / "generator" / "model.pt"
 
 def sanity_cases(reference: torch.Tensor, other: torch.Tensor, generators: dict[str, Path]) -> dict[str, torch.Tensor]:
     """Images to score against ``reference``: ``other`` real images as they are and damaged, then generators'."""
-    from mednist_gan.generator.generate import load_model
-    from mednist_gan.quality.evaluate import blurred, sample_images
+    from mednist_gan.generator.loader import open_generator
+    from mednist_gan.quality.evaluate import sample_images
+    from mednist_gan.quality.scores import blurred
 
     n = len(other)
     cases = {"real (floor)": other}
@@ -38,13 +39,14 @@ def sanity_cases(reference: torch.Tensor, other: torch.Tensor, generators: dict[
                   "transposed": other.transpose(-1, -2), "uniform noise": torch.rand_like(other),
                   "8 training images repeated": reference[:8].repeat(n // 8 + 1, 1, 1, 1)[:n]})
     for name, path in generators.items():
-        net, size = load_model(path)
-        cases[name] = sample_images(net, size, n, 1, "normal", source=path)
+        opened = open_generator(path)
+        cases[name] = sample_images(opened.network, opened.latent_size, n, 1, "normal", source=path)
     return cases
 
 
 def main() -> int:
-    from mednist_gan.quality.evaluate import QualityMeter, Scores, load_real_images, split_halves
+    from mednist_gan.quality.evaluate import load_real_images, split_halves
+    from mednist_gan.quality.scores import QualityMeter, Scores
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mednist")
@@ -64,7 +66,8 @@ def main() -> int:
         table[name] = asdict(scores)
         print(f"{name:28} {scores.row()} {scores.kid_ssl * 1000:11.2f}")
     if args.out:
-        args.out.write_text(json.dumps({"num_samples": args.num_samples, "machine": machine(), "rows": table}, indent=2))
+        args.out.write_text(json.dumps({"num_samples": args.num_samples, "machine": machine(), "rows": table},
+                                       indent=2))
     return 0
 
 

@@ -58,7 +58,8 @@ def main() -> int:
         print(f"pack_subset.py: --src {args.src} holds no class folders of images", file=sys.stderr)
         return 2
     if args.dst.exists():
-        foreign = [p.name for p in args.dst.iterdir() if p.name != "SOURCE.md" and not (p.is_dir() and p.name in classes)]
+        foreign = [p.name for p in args.dst.iterdir()
+                   if p.name != "SOURCE.md" and not (p.is_dir() and p.name in classes)]
         if foreign:
             print(f"pack_subset.py: --dst {args.dst} holds other things ({', '.join(sorted(foreign)[:3])}); "
                   "expected a new folder or an earlier pack", file=sys.stderr)

@@ -5,7 +5,8 @@ and the copy to the host, PNG encoding alone, file writes alone (threads), and e
 writer threads and with forked writer processes (`generate` uses threads; processes are the candidate
 where the GIL caps the threads), each pool's start-up apart.
 
-    python benchmarks/profile_generate.py [--num-samples 2000] [--weights ../shared/upstream/mednist_gan_bundle_model.pt]
+    python benchmarks/profile_generate.py [--num-samples 2000] \\
+        [--weights ../shared/upstream/mednist_gan_bundle_model.pt]
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from _report import SEED_WEIGHTS, machine  # noqa: E402
-from mednist_gan.generator.generate import _save_pngs, load_model, make_latents  # noqa: E402
+from mednist_gan.generator.generate import _save_pngs, make_latents  # noqa: E402
+from mednist_gan.generator.loader import open_generator  # noqa: E402
 from mednist_gan.images import encode_png, to_uint8_pictures  # noqa: E402
 
 
 def _write_all(pool, pictures, paths, writers):
     chunk = max(1, len(pictures) // writers)
-    for f in [pool.submit(_save_pngs, pictures[i:i + chunk], paths[i:i + chunk]) for i in range(0, len(pictures), chunk)]:
+    for f in [pool.submit(_save_pngs, pictures[i:i + chunk], paths[i:i + chunk])
+              for i in range(0, len(pictures), chunk)]:
         f.result()
 
 
@@ -45,8 +48,8 @@ def main() -> int:
     stamp = time.perf_counter
     print(machine(), f"| {n} images, {writers} writers")
     t = stamp()
-    net, size = load_model(args.weights)
-    net = net.to(device)
+    opened = open_generator(args.weights)
+    net, size = opened.network.to(device), opened.latent_size
     sync()
     print(f"load model to {device}          : {stamp() - t:7.3f} s")
     latents = make_latents(n, size, 0, "uniform")
@@ -68,7 +71,8 @@ def main() -> int:
             list(pool.map(lambda a: a[0].write_bytes(a[1]), zip(paths, encoded)))
             print(f"write only, {writers} threads        : {stamp() - t:7.3f} s")
         for kind, pool in (("threads", ThreadPoolExecutor(writers)),
-                           ("processes (fork)", ProcessPoolExecutor(writers, mp_context=multiprocessing.get_context("fork")))):
+                           ("processes (fork)",
+                            ProcessPoolExecutor(writers, mp_context=multiprocessing.get_context("fork")))):
             with pool:
                 t = stamp()
                 pool.submit(len, "warm").result()  # a fork pool starts all its workers at the first task

@@ -105,7 +105,8 @@ def score_conditional_generator(model: Path, mednist_root: Path, num_samples: in
 def score_hand_generator(model: Path, real_dir: Path, num_samples: int, seed_weights: Path = SEED_WEIGHTS) -> dict:
     from mednist_gan.quality.evaluate import evaluate
 
-    return evaluate([(str(model), model, ("normal",)), (f"baseline {seed_weights}", seed_weights, ("normal", "uniform"))],
+    return evaluate([(str(model), model, ("normal",)),
+                     (f"baseline {seed_weights}", seed_weights, ("normal", "uniform"))],
                     real_dir, num_samples, blur=(BLUR_SIGMA,))
 
 

@@ -3,7 +3,8 @@ one of configs/quality.yaml), the seed bundle's weights, real Hand images and th
 blurred with sigma 1.5 (what the metrics' sanity table compares the generators with, docs/quality.md); and the
 shipped six-class generator beside real images, a row of 8 per class.
 
-    python docs/make_figures.py [--data ../shared/data/mednist] [--seed-weights ../shared/upstream/mednist_gan_bundle_model.pt]
+    python docs/make_figures.py [--data ../shared/data/mednist] \\
+        [--seed-weights ../shared/upstream/mednist_gan_bundle_model.pt]
 
 Each grid holds 64 images: generated ones from latents of seed 0 (the shipped models and the seed's
 weights each with the latent distribution that scores best for it), real ones drawn with seed 0. The class
@@ -17,25 +18,29 @@ from pathlib import Path
 
 import torch
 
-from mednist_gan.generator.generate import SHIPPED_CONDITIONAL, SHIPPED_MODEL, generator_classes, load_model, make_latents
+from mednist_gan.generator.generate import SHIPPED_CONDITIONAL, SHIPPED_MODEL, make_latents
+from mednist_gan.generator.loader import open_generator
 from mednist_gan.images import image_grid, save_png, to_uint8_pictures
-from mednist_gan.quality.evaluate import blurred, load_real_images
+from mednist_gan.quality.evaluate import load_real_images
+from mednist_gan.quality.scores import blurred
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
 def grid_of(model: Path, latent: str, out: Path) -> None:
-    net, size = load_model(model)
+    opened = open_generator(model)
+    net, size = opened.network, opened.latent_size
     with torch.inference_mode():
         save_png(image_grid(to_uint8_pictures(net(make_latents(64, size, 0, latent))), columns=8), out)
 
 
 def class_grids(model: Path, data: Path, generated: Path, real: Path) -> None:
-    net, size = load_model(model)
+    opened = open_generator(model)
+    net, size = opened.network, opened.latent_size
     z = make_latents(8, size, 0, "normal")
     rows, real_rows = [], []
-    for label, name in enumerate(generator_classes(model)):
+    for label, name in enumerate(opened.classes):
         with torch.inference_mode():
             rows.append(net(z, torch.full((8,), label, dtype=torch.long)))
         images = load_real_images(data / name)

@@ -124,7 +124,8 @@ def _decode(path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     except Exception as exc:
         raise DataError(f"{path}: cannot be read as an image ({type(exc).__name__})") from None
     if tuple(image.shape) != expected_hw:
-        raise DataError(f"{path}: expected a {expected_hw[0]}x{expected_hw[1]} image, got {image.shape[0]}x{image.shape[1]}")
+        raise DataError(f"{path}: expected a {expected_hw[0]}x{expected_hw[1]} image, "
+                        f"got {image.shape[0]}x{image.shape[1]}")
     array = EnsureChannelFirst(channel_dim="no_channel")(image).numpy()
     return array.astype(np.uint8)
 
@@ -235,7 +236,8 @@ class EpochShuffleSampler(Sampler[int]):
         self.weights = None
         if labels is not None and int(labels.max()) > 0:
             counts = torch.bincount(labels).double()
-            shares = torch.ones_like(counts) if class_weights is None else torch.tensor(class_weights, dtype=torch.double)
+            shares = (torch.ones_like(counts) if class_weights is None
+                      else torch.tensor(class_weights, dtype=torch.double))
             self.weights = (shares / counts)[labels]
 
     def set_epoch(self, epoch: int) -> None:  # Accelerate's DataLoaderShard calls this at every epoch start
@@ -323,7 +325,8 @@ def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def zoom(x: torch.Tensor, factor: torch.Tensor, min_factor: float = ZOOM_MIN, max_factor: float = ZOOM_MAX) -> torch.Tensor:
+def zoom(x: torch.Tensor, factor: torch.Tensor, min_factor: float = ZOOM_MIN,
+         max_factor: float = ZOOM_MAX) -> torch.Tensor:
     """MONAI ``Zoom(factor, keep_size=True)`` per sample: area interpolation, centred edge-pad or crop.
 
     MONAI resizes to ``floor(size * factor)`` pixels, so factors in ``[min_factor, max_factor]`` give only a

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.transforms import EnsureChannelFirst, Flip, LoadImage, RandFlip, RandRotate, RandZoom, Rotate, ScaleIntensity, Zoom
+from monai.transforms import (EnsureChannelFirst, Flip, LoadImage, RandFlip, RandRotate, RandZoom, Rotate,
+                              ScaleIntensity, Zoom)
 
 import mednist_gan.data
 from mednist_gan.config import DataConfig
@@ -206,7 +207,8 @@ def _save_as(folder: Path, picture: np.ndarray) -> None:
     Image.fromarray(picture.astype(np.uint16) * 257).save(folder / "b-16bit.png")
     # 16-bit values less than half an 8-bit grey level away from v * 257 still decode to v.
     off = np.random.default_rng(0).integers(-128, 129, picture.shape)
-    Image.fromarray(np.clip(picture.astype(np.int64) * 257 + off, 0, 65535).astype(np.uint16)).save(folder / "c-16bit.png")
+    Image.fromarray(np.clip(picture.astype(np.int64) * 257 + off, 0, 65535).astype(np.uint16)).save(
+        folder / "c-16bit.png")
     # Palette index 255 - v holds grey v: decoding the indices themselves would give the negative.
     palette = Image.new("P", picture.shape[::-1])
     palette.putdata((255 - picture).flatten().tolist())

@@ -1,4 +1,5 @@
-"""Fidelity/diversity, memorization, class accuracy and usefulness metrics (mednist_gan.quality.metrics) on real MedNIST."""
+"""Fidelity/diversity, memorization, class accuracy and usefulness metrics (mednist_gan.quality.metrics) on real
+MedNIST."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 from mednist_gan.quality import metrics
 from mednist_gan.quality.classifier import CLASSES, load_classifier, load_split, to_evaluation_pixels
 from mednist_gan.errors import MednistGanError
-from mednist_gan.quality.metrics import (class_accuracy, density_coverage, memorization, nearest_distances, precision_recall,
-                                 usefulness)
+from mednist_gan.quality.metrics import (class_accuracy, density_coverage, memorization, nearest_distances,
+                                         precision_recall, usefulness)
 
 HAND, CXR = CLASSES.index("Hand"), CLASSES.index("CXR")
 
@@ -61,7 +62,10 @@ def test_precision_recall_density_coverage_on_points_worked_out_by_hand():
     Recall: only 6 lies in a fake ball (10's, 4 <= 4.6); 1 is 0.3 from 0.7 (radius 0.2): 1/6.
     Density: 0.5 and 0.7 lie in the balls of 0 and 1, 5 and 5.4 in those of 4 and 6, 10 in none: 8 / (1 x 5).
     Coverage: the balls of 0, 1, 4 and 6 hold fakes, those of 20 and 21 none: 4/6."""
-    line = lambda *xs: torch.tensor([[x, 0.0] for x in xs])
+
+    def line(*xs):
+        return torch.tensor([[x, 0.0] for x in xs])
+
     real, fake = line(0, 1, 4, 6, 20, 21), line(0.5, 0.7, 5, 5.4, 10)
     precision, recall = precision_recall(real, fake, k=1)
     density, coverage = density_coverage(real, fake, k=1)
@@ -193,7 +197,8 @@ label = torch.tensor([0, 1, 2, 3])
     (lambda: precision_recall(points, points, k=0), "precision_recall: k must be an integer >= 1, got 0"),
     (lambda: density_coverage(points, torch.full((2, 3), float("nan"))), "density_coverage: fake has non-finite"),
     (lambda: density_coverage(torch.rand(10), points), r"density_coverage: real must be a tensor of rows \(N, D\)"),
-    (lambda: nearest_distances(points, points[:5], exclude_self=True), "exclude_self needs the queries to be the reference.s first rows"),
+    (lambda: nearest_distances(points, points[:5], exclude_self=True),
+     "exclude_self needs the queries to be the reference.s first rows"),
     (lambda: memorization(points, points, points),
      "memorization: held_out has 10 rows; percentile=1 needs at least 100"),
     (lambda: memorization(points, points, points, percentile=0), r"percentile must be in \(0, 100\), got 0"),

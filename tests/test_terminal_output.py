@@ -79,7 +79,8 @@ def test_readme_first_command_prints_no_warning(tmp_path):
     command = _readme_first_command()
     assert command.startswith("mednist-gan train --config configs/debug.yaml")
     command = command.replace("runs/debug", str(run_dir)).replace(
-        "mednist-gan train --config configs/debug.yaml", f"mednist-gan train --config configs/debug.yaml run_dir={run_dir}", 1)
+        "mednist-gan train --config configs/debug.yaml",
+        f"mednist-gan train --config configs/debug.yaml run_dir={run_dir}", 1)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     result = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr

@@ -25,7 +25,8 @@ D_WIDTHS = (1, 2, 4, 8, 16)  # 64x64 -> 32x32 -> 16x16 -> 8x8 -> 4x4
 
 
 def build_generator(cfg: ModelConfig, init: bool = True) -> nn.Module:
-    """The config's generator; MONAI's with the bundle's output Sigmoid as ``conv.activation`` (no parameters, same keys)."""
+    """The config's generator; MONAI's with the bundle's output Sigmoid as ``conv.activation`` (no parameters,
+    same keys)."""
     if cfg.arch == "resnet":
         return ResNetGenerator(cfg.latent_size, cfg.resnet_g_channels, cfg.image_shape[-1], len(cfg.classes), init=init)
     net = Generator(

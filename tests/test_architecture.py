@@ -1,0 +1,96 @@
+"""The rules of the house (docs/ARCHITECTURE.md), read from the imports of every module of the package."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mednist_gan"
+WINGS = ("config", "models", "runtime", "training", "quality", "generator", "sweep")
+
+# What each part may not import: a wing is read only by the wings after it in the data flow.
+FORBIDDEN = {
+    "ground floor": {"models", "runtime", "training", "quality", "generator", "sweep", "cli"},
+    "config": {"models", "runtime", "training", "quality", "generator", "sweep", "cli"},
+    "models": {"runtime", "training", "quality", "generator", "sweep", "cli"},
+    "runtime": {"training", "quality", "generator", "sweep", "cli"},
+    "generator": {"runtime", "training", "quality", "sweep", "cli"},
+    "quality": {"runtime", "training", "sweep", "cli"},
+    "training": {"sweep", "cli"},
+    "sweep": {"cli"},
+}
+MAX_MODULE_LINES = 450
+
+
+def part(module: str) -> str:
+    """``mednist_gan.training.step`` -> ``training``; ``mednist_gan.data`` -> the ground floor (``cli`` is its own)."""
+    name = module.split(".")[1] if module.count(".") else ""
+    if name in WINGS or name == "cli":
+        return name
+    return "ground floor"
+
+
+def modules() -> list[tuple[str, Path]]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        dotted = ".".join(("mednist_gan", *path.relative_to(PACKAGE).with_suffix("").parts))
+        found.append((dotted.removesuffix(".__init__"), path))
+    return found
+
+
+def imported(module: str, path: Path) -> set[str]:
+    """Every ``mednist_gan`` module ``module`` imports, at the top or inside a function, as absolute names."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("mednist_gan"):
+                names.add(target)
+                names.update(f"{target}.{alias.name}" for alias in node.names)  # from . import checkpoint
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith("mednist_gan"))
+    return names
+
+
+@pytest.mark.parametrize("module, path", modules(), ids=[m for m, _ in modules()])
+def test_each_module_imports_only_what_its_part_may(module, path):
+    here = part(module)
+    if module in ("mednist_gan.__main__", "mednist_gan.train", "mednist_gan.cli"):
+        return  # the entry points call everything
+    known = {m for m, _ in modules()}
+    bad = sorted(target for target in imported(module, path)
+                 if target in known and part(target) in FORBIDDEN[here] and part(target) != here)
+    assert not bad, f"{module} ({here}) imports {bad}: see the rules in docs/ARCHITECTURE.md"
+
+
+def test_the_reader_above_sees_relative_and_lazy_imports():
+    """The rule checker itself: a relative import inside a function is found and resolved."""
+    sample = PACKAGE / "generator" / "loader.py"
+    found = imported("mednist_gan.generator.loader", sample)
+    assert "mednist_gan.config" in found and "mednist_gan.checkpoint" in found
+    assert "mednist_gan.models.networks" in found  # imported inside _built_generator
+
+
+@pytest.mark.parametrize("module, path", modules(), ids=[m for m, _ in modules()])
+def test_no_module_is_longer_than_the_limit(module, path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{module}: {lines} lines (at most {MAX_MODULE_LINES}: split it by job)"
+
+
+def test_ruff_finds_nothing():
+    """The linter of pyproject.toml ([tool.ruff]) over the package, tests, benchmarks and docs' scripts."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    assert ruff, "ruff is in the test extra: pip install -e '.[test]'"
+    result = subprocess.run([ruff, "check", "--no-cache", "mednist_gan", "tests", "benchmarks", "docs"],
+                            cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
