@@ -60,6 +60,7 @@ def test_export_refuses_a_folder_that_is_not_an_earlier_export(run, tmp_path, ta
     assert listing(out) == before
 
 
+@pytest.mark.slow  # three export processes end to end
 def test_export_replaces_an_earlier_export_and_an_empty_folder(run, tmp_path):
     (tmp_path / "empty").mkdir()
     for out in (tmp_path / "empty", tmp_path / "exp", tmp_path / "exp"):
@@ -137,6 +138,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow  # two export processes end to end
 def test_a_full_disk_during_export_is_one_line_and_the_earlier_export_stays(run, small_disk):
     out = small_disk / "exp"
     assert run_cli("export", "--checkpoint", str(run), "--out", str(out)).returncode == 0
