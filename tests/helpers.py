@@ -32,6 +32,17 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def train_debug_run(run: Path, mednist_root: Path) -> Path:
+    """Train configs/debug.yaml into ``run`` on the real images (decoded-image cache beside it); returns ``run``."""
+    from mednist_gan.config import load_config
+    from mednist_gan.training.trainer import train
+
+    train(load_config(CONFIGS / "debug.yaml", [f"run_dir={run}", f"data.root={mednist_root}",
+                                               f"data.cache_dir={run.parent / 'cache'}"]))
+    reset_accelerate()
+    return run
+
+
 def reset_accelerate() -> None:
     """Accelerate keeps one process-wide state; each new trainer in this process needs a clean one."""
     from accelerate.state import AcceleratorState, GradientState

@@ -15,13 +15,11 @@ from monai.networks.nets import Generator
 from PIL import Image
 
 from mednist_gan import checkpoint as ckpt
-from mednist_gan.config import load_config
 from mednist_gan.generator.export import export_checkpoint
 from mednist_gan.generator.generate import generate
 from mednist_gan.images import encode_png
-from mednist_gan.training.trainer import train
 
-from helpers import CONFIGS, REPO, reset_accelerate, run_cli
+from helpers import REPO, run_cli, train_debug_run
 
 BUNDLE_ARGS = dict(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8, 1], strides=[2, 2, 2, 1])
 
@@ -29,10 +27,7 @@ BUNDLE_ARGS = dict(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8,
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, mednist_root):
     run = tmp_path_factory.mktemp("trained") / "run"
-    train(load_config(CONFIGS / "debug.yaml", [f"run_dir={run}", f"data.root={mednist_root}",
-                                               f"data.cache_dir={run.parent / 'cache'}"]))
-    reset_accelerate()
-    return run
+    return train_debug_run(run, mednist_root)
 
 
 def test_model_pt_is_a_drop_in_for_the_bundle_file(trained_run, upstream_weights):

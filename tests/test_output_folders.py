@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from mednist_gan.config import ModelConfig, load_config
+from mednist_gan.config import ModelConfig
 from mednist_gan.errors import CheckpointError, OutputError
 from mednist_gan.generator.export import export_generator
 from mednist_gan.files import recover_folder
 from mednist_gan.models.networks import build_generator
-from mednist_gan.training.trainer import train
 
-from helpers import CONFIGS, REPO, reset_accelerate, run_cli
+from helpers import REPO, run_cli, train_debug_run
 
 
 def listing(folder: Path) -> dict[str, str]:
@@ -39,10 +38,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, mednist_root):
     run = tmp_path_factory.mktemp("out") / "run"
-    train(load_config(CONFIGS / "debug.yaml", [f"run_dir={run}", f"data.root={mednist_root}",
-                                               f"data.cache_dir={run.parent / 'cache'}"]))
-    reset_accelerate()
-    return run
+    return train_debug_run(run, mednist_root)
 
 
 @pytest.mark.parametrize("target", ["the run folder", "a user folder"])
