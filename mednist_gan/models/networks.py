@@ -201,8 +201,8 @@ def minibatch_stddev(features: torch.Tensor, group: int, labels: Optional[torch.
 
     With ``labels`` (N,), across the images of the group that share its label (0 for the only one of its class):
     in a batch of mixed classes the spread between classes would drown a generator's collapse within a class
-    (measured in docs/quality.md), so a class-conditional D needs groups that hold several images of a class
-    (``model.resnet_mbstd: 32`` in configs/conditional.yaml)."""
+    (measured in docs/experiments/quality-history.md), so a class-conditional D needs groups that hold several
+    images of a class (``model.resnet_mbstd: 32`` in configs/conditional.yaml)."""
     n, c = features.shape
     group = math.gcd(group, n)
     grouped = features.float().view(n // group, group, c)

@@ -46,9 +46,9 @@ class MedNISTEncoder(nn.Module):
     ``forward`` is the training path: the projection head's output, which the contrastive loss compares.
     ``features`` is SimCLR's representation, the one before the head: the last stage's global average.
     Layout still counts (no flips among the views: an upside-down hand scores 38x the floor). Of the
-    layers and poolings tried (docs/quality.md), it is the one that ranks real hands blurred with sigma 1.5
-    ahead of the generators' malformed ones, as the eye does; a 2x2 grid of the third stage beside it
-    ranked them 1.8x worse than the shipped generator.
+    layers and poolings tried (docs/experiments/quality-history.md), it is the one that ranks real hands
+    blurred with sigma 1.5 ahead of the generators' malformed ones, as the eye does; a 2x2 grid of the third
+    stage beside it ranked them 1.8x worse than the shipped generator.
     """
 
     feature_size = 128
