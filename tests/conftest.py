@@ -1,4 +1,4 @@
-"""Shared fixtures: the real MedNIST images, small configs in a temporary run directory."""
+"""Shared fixtures (the real MedNIST images, small configs and trained runs) and the tiers: tests/system/ is slow."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MEDNIST_ROOT, UPSTREAM_WEIGHTS, reset_accelerate
+from helpers import MEDNIST_ROOT, UPSTREAM_WEIGHTS, reset_accelerate, run_config, train_debug_run
+
+SYSTEM_TESTS = Path(__file__).parent / "system"
+
+
+def pytest_collection_modifyitems(items):
+    """The folder decides the tier: every test under tests/system/ is slow, every other test is fast."""
+    for item in items:
+        if SYSTEM_TESTS in Path(item.path).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def _missing(reason: str):
@@ -35,6 +44,25 @@ def upstream_weights() -> Path:
 def debug_overrides(tmp_path: Path, mednist_root: Path) -> list[str]:
     """Overrides that turn configs/debug.yaml into a tiny run on real images inside tmp_path."""
     return [f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path.parent / 'cache'}"]
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory, mednist_root) -> Path:
+    """A debug run with complete checkpoints at steps 2 and 4 and no export (a test works on a copy of it)."""
+    from mednist_gan import checkpoint as ckpt
+    from mednist_gan.training.trainer import train
+
+    run = tmp_path_factory.mktemp("checkpointed") / "run"
+    train(run_config(run, mednist_root, run.parent / "cache"))
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step_000002", "step_000004"]
+    reset_accelerate()
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory, mednist_root) -> Path:
+    """A finished debug run with its export (a test that changes it works on a copy)."""
+    return train_debug_run(tmp_path_factory.mktemp("exported") / "run", mednist_root)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ CONFIGS = REPO / "configs"
 SHARED = REPO.parent / "shared"
 MEDNIST_ROOT = Path(os.environ.get("MEDNIST_ROOT", SHARED / "data" / "mednist"))
 UPSTREAM_WEIGHTS = Path(os.environ.get("MEDNIST_GAN_UPSTREAM", SHARED / "upstream" / "mednist_gan_bundle_model.pt"))
+V0_1_0_RUN = REPO / "tests" / "fixtures" / "v0.1.0_run"  # written by mednist-gan 0.1.0 (fixtures/README.md)
 
 
 
@@ -41,6 +42,104 @@ def train_debug_run(run: Path, mednist_root: Path) -> Path:
                                                f"data.cache_dir={run.parent / 'cache'}"]))
     reset_accelerate()
     return run
+
+
+def run_overrides(run: Path, mednist_root: Path, cache: Path, *extra: str) -> list[str]:
+    """configs/debug.yaml's overrides for a run in ``run`` on the real images that checkpoints but does not export."""
+    return [f"run_dir={run}", f"data.root={mednist_root}", f"data.cache_dir={cache}", "export.at_end=false", *extra]
+
+
+def run_config(run: Path, mednist_root: Path, cache: Path, *extra: str):
+    """configs/debug.yaml with :func:`run_overrides`."""
+    from mednist_gan.config import load_config
+
+    return load_config(CONFIGS / "debug.yaml", run_overrides(run, mednist_root, cache, *extra))
+
+
+def copy_run(run: Path, target: Path) -> Path:
+    """A copy of a run folder at ``target``, for a test that damages or resumes it."""
+    import shutil
+
+    shutil.copytree(run, target)
+    return target
+
+
+def file_hashes(folder: Path, *, folders: bool = False) -> dict[str, str]:
+    """Every file under ``folder`` (relative path -> sha256), and with ``folders`` every folder: what a user
+    would lose if a command changed it."""
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*")) if folders or p.is_file()}
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """A command that failed with exit 2 and one ``mednist-gan: error:`` line holding each fragment."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mednist-gan: error:") and "Traceback" not in result.stderr, lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def cut(path: Path, size: int = 100) -> None:
+    """Cut a file short, as a writer killed mid-write leaves it."""
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def flip_one_byte(path: Path) -> None:
+    """Flip the middle byte of a file, as a bad disk or a stray write leaves it."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def offline_wandb_runs(run_dir: Path) -> list[Path]:
+    """The offline W&B runs a training run in ``run_dir`` left."""
+    return sorted((run_dir / "tracker" / "wandb").glob("offline-run-*"))
+
+
+# Two MedNIST classes on a tiny residual model: the conditional tests' smallest run.
+TWO_CLASSES = "data.classes=[CXR, Hand]"
+TINY_RESNET = ["model.arch=resnet", "model.resnet_g_channels=2", "model.resnet_d_channels=2", "model.latent_size=16"]
+
+
+# The seed bundle's Generator (configs/bundle.yaml's model), as MONAI's class takes it.
+BUNDLE_ARGS = dict(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8, 1], strides=[2, 2, 2, 1])
+
+
+def debug_config(overrides: list[str], *extra: str):
+    """configs/debug.yaml with these overrides (e.g. the ``debug_overrides`` fixture) and more."""
+    from mednist_gan.config import load_config
+
+    return load_config(CONFIGS / "debug.yaml", [*overrides, *extra])
+
+
+def small_trainer(tmp_path: Path, mednist_root: Path, *overrides: str):
+    """A ``Trainer`` for configs/debug.yaml on 16 real images, batch 8, without sample grids."""
+    from mednist_gan.training.trainer import Trainer
+
+    return Trainer(debug_config([f"run_dir={tmp_path / 'run'}", f"data.root={mednist_root}",
+                                 f"data.cache_dir={tmp_path / 'cache'}", "data.limit=16", "train.batch_size=8",
+                                 "log.sample_every=null"], *overrides))
+
+
+def checkpoint_weights(checkpoint: Path) -> dict:
+    """G's and D's tensors of a training checkpoint, as ``G.<name>`` and ``D.<name>``."""
+    from safetensors.torch import load_file
+
+    return {**{f"G.{k}": v for k, v in load_file(str(checkpoint / "model.safetensors")).items()},
+            **{f"D.{k}": v for k, v in load_file(str(checkpoint / "model_1.safetensors")).items()}}
+
+
+def per_class(images, labels, n: int, skip: int = 0):
+    """``n`` images of every MedNIST class (after skipping ``skip`` of each), with their labels."""
+    import torch
+
+    from mednist_gan.quality.classifier import CLASSES
+
+    index = torch.cat([(labels == c).nonzero().flatten()[skip:skip + n] for c in range(len(CLASSES))])
+    return images[index], labels[index]
 
 
 def reset_accelerate() -> None:

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from mednist_gan import checkpoint as ckpt
 
-from helpers import CONFIGS, REPO, assert_close_up_to_adam_round_off, train_cmd
-
-pytestmark = pytest.mark.slow
+from helpers import (CONFIGS, REPO, TINY_RESNET, TWO_CLASSES, assert_close_up_to_adam_round_off, offline_wandb_runs,
+                     train_cmd)
+from wandb_records import history, read_records
 
 
 def _launch(num_processes: int, *overrides: str) -> subprocess.CompletedProcess:
@@ -143,3 +143,39 @@ def test_with_dropout_two_processes_agree_with_one_statistically(tmp_path, medni
         for key in ("loss_d", "d_real", "d_fake"):
             assert abs(mean[key][0] - mean[key][1]) <= band, (steps, key, mean[key])
         assert mean["loss_g"][0] == pytest.approx(mean["loss_g"][1], rel=rel), (steps, mean["loss_g"])
+
+
+@pytest.mark.parametrize("mode_seeking", [0, 1])
+def test_conditional_two_processes_equal_one(tmp_path, mednist_root, mode_seeking):
+    """Labels of real and generated images follow the global batch: 2 x half batch ends where 1 x full batch does,
+    with the mode-seeking term too (its pairs never straddle two processes)."""
+    common = ["--config", str(CONFIGS / "debug.yaml"), f"data.root={mednist_root}",
+              f"data.cache_dir={tmp_path / 'cache'}", "data.limit=16", "train.batch_size=8", TWO_CLASSES, *TINY_RESNET,
+              "train.max_steps=1", "export.at_end=false", "train.deterministic=false", "train.d_train_steps=2",
+              f"train.mode_seeking={mode_seeking}"]
+    for n in (1, 2):
+        result = subprocess.run([*train_cmd(n), *common, f"run_dir={tmp_path / str(n)}"], cwd=REPO, capture_output=True,
+                                text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    for name, updates in (("model.safetensors", 1), ("model_1.safetensors", 2)):
+        a, b = (load_file(str(ckpt.find_latest(tmp_path / str(n)) / name)) for n in (1, 2))
+        assert_close_up_to_adam_round_off(a, b, lr=2e-4, betas=(0.5, 0.999), updates=updates, what=name)
+
+
+def test_two_processes_make_exactly_one_wandb_run(tmp_path, mednist_root):
+    import subprocess
+
+    from helpers import REPO, train_cmd
+
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [*train_cmd(2), "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
+         f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "log.tracker=wandb", "log.mode=offline",
+         "export.at_end=false"],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(offline_wandb_runs(run)) == 1
+    rows = [r for r in history(read_records(next(offline_wandb_runs(run)[0].glob("run-*.wandb")))) if "loss_d" in r]
+    assert [r["_step"] for r in rows] == [1, 2, 3, 4]

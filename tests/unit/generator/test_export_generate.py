@@ -15,23 +15,14 @@ from monai.networks.nets import Generator
 from PIL import Image
 
 from mednist_gan import checkpoint as ckpt
-from mednist_gan.generator.export import export_checkpoint
 from mednist_gan.generator.generate import generate
 from mednist_gan.images import encode_png
 
-from helpers import REPO, run_cli, train_debug_run
-
-BUNDLE_ARGS = dict(latent_shape=64, start_shape=[64, 8, 8], channels=[32, 16, 8, 1], strides=[2, 2, 2, 1])
+from helpers import BUNDLE_ARGS, REPO, run_cli
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, mednist_root):
-    run = tmp_path_factory.mktemp("trained") / "run"
-    return train_debug_run(run, mednist_root)
-
-
-def test_model_pt_is_a_drop_in_for_the_bundle_file(trained_run, upstream_weights):
-    ours = torch.load(trained_run / "export" / "model.pt", weights_only=True)
+def test_model_pt_is_a_drop_in_for_the_bundle_file(exported_run, upstream_weights):
+    ours = torch.load(exported_run / "export" / "model.pt", weights_only=True)
     seed = torch.load(upstream_weights, weights_only=True)
     assert list(ours) == list(seed)
     assert all(ours[k].shape == seed[k].shape and ours[k].dtype == seed[k].dtype for k in seed)
@@ -40,13 +31,13 @@ def test_model_pt_is_a_drop_in_for_the_bundle_file(trained_run, upstream_weights
     assert not any("disc" in k or "net." in k for k in ours)  # generator only
 
 
-def test_export_matches_the_checkpoint_generator(trained_run):
+def test_export_matches_the_checkpoint_generator(exported_run):
     from safetensors.torch import load_file
 
-    ours = torch.load(trained_run / "export" / "model.pt", weights_only=True)
-    checkpoint = load_file(str(ckpt.find_latest(trained_run) / "model.safetensors"))
+    ours = torch.load(exported_run / "export" / "model.pt", weights_only=True)
+    checkpoint = load_file(str(ckpt.find_latest(exported_run) / "model.safetensors"))
     assert all(torch.equal(ours[k], checkpoint[k]) for k in ours)
-    record = json.loads((trained_run / "export" / "export.json").read_text())
+    record = json.loads((exported_run / "export" / "export.json").read_text())
     assert record["step"] == 4 and record["config"]["model"]["latent_size"] == 64
     from mednist_gan.training.run_folder import git_revision
 
@@ -87,10 +78,10 @@ torch.save(out, sys.argv[3])
 """
 
 
-def test_pt2_and_torchscript_run_with_torch_alone_and_equal_the_eager_generator(trained_run, tmp_path):
+def test_pt2_and_torchscript_run_with_torch_alone_and_equal_the_eager_generator(exported_run, tmp_path):
     """The .pt2 (torch.export, dynamic batch) and the TorchScript file load and run without monai or mednist_gan,
     for any batch size, equal to the eager generator, and build no autograd graph."""
-    export = trained_run / "export"
+    export = exported_run / "export"
     zs = [torch.randn(n, 64, generator=torch.Generator().manual_seed(n)) for n in (1, 5)]
     torch.save(zs, tmp_path / "z.pt")
     result = subprocess.run([sys.executable, "-c", STANDALONE_SCRIPT, str(export), str(tmp_path / "z.pt"),
@@ -109,25 +100,25 @@ def test_pt2_and_torchscript_run_with_torch_alone_and_equal_the_eager_generator(
     assert {"model.pt", "mednist_gan.pt2", "mednist_gan.ts"} <= set(record["files"])
 
 
-def test_exported_modules_are_inference_only_in_this_process_too(trained_run):
+def test_exported_modules_are_inference_only_in_this_process_too(exported_run):
     """``net(z)`` outside no_grad: no parameter requires grad, so no autograd graph is built."""
     from mednist_gan.generator.loader import open_generator
 
     z = torch.randn(3, 64)
     for name in ("mednist_gan.pt2", "mednist_gan.ts"):
-        opened = open_generator(trained_run / "export" / name)
+        opened = open_generator(exported_run / "export" / name)
         net, latent_size = opened.network, opened.latent_size
         assert latent_size == 64
         images = net(z)
         assert images.shape == (3, 1, 64, 64) and not images.requires_grad and images.grad_fn is None, name
 
 
-def test_a_damaged_pt2_is_named_in_one_line(trained_run, tmp_path):
+def test_a_damaged_pt2_is_named_in_one_line(exported_run, tmp_path):
     """The .pt2 is checked against the sha256 export.json records for it, as the other exported files are."""
     import shutil
 
     out = tmp_path / "export"
-    shutil.copytree(trained_run / "export", out)
+    shutil.copytree(exported_run / "export", out)
     data = bytearray((out / "mednist_gan.pt2").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (out / "mednist_gan.pt2").write_bytes(bytes(data))
@@ -153,41 +144,8 @@ def test_exports_written_before_the_pt2_still_load_and_generate(tmp_path):
         assert np.abs(np.asarray(Image.open(x)).astype(int) - np.asarray(Image.open(y))).max() <= 1
 
 
-@pytest.mark.slow
-def test_monai_bundle_run_inferring_writes_pngs(trained_run, tmp_path):
-    bundle = trained_run / "export" / "bundle"
-    out = tmp_path / "outputs"
-    result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file", "configs/inference.json",
-         "--meta_file", "configs/metadata.json", "--bundle_root", ".", "--output_dir", str(out), "--num_samples", "3"],
-        cwd=bundle, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 3
-    assert Image.open(pngs[0]).size == (64, 64)
-
-
-@pytest.mark.slow
-def test_export_command_from_a_checkpoint(trained_run, tmp_path):
-    latest = ckpt.find_latest(trained_run)
-    result = run_cli("export", "--checkpoint", str(latest), "--out", str(tmp_path / "exp"))
-    assert result.returncode == 0, result.stderr
-    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"model.pt", "mednist_gan.pt2", "mednist_gan.ts",
-                                                              "export.json", "bundle"}
-    # Exporting again over it replaces it atomically and leaves no temporary folders behind.
-    export_checkpoint(latest, tmp_path / "exp")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
-    # The run directory stands for its newest checkpoint; one without a checkpoint is a one-line error.
-    result = run_cli("export", "--checkpoint", str(trained_run), "--out", str(tmp_path / "from_run"))
-    assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "from_run" / "export.json").read_text())["checkpoint"] == str(latest.resolve())
-    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
-    result = run_cli("export", "--checkpoint", str(tmp_path / "empty_run"), "--out", str(tmp_path / "x"))
-    assert result.returncode == 2 and "a run directory without a complete checkpoint" in result.stderr
-
-
-def test_generate_writes_upright_8bit_pngs_and_is_seeded(trained_run, tmp_path):
-    ts = trained_run / "export" / "mednist_gan.ts"
+def test_generate_writes_upright_8bit_pngs_and_is_seeded(exported_run, tmp_path):
+    ts = exported_run / "export" / "mednist_gan.ts"
     a = generate(ts, 10, tmp_path / "a", seed=3, batch_size=4, grid=tmp_path / "grid.png")
     b = generate(ts, 10, tmp_path / "b", seed=3)
     c = generate(ts, 10, tmp_path / "c", seed=4)
@@ -202,9 +160,9 @@ def test_generate_writes_upright_8bit_pngs_and_is_seeded(trained_run, tmp_path):
     assert not all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(c)))
     assert Image.open(tmp_path / "grid.png").size[0] > 64
     # model.pt, the .pt2 program and the checkpoint folder give the same pictures as the TorchScript file.
-    d = generate(trained_run / "export" / "model.pt", 10, tmp_path / "d", seed=3)
-    e = generate(ckpt.find_latest(trained_run), 10, tmp_path / "e", seed=3)
-    f = generate(trained_run / "export" / "mednist_gan.pt2", 10, tmp_path / "f", seed=3)
+    d = generate(exported_run / "export" / "model.pt", 10, tmp_path / "d", seed=3)
+    e = generate(ckpt.find_latest(exported_run), 10, tmp_path / "e", seed=3)
+    f = generate(exported_run / "export" / "mednist_gan.pt2", 10, tmp_path / "f", seed=3)
     for x, y, w, v in zip(arrays(a), arrays(d), arrays(e), arrays(f)):
         assert max(np.abs(x.astype(int) - other).max() for other in (y, w, v)) <= 1
 
@@ -249,57 +207,13 @@ def test_seed_weights_give_the_bundle_pipelines_picture(upstream_weights, tmp_pa
     (["--num-samples", "-3"], "--num-samples -3"),
     (["--output-dir", "{file}"], "exists and is not a folder"),
 ])
-def test_generate_bad_arguments_are_one_line(trained_run, tmp_path, args, message):
+def test_generate_bad_arguments_are_one_line(exported_run, tmp_path, args, message):
     afile = tmp_path / "afile"
     afile.write_text("x")
     args = [a.replace("{file}", str(afile)) for a in args]
-    result = run_cli("generate", "--model", str(trained_run / "export" / "mednist_gan.ts"), *args)
+    result = run_cli("generate", "--model", str(exported_run / "export" / "mednist_gan.ts"), *args)
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("make_file", ["jpeg", "optimizer", "truncated"])
-def test_generate_refuses_files_that_are_not_generators(trained_run, tmp_path, mednist_root, make_file):
-    if make_file == "jpeg":
-        model = mednist_root / "Hand" / "000000.jpeg"
-    elif make_file == "optimizer":
-        model = ckpt.find_latest(trained_run) / "optimizer.bin"
-    else:
-        data = (trained_run / "export" / "model.pt").read_bytes()
-        model = tmp_path / "model.pt"
-        model.write_bytes(data[: len(data) // 2])
-    result = run_cli("generate", "--model", str(model), "--output-dir", str(tmp_path / "o"))
-    assert result.returncode == 2, result.stderr
-    assert str(model) in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
-@pytest.mark.slow
-def test_onnx_export_through_the_dynamo_exporter_equals_the_eager_generator(trained_run, tmp_path):
-    """``export --onnx``: one self-contained file from the torch.export-based exporter (onnxscript), any batch
-    size, equal in onnxruntime to the eager generator; the command prints nothing but its result line."""
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
-    result = run_cli("export", "--checkpoint", str(trained_run), "--out", str(tmp_path / "exp"), "--onnx")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr == "" and result.stdout.strip() == f"exported to {tmp_path / 'exp'}"
-    out = tmp_path / "exp"
-    record = json.loads((out / "export.json").read_text())
-    assert "mednist_gan.onnx" in record["files"]
-    assert not list(out.glob("*.data"))  # weights inside the .onnx file, not beside it
-    onnx.checker.check_model(onnx.load(str(out / "mednist_gan.onnx")), full_check=True)
-    session = ort.InferenceSession(str(out / "mednist_gan.onnx"))
-    net = Generator(**BUNDLE_ARGS)
-    net.load_state_dict(torch.load(out / "model.pt", weights_only=True))
-    for n in (1, 7):
-        z = torch.randn(n, 64, generator=torch.Generator().manual_seed(n))
-        onnx_images = session.run(None, {"latents": z.numpy()})[0]
-        with torch.no_grad():
-            eager = torch.sigmoid(net.eval()(z)).numpy()
-        assert onnx_images.shape == (n, 1, 64, 64)
-        assert np.abs(onnx_images - eager).max() < 1e-5, n
 
 
 def test_generating_from_torchscript_does_not_import_monai(tmp_path):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,12 +21,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mednist_gan import checkpoint as ckpt
-from mednist_gan.config import load_config
 from mednist_gan.data import list_images
 from mednist_gan.errors import TrainingError
 from mednist_gan.training.trainer import Trainer
 
-from helpers import CONFIGS, REPO, run_cli, train_cmd
+from helpers import CONFIGS, REPO, debug_config, file_hashes, run_cli, run_overrides, train_cmd
+
+
+def _metric_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -73,7 +78,6 @@ def uninterrupted(tmp_path_factory, mednist_root) -> Path:
 # ----------------------------------------------------------------------------- kill -9 and resume
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("when", ["before the first checkpoint", "during a save", "after a save"])
 def test_kill_9_then_same_command_resumes_to_bitwise_equal_weights(tmp_path, mednist_root, uninterrupted, when):
     run = tmp_path / "run"
@@ -100,7 +104,6 @@ def test_kill_9_then_same_command_resumes_to_bitwise_equal_weights(tmp_path, med
     assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after kill -9 {when}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_write_a_checkpoint_then_exit_cleanly(tmp_path, mednist_root, sig):
     run = tmp_path / "run"
@@ -115,7 +118,6 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_then_exit_cleanly(tmp_path, medni
     ckpt.verify_safe(latest)
 
 
-@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once_without_corrupting(tmp_path, mednist_root):
     run = tmp_path / "run"
     proc = _start(_train_cmd(run, mednist_root, tmp_path / "cache", "train.max_steps=30", "train.epochs=20"))
@@ -132,7 +134,6 @@ def test_second_ctrl_c_exits_at_once_without_corrupting(tmp_path, mednist_root):
     assert ckpt.read_meta(latest)["state"]["step"] >= 4
 
 
-@pytest.mark.slow
 def test_one_rank_dying_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_path, mednist_root):
     run = tmp_path / "run"
     launch = [*train_cmd(2), "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
@@ -156,7 +157,6 @@ def test_one_rank_dying_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_
     assert "resumed from" in restarted.stdout and ckpt.find_latest(run).name == "step_000010"
 
 
-@pytest.mark.slow
 def test_a_hung_rank_makes_the_other_give_up_after_the_collective_timeout(tmp_path, mednist_root):
     """A process that stops answering (frozen, not dead: the launcher sees nothing) is given up on."""
     run = tmp_path / "run"
@@ -184,10 +184,6 @@ def test_a_hung_rank_makes_the_other_give_up_after_the_collective_timeout(tmp_pa
 # ----------------------------------------------------------------------------- non-finite losses
 
 
-def _cfg(debug_overrides, *extra):
-    return load_config(CONFIGS / "debug.yaml", [*debug_overrides, *extra])
-
-
 class _PoisonAt:
     """Make the real batch of one step NaN, as a corrupt input or an exploding update would."""
 
@@ -200,7 +196,8 @@ class _PoisonAt:
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(debug_overrides, tmp_path):
-    trainer = Trainer(_cfg(debug_overrides, "train.max_steps=4", "checkpoint.every_steps=2", "log.every_steps=10"))
+    trainer = Trainer(debug_config(debug_overrides, "train.max_steps=4", "checkpoint.every_steps=2",
+                                   "log.every_steps=10"))
     trainer.gan_step.prepare_reals = _PoisonAt(trainer, 3)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 3 \(loss_d=nan"):
         trainer.fit()
@@ -209,9 +206,8 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(d
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-@pytest.mark.slow
 def test_nonfinite_updates_can_be_skipped(debug_overrides, tmp_path):
-    trainer = Trainer(_cfg(debug_overrides, "train.max_steps=4", "train.nonfinite=skip", "export.at_end=false"))
+    trainer = Trainer(debug_config(debug_overrides, "train.max_steps=4", "train.nonfinite=skip", "export.at_end=false"))
     trainer.gan_step.prepare_reals = _PoisonAt(trainer, 2)
     state = trainer.fit()
     # the five D updates of step 2 (G's loss stayed finite)
@@ -237,7 +233,6 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)])
 
 
-@pytest.mark.slow
 def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_loads(small_disk, mednist_root,
                                                                                    tmp_path):
     run = small_disk / "run"
@@ -282,7 +277,6 @@ EXPECTED = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_bad_image_is_named_in_one_line_or_skipped_and_counted(tmp_path, mednist_root, name):
     root = _folder_with(tmp_path, mednist_root, name, BAD_FILES[name])
@@ -299,7 +293,6 @@ def test_bad_image_is_named_in_one_line_or_skipped_and_counted(tmp_path, mednist
     assert "skipped 1 unusable image(s)" in skipped.stdout and name in skipped.stdout
 
 
-@pytest.mark.slow
 def test_more_processes_than_images_is_refused(tmp_path, mednist_root):
     launch = [*train_cmd(2), "--config", str(CONFIGS / "debug.yaml"), f"run_dir={tmp_path / 'run'}",
               f"data.root={mednist_root}", "data.limit=1", "train.batch_size=2", f"data.cache_dir={tmp_path / 'c'}"]
@@ -309,7 +302,6 @@ def test_more_processes_than_images_is_refused(tmp_path, mednist_root):
     assert "1 images cannot feed 2 processes" in result.stderr
 
 
-@pytest.mark.slow
 def test_a_batch_larger_than_the_data_set_is_refused(tmp_path, mednist_root):
     result = run_cli("train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={tmp_path / 'run'}",
                      f"data.root={mednist_root}", "train.batch_size=1000", f"data.cache_dir={tmp_path / 'c'}")
@@ -326,7 +318,6 @@ def test_unknown_key_suggestion_and_missing_config_file_via_cli(tmp_path):
     assert missing.returncode == 2 and "none.yaml does not exist" in missing.stderr
 
 
-@pytest.mark.slow
 def test_export_of_a_different_architecture_names_the_first_mismatch(tmp_path):
     state = {"linear.weight": torch.zeros(10, 10)}
     bad = tmp_path / "model.pt"
@@ -336,7 +327,6 @@ def test_export_of_a_different_architecture_names_the_first_mismatch(tmp_path):
     assert "linear.weight has shape (10, 10), this generator needs (4096, 64)" in result.stderr
 
 
-@pytest.mark.slow
 def test_pickle_with_code_as_model_is_refused_and_nothing_runs(tmp_path):
     import pickle
 
@@ -354,14 +344,66 @@ def test_pickle_with_code_as_model_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.slow
 def test_truncated_checkpoint_file_is_named_and_not_resumed(debug_overrides, tmp_path):
     from mednist_gan.errors import CheckpointError
     from mednist_gan.training.trainer import train
 
-    train(_cfg(debug_overrides, "train.max_steps=2", "export.at_end=false"))
+    train(debug_config(debug_overrides, "train.max_steps=2", "export.at_end=false"))
     latest = ckpt.find_latest(tmp_path / "run")
     data = (latest / "optimizer.bin").read_bytes()
     (latest / "optimizer.bin").write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match=r"no intact checkpoint .*optimizer.bin: \d+ bytes, \d+ when written"):
-        Trainer(_cfg(debug_overrides)).fit()
+        Trainer(debug_config(debug_overrides)).fit()
+
+
+def _short_train_cmd(run: Path, mednist_root: Path, cache: Path, *extra: str) -> list[str]:
+    """configs/debug.yaml's 4 steps as a process, checkpointing at 2 and 4, without an export."""
+    return [sys.executable, "-m", "mednist_gan.train", "--config", str(CONFIGS / "debug.yaml"),
+            *run_overrides(run, mednist_root, cache, *extra)]
+
+
+def test_a_second_train_on_a_run_folder_in_use_is_refused_and_writes_nothing(tmp_path, mednist_root):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    first = subprocess.Popen(_short_train_cmd(run, mednist_root, cache), cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in first.stdout:  # training has started: the lock is held
+        lines.append(line)
+        if "INFO training debug:" in line:
+            break
+    else:
+        first.kill()
+        pytest.fail("the first run never started training:\n" + "".join(lines)[-3000:])
+    os.kill(first.pid, signal.SIGSTOP)  # holds still while the second one tries
+    try:
+        before = file_hashes(run, folders=True)
+        second = subprocess.run(_short_train_cmd(run, mednist_root, cache, "train.max_steps=3"), cwd=REPO,
+                                capture_output=True, text=True, timeout=600)
+        after = file_hashes(run, folders=True)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    rest, _ = first.communicate(timeout=600)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert second.stderr.strip() == (f"mednist-gan: error: run_dir {run} is in use by another training process (pid "
+                                     f"{first.pid} on host {socket.gethostname()}); wait for it to finish, or choose "
+                                     "another run_dir")
+    assert after == before, "the refused run wrote to the run folder"
+    assert first.returncode == 0, "".join(lines)[-2000:] + rest[-3000:]
+    assert "training finished at step 4" in rest
+    assert _metric_steps(run) == [1, 2, 3, 4]  # each step once
+    assert (run / "train.log").read_text().count("INFO training debug:") == 1
+    assert "max_steps: 4" in (run / "config.yaml").read_text()
+
+
+def test_the_lock_file_of_a_killed_run_does_not_block_the_next_run(tmp_path, mednist_root):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    killed = subprocess.run(_short_train_cmd(run, mednist_root, cache), cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env=dict(os.environ, MEDNIST_GAN_CRASH_AT="save:2"))  # SIGKILL mid-save
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    pid, host = (run / ".lock").read_text().split()
+    assert host == socket.gethostname() and int(pid) != os.getpid()
+    result = run_cli("train", "--config", str(CONFIGS / "debug.yaml"),
+                     *run_overrides(run, mednist_root, cache, "train.max_steps=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _metric_steps(run) == [1, 2]
+    assert ckpt.find_latest(run).name == "step_000002"

@@ -18,7 +18,6 @@ from helpers import CONFIGS, reset_accelerate
 
 STEPS = 4
 
-pytestmark = pytest.mark.slow
 
 
 def _weights(nets: dict) -> dict:

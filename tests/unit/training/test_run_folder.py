@@ -4,15 +4,10 @@ or written by a newer version (docs/reliability.md)."""
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,49 +15,10 @@ import pytest
 from mednist_gan import __version__
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.cli import main
-from mednist_gan.config import load_config
 from mednist_gan.errors import MednistGanError
 from mednist_gan.training.trainer import Trainer, train
 
-from helpers import CONFIGS, REPO, reset_accelerate, run_cli
-
-
-def _overrides(run: Path, mednist_root: Path, cache: Path, *extra: str) -> list[str]:
-    return [f"run_dir={run}", f"data.root={mednist_root}", f"data.cache_dir={cache}", "export.at_end=false", *extra]
-
-
-def _cfg(run: Path, mednist_root: Path, cache: Path, *extra: str):
-    return load_config(CONFIGS / "debug.yaml", _overrides(run, mednist_root, cache, *extra))
-
-
-def _train_cmd(run: Path, mednist_root: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mednist_gan.train", "--config", str(CONFIGS / "debug.yaml"),
-            *_overrides(run, mednist_root, cache, *extra)]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, mednist_root) -> Path:
-    """A debug run with complete checkpoints at steps 2 and 4 (each test works on a copy)."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    train(_cfg(run, mednist_root, run.parent / "cache"))
-    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step_000002", "step_000004"]
-    reset_accelerate()
-    return run
-
-
-def _copy(run: Path, target: Path) -> Path:
-    shutil.copytree(run, target)
-    return target
-
-
-def _snapshot(run: Path) -> dict[str, str]:
-    """Every file and folder of a run folder, with each file's sha256."""
-    return {p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
-            for p in sorted(run.rglob("*"))}
-
-
-def _metric_steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+from helpers import CONFIGS, copy_run, file_hashes, run_config, run_overrides
 
 
 def _edit_meta(checkpoint: Path, edit) -> None:
@@ -73,60 +29,12 @@ def _edit_meta(checkpoint: Path, edit) -> None:
 
 # ----------------------------------------------------------------------------- one run per run folder
 
-@pytest.mark.slow
-def test_a_second_train_on_a_run_folder_in_use_is_refused_and_writes_nothing(tmp_path, mednist_root):
-    run, cache = tmp_path / "run", tmp_path / "cache"
-    first = subprocess.Popen(_train_cmd(run, mednist_root, cache), cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in first.stdout:  # training has started: the lock is held
-        lines.append(line)
-        if "INFO training debug:" in line:
-            break
-    else:
-        first.kill()
-        pytest.fail("the first run never started training:\n" + "".join(lines)[-3000:])
-    os.kill(first.pid, signal.SIGSTOP)  # holds still while the second one tries
-    try:
-        before = _snapshot(run)
-        second = subprocess.run(_train_cmd(run, mednist_root, cache, "train.max_steps=3"), cwd=REPO,
-                                capture_output=True, text=True, timeout=600)
-        after = _snapshot(run)
-    finally:
-        os.kill(first.pid, signal.SIGCONT)
-    rest, _ = first.communicate(timeout=600)
-    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-    assert second.stderr.strip() == (f"mednist-gan: error: run_dir {run} is in use by another training process (pid "
-                                     f"{first.pid} on host {socket.gethostname()}); wait for it to finish, or choose "
-                                     "another run_dir")
-    assert after == before, "the refused run wrote to the run folder"
-    assert first.returncode == 0, "".join(lines)[-2000:] + rest[-3000:]
-    assert "training finished at step 4" in rest
-    assert _metric_steps(run) == [1, 2, 3, 4]  # each step once
-    assert (run / "train.log").read_text().count("INFO training debug:") == 1
-    assert "max_steps: 4" in (run / "config.yaml").read_text()
 
-
-@pytest.mark.slow
-def test_the_lock_file_of_a_killed_run_does_not_block_the_next_run(tmp_path, mednist_root):
-    run, cache = tmp_path / "run", tmp_path / "cache"
-    killed = subprocess.run(_train_cmd(run, mednist_root, cache), cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env=dict(os.environ, MEDNIST_GAN_CRASH_AT="save:2"))  # SIGKILL mid-save
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    pid, host = (run / ".lock").read_text().split()
-    assert host == socket.gethostname() and int(pid) != os.getpid()
-    result = run_cli("train", "--config", str(CONFIGS / "debug.yaml"),
-                     *_overrides(run, mednist_root, cache, "train.max_steps=2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert _metric_steps(run) == [1, 2]
-    assert ckpt.find_latest(run).name == "step_000002"
-
-
-def test_a_trainer_made_again_in_the_same_process_may_use_its_run_folder(finished_run, tmp_path, mednist_root):
+def test_a_trainer_made_again_in_the_same_process_may_use_its_run_folder(checkpointed_run, tmp_path, mednist_root):
     """A process that made a Trainer (a notebook, a test) may train in its run folder again; train() lets it go."""
-    run = _copy(finished_run, tmp_path / "run")
-    Trainer(_cfg(run, mednist_root, tmp_path / "cache"))  # holds the lock
-    assert train(_cfg(run, mednist_root, tmp_path / "cache")).state.step == 4
+    run = copy_run(checkpointed_run, tmp_path / "run")
+    Trainer(run_config(run, mednist_root, tmp_path / "cache"))  # holds the lock
+    assert train(run_config(run, mednist_root, tmp_path / "cache")).state.step == 4
     assert (run / ".lock").read_text().split()[0] == str(os.getpid())
     with open(run / ".lock") as f:  # released: another process could take it now
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -139,23 +47,23 @@ def test_a_trainer_made_again_in_the_same_process_may_use_its_run_folder(finishe
     ("train.resume=none", "holds checkpoints of an earlier run"),
     ("train.ema_decay=0.9", "has no ema.safetensors"),
 ])
-def test_a_refused_rerun_leaves_the_run_folder_as_it_was(finished_run, tmp_path, mednist_root, override, message):
-    run = _copy(finished_run, tmp_path / "run")
+def test_a_refused_rerun_leaves_the_run_folder_as_it_was(checkpointed_run, tmp_path, mednist_root, override, message):
+    run = copy_run(checkpointed_run, tmp_path / "run")
     (run / "checkpoints" / ".tmp-step_000006").mkdir()  # a killed save's leftovers: removed only by a run that starts
-    before = _snapshot(run)
+    before = file_hashes(run, folders=True)
     with pytest.raises(MednistGanError, match=message):
-        train(_cfg(run, mednist_root, tmp_path / "cache", override))
-    after = _snapshot(run)
+        train(run_config(run, mednist_root, tmp_path / "cache", override))
+    after = file_hashes(run, folders=True)
     after[".lock"] = before[".lock"]  # the lock file names the process that holds it
     assert after == before  # config.yaml, git_revision.txt, train.log, loss_curves.png, checkpoints
 
 
-def test_a_damaged_checkpoint_that_cannot_be_moved_aside_is_one_line(finished_run, tmp_path, mednist_root,
+def test_a_damaged_checkpoint_that_cannot_be_moved_aside_is_one_line(checkpointed_run, tmp_path, mednist_root,
                                                                       monkeypatch, capsys):
-    run = _copy(finished_run, tmp_path / "run")
+    run = copy_run(checkpointed_run, tmp_path / "run")
     damaged = run / "checkpoints" / "step_000004"
     (damaged / "model.safetensors").write_bytes(b"cut")
-    before = _snapshot(run)
+    before = file_hashes(run, folders=True)
     rename = os.rename
 
     def read_only_checkpoints(src, dst):  # what a read-only checkpoints/ does (root ignores chmod 0o555)
@@ -165,14 +73,14 @@ def test_a_damaged_checkpoint_that_cannot_be_moved_aside_is_one_line(finished_ru
 
     monkeypatch.setattr(os, "rename", read_only_checkpoints)
     code = main(["train", "--config", str(CONFIGS / "debug.yaml"),
-                 *_overrides(run, mednist_root, tmp_path / "cache", "train.max_steps=6", "train.epochs=2")])
+                 *run_overrides(run, mednist_root, tmp_path / "cache", "train.max_steps=6", "train.epochs=2")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"mednist-gan: error: cannot move damaged checkpoint {damaged} aside (Permission denied); "
                           f"it is damaged ({damaged / 'model.safetensors'}: 3 bytes, "), err
     assert f"make {damaged.parent} writable, or move step_000004 elsewhere yourself, then run again to resume " \
            "from step_000002" in err
-    assert _snapshot(run) == before  # nothing written: not even config.yaml
+    assert file_hashes(run, folders=True) == before  # nothing written: not even config.yaml
 
 
 # ----------------------------------------------------------------------------- checkpoints of a newer version
@@ -190,10 +98,10 @@ def _warnings_about(caplog, text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("level", list(UNKNOWN))
-def test_unknown_checkpoint_keys_are_ignored_with_one_warning(finished_run, tmp_path, mednist_root, level, caplog,
+def test_unknown_checkpoint_keys_are_ignored_with_one_warning(checkpointed_run, tmp_path, mednist_root, level, caplog,
                                                               monkeypatch):
     key, edit = UNKNOWN[level]
-    runs = {name: _copy(finished_run, tmp_path / name) for name in ("export", "generate", "resume")}
+    runs = {name: copy_run(checkpointed_run, tmp_path / name) for name in ("export", "generate", "resume")}
     for run in runs.values():
         _edit_meta(run / "checkpoints" / "step_000004", edit)
     monkeypatch.setattr(logging.getLogger("mednist_gan"), "propagate", True)
@@ -211,18 +119,18 @@ def test_unknown_checkpoint_keys_are_ignored_with_one_warning(finished_run, tmp_
                  "--output-dir", str(tmp_path / "generated")]) == 0
     expect_one_warning(runs["generate"])
     assert len(list((tmp_path / "generated").glob("*.png"))) == 2
-    trainer = train(_cfg(runs["resume"], mednist_root, tmp_path / "cache", "train.max_steps=6", "train.epochs=2"))
+    trainer = train(run_config(runs["resume"], mednist_root, tmp_path / "cache", "train.max_steps=6", "train.epochs=2"))
     assert trainer.state.step == 6
     log = (runs["resume"] / "train.log").read_text()
     assert log.count("keys this version does not know") == 1 and key in log
     assert "resumed from " + str(runs["resume"] / "checkpoints" / "step_000004") in log
 
 
-def test_a_checkpoint_of_a_newer_version_resumes_with_a_warning(finished_run, tmp_path, mednist_root):
-    assert ckpt.read_meta(ckpt.find_latest(finished_run))["version"] == __version__
-    run = _copy(finished_run, tmp_path / "run")
+def test_a_checkpoint_of_a_newer_version_resumes_with_a_warning(checkpointed_run, tmp_path, mednist_root):
+    assert ckpt.read_meta(ckpt.find_latest(checkpointed_run))["version"] == __version__
+    run = copy_run(checkpointed_run, tmp_path / "run")
     _edit_meta(run / "checkpoints" / "step_000004", lambda m: m.update(version="99.0"))
-    trainer = train(_cfg(run, mednist_root, tmp_path / "cache", "train.max_steps=5", "train.epochs=2"))
+    trainer = train(run_config(run, mednist_root, tmp_path / "cache", "train.max_steps=5", "train.epochs=2"))
     assert trainer.state.step == 5
     log = (run / "train.log").read_text()
     warning = (f"{run / 'checkpoints' / 'step_000004' / ckpt.META}: written by mednist-gan 99.0, newer than this one "
@@ -268,17 +176,18 @@ def _rotate_once(monkeypatch, run: Path, when: str) -> list[bool]:
 
 
 @pytest.mark.parametrize("when", ["right after it is chosen", "while it is read"])
-def test_a_checkpoint_rotated_away_while_it_is_read_is_not_damaged(finished_run, tmp_path, when, monkeypatch, caplog):
+def test_a_checkpoint_rotated_away_while_it_is_read_is_not_damaged(checkpointed_run, tmp_path, when, monkeypatch,
+                                                                    caplog):
     from mednist_gan.generator.generate import generate
 
     monkeypatch.setattr(logging.getLogger("mednist_gan"), "propagate", True)
     caplog.set_level(logging.WARNING, logger="mednist_gan")
-    run = _copy(finished_run, tmp_path / "resolved")
+    run = copy_run(checkpointed_run, tmp_path / "resolved")
     with monkeypatch.context() as patch:
         fired = _rotate_once(patch, run, when)
         assert ckpt.resolve(run) == run / "checkpoints" / "step_000006"
     assert fired
-    run = _copy(finished_run, tmp_path / "generated")
+    run = copy_run(checkpointed_run, tmp_path / "generated")
     fired = _rotate_once(monkeypatch, run, when)
     assert len(generate(run, 2, tmp_path / "out", device="cpu")) == 2  # mednist-gan generate --model <run_dir>
     assert fired

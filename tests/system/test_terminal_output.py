@@ -43,7 +43,6 @@ def run_on_a_terminal(*args: str, timeout: int = 600) -> tuple[int, str, str]:
     return proc.wait(timeout=timeout), stdout, received.decode(errors="replace")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", ["generate", "evaluate", "train-classifier"])
 def test_progress_bars_on_a_terminal_only(command, tmp_path, mednist_root):
     args = {
@@ -71,7 +70,6 @@ def _readme_first_command() -> str:
     return " && ".join(step for step in steps if not step.startswith("pip "))  # installing is done already
 
 
-@pytest.mark.slow
 def test_readme_first_command_prints_no_warning(tmp_path):
     """The README's first command as a new user runs it (after installing), in a copy of the run directory:
     it succeeds and nothing it prints is a warning (evaluate printed SciPy's LinAlgWarning on the sample)."""

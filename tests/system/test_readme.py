@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from helpers import REPO, CONFIGS
+from helpers import CONFIGS, REPO
 
 
 def _bash_blocks() -> list[str]:

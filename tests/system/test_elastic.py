@@ -127,7 +127,6 @@ def _two_workers(launch: Launch, timeout: float = 30) -> dict[int, int]:
     return workers
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1], ids=["rank 0 (writes the checkpoints)", "rank 1"])
 def test_a_killed_process_restarts_the_group_which_resumes_and_finishes(tmp_path, mednist_root, launches, rank):
     launch = Launch(tmp_path, mednist_root, MAX_RESTARTS="2")
@@ -151,7 +150,6 @@ def test_a_killed_process_restarts_the_group_which_resumes_and_finishes(tmp_path
     assert not launch.left_behind()
 
 
-@pytest.mark.slow
 def test_restarts_are_bounded_by_max_restarts(tmp_path, mednist_root, launches):
     launch = Launch(tmp_path, mednist_root, "train.max_steps=200", "train.epochs=50", MAX_RESTARTS="1")
     launches.append(launch)
@@ -167,7 +165,6 @@ def test_restarts_are_bounded_by_max_restarts(tmp_path, mednist_root, launches):
     assert "SIGKILL" in launch.text  # the launcher names the process that died and how
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("whom", ["every process", "the launcher"])
 def test_a_stop_signal_checkpoints_and_stops_without_restarting(tmp_path, mednist_root, launches, whom):
     """SLURM's preemption warning (SIGUSR1 to every process of the job step, or to the launcher alone)

@@ -3,46 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 
 import pytest
 
-from mednist_gan import checkpoint as ckpt
 from mednist_gan.config import ConfigWarning, config_from_record, load_config
-from mednist_gan.training.trainer import train
 
-from helpers import CONFIGS, REPO, run_cli
-
-FIXTURE = REPO / "tests" / "fixtures" / "v0.1.0_run"
-# The tiny architecture the fixture was trained with (tests/fixtures/README.md).
-TINY = ["model.latent_size=8", "model.start_shape=[8,8,8]", "model.g_channels=[4,4,4,1]",
-        "model.d_channels=[2,2,2,2,1]", "train.ema_decay=0.9", "data.limit=16", "train.batch_size=8"]
-
-
-@pytest.mark.slow
-def test_a_0_1_0_checkpoint_resumes_and_exports(tmp_path, mednist_root):
-    run = tmp_path / "run"
-    shutil.copytree(FIXTURE, run)
-    cfg = load_config(CONFIGS / "debug.yaml", [f"run_dir={run}", f"data.root={mednist_root}",
-                                               f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=4",
-                                               "train.epochs=2", *TINY])
-    trainer = train(cfg)
-    assert trainer.state.step == 4
-    assert "resumed from " + str(run / "checkpoints" / "step_000002") in (run / "train.log").read_text()
-    assert ckpt.find_latest(run).name == "step_000004" and (run / "export" / "mednist_gan.ts").is_file()
-    result = run_cli("export", "--checkpoint", str(FIXTURE / "checkpoints" / "step_000002"),
-                     "--out", str(tmp_path / "e"))
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["model.pt", "mednist_gan.ts"])
-def test_a_0_1_0_export_generates(tmp_path, name):
-    result = run_cli("generate", "--model", str(FIXTURE / "export" / name), "--num-samples", "3",
-                     "--output-dir", str(tmp_path / "g"))
-    assert result.returncode == 0, result.stderr
-    assert len(list((tmp_path / "g").glob("*.png"))) == 3
+from helpers import CONFIGS, V0_1_0_RUN, run_cli
 
 
 def test_moved_config_keys_still_load_with_a_warning():
@@ -72,7 +39,7 @@ def test_log_every_and_foreach_moved_to_log_and_runtime_still_load_with_a_warnin
         "config key optim.foreach is now runtime.foreach; please rename it",
         "config key train.log_every is now log.every_steps; please rename it"]
     # A 0.1.0 checkpoint recorded both under their old names.
-    meta = json.loads((FIXTURE / "checkpoints" / "step_000002" / "checkpoint.json").read_text())
+    meta = json.loads((V0_1_0_RUN / "checkpoints" / "step_000002" / "checkpoint.json").read_text())
     recorded = config_from_record(meta["config"], "checkpoint.json")
     assert recorded.log.every_steps == 1 and recorded.runtime.foreach is None
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "mednist_gan"
+from helpers import REPO
+
+PACKAGE = REPO / "mednist_gan"
 WINGS = ("config", "models", "runtime", "training", "quality", "generator", "sweep")
 
 # What each part may not import: a wing is read only by the wings after it in the data flow.
@@ -92,3 +95,44 @@ def test_ruff_finds_nothing():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "mednist_gan", "tests", "benchmarks",
                              "docs"], cwd=PACKAGE.parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-500:]
+
+
+# ----------------------------------------------------------------------------- the tests' own house
+
+TESTS = REPO / "tests"
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def marks_slow(path: Path) -> bool:
+    """Whether a file names ``pytest.mark.slow`` (as a decorator, a ``pytestmark`` or anywhere else)."""
+    return any(isinstance(node, ast.Attribute) and node.attr == "slow" and isinstance(node.value, ast.Attribute)
+               and node.value.attr == "mark" for node in ast.walk(ast.parse(path.read_text())))
+
+
+def test_the_folder_decides_the_tier():
+    """tests/unit/<wing>/ mirrors the package and is the fast tier; tests/system/ (launches, clusters, kills, whole
+    runs) is the slow one, marked by conftest.py from the folder alone, so no test marks itself."""
+    wings = {p.name for p in (TESTS / "unit").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert wings == set(WINGS), f"tests/unit/ folders {sorted(wings)} do not mirror the wings {sorted(WINGS)}"
+    marked = [p.relative_to(TESTS).as_posix() for p in sorted(TESTS.rglob("test_*.py")) if marks_slow(p)]
+    assert not marked, f"{marked} mark tests slow themselves: move them to tests/system/ instead"
+    assert not list(TESTS.glob("test_*.py")), "a test file belongs in tests/unit/ or tests/system/"
+
+
+def test_every_test_the_docs_name_exists():
+    """`test_file.py::test_name` in the README and docs/ names a test function of a file of that name, and every
+    `tests/...py` path there is a file."""
+    defined: dict[str, set[str]] = {}
+    for path in TESTS.rglob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        tests = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        defined.setdefault(path.name, set()).update(tests)
+    missing = []
+    for doc in DOCUMENTS:
+        for file, name in re.findall(r"\b(test_\w+\.py)::(test_\w+)", doc.read_text()):
+            if name not in defined.get(file, ()):
+                missing.append(f"{doc.relative_to(REPO)}: {file}::{name}")
+        for path in re.findall(r"\btests/[\w/]+\.py\b", doc.read_text()):
+            if not (REPO / path).is_file():
+                missing.append(f"{doc.relative_to(REPO)}: {path}")
+    assert not missing, "tests named in the docs that do not exist there:\n" + "\n".join(missing)

@@ -18,7 +18,7 @@ from mednist_gan import checkpoint as ckpt
 
 from helpers import REPO
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = pytest.mark.slurm
 SLURM_CONF = Path(os.environ.get("SLURM_CONF", "/tmp/mednist-gan-slurm/slurm.conf"))
 
 
@@ -264,10 +264,10 @@ def test_sweep_array_shares_one_journal_prunes_resumes_a_preempted_trial_and_rep
     from mednist_gan.generator.loader import open_generator
     from mednist_gan.sweep.spec import load_sweep
     from mednist_gan.sweep.study import make_storage
-    from wandb_records import config as wandb_config
-    from wandb_records import read_records
 
     from helpers import CONFIGS, run_cli
+    from wandb_records import config as wandb_config
+    from wandb_records import read_records
 
     started = time.monotonic()
     sweep_dir, space = tmp_path / "sweep", tmp_path / "tiny.yaml"

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mednist_gan.errors import MednistGanError
 from mednist_gan.quality import metrics
 from mednist_gan.quality.classifier import CLASSES, load_classifier, load_split, to_evaluation_pixels
-from mednist_gan.errors import MednistGanError
 from mednist_gan.quality.metrics import (class_accuracy, density_coverage, memorization, nearest_distances,
                                          precision_recall, usefulness)
+
+from helpers import per_class
 
 HAND, CXR = CLASSES.index("Hand"), CLASSES.index("CXR")
 
@@ -150,28 +152,6 @@ def test_class_accuracy_of_real_images_and_of_mislabelled_ones(split):
     assert min(accuracy.values()) >= 0.98, accuracy
     hands = images[labels == HAND][:200]
     assert class_accuracy(hands, torch.full((200,), CXR)) == pytest.approx({"CXR": 0.0, "all": 0.0}, abs=0.02)
-
-
-def per_class(images, labels, n, skip=0):
-    index = torch.cat([(labels == c).nonzero().flatten()[skip:skip + n] for c in range(len(CLASSES))])
-    return images[index], labels[index]
-
-
-@pytest.mark.slow
-def test_usefulness_of_real_images_matches_the_real_baseline_and_of_shuffled_labels_is_chance(split):
-    """Real images standing in for synthetic ones train as well as the baseline; with their labels shuffled, a
-    classifier trained on them guesses (1/6 on a balanced test set). 200 images per class, 2 epochs; 1 thread,
-    which gives the same numbers as 2 and runs 8x faster on a CPU shared with another job (measured)."""
-    synthetic, real_train = per_class(*split["train"], 200), per_class(*split["train"], 1000, skip=200)
-    test = per_class(*split["test"], 100)
-    useful = usefulness(*synthetic, *real_train, *test, threads=1)
-    assert useful["synthetic_accuracy"]["all"] > 0.9 and useful["real_accuracy"]["all"] > 0.9, useful
-    assert abs(useful["synthetic_accuracy"]["all"] - useful["real_accuracy"]["all"]) < 0.05, useful
-    assert useful["train_images_per_class"] == dict.fromkeys(CLASSES, 200) and useful["test_images"] == 600
-    shuffled_labels = synthetic[1][torch.randperm(1200, generator=torch.Generator().manual_seed(0))]
-    shuffled = usefulness(synthetic[0], shuffled_labels, *real_train, *test, threads=1)
-    assert shuffled["synthetic_accuracy"]["all"] < 0.35, shuffled
-    assert shuffled["real_accuracy"] == useful["real_accuracy"]  # same counts per class: the same baseline run
 
 
 def test_usefulness_is_deterministic_and_leaves_the_callers_state(split):

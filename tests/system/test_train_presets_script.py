@@ -10,12 +10,11 @@ import os
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from helpers import REPO
 
-@pytest.mark.slow
+
 def test_the_prepared_device_run_trains_side_by_side_and_scores_each_run(tmp_path, mednist_root, upstream_weights):
     out = tmp_path / "out"
     env = {**os.environ, "MEDNIST_ROOT": str(mednist_root), "MEDNIST_GAN_UPSTREAM": str(upstream_weights),
