@@ -27,8 +27,23 @@ from typing import Optional, Sequence
 from .errors import MednistGanError
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless it has none (None, off, empty) or says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="mednist-gan", description="Train and use the MedNIST Hand GAN.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train (resumes automatically from the run directory's newest checkpoint)")
@@ -53,10 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--latent-size", type=int, default=None,
                           help="latent size of a .pt2/TorchScript generator that does not show it "
                                "(read from the model otherwise)")
-    generate.add_argument("--num-samples", type=int, default=16)
-    generate.add_argument("--output-dir", type=Path, default=Path("outputs"))
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--batch-size", type=int, default=256)
+    generate.add_argument("--num-samples", type=int, default=16, help="images to write (of each class with --class all)")
+    generate.add_argument("--output-dir", type=Path, default=Path("outputs"), help="folder for the PNGs")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the latents: the same seed, the same images")
+    generate.add_argument("--batch-size", type=int, default=256, help="latents per forward pass")
     generate.add_argument("--grid", type=Path, default=None, help="also write a grid of the first 64 samples here")
     generate.add_argument("--latent", choices=("normal", "uniform"), default="normal",
                           help="latent distribution: normal (how mednist-gan trains) or uniform "
@@ -81,11 +96,12 @@ def _parser() -> argparse.ArgumentParser:
                           help="folder of real images (e.g. MedNIST/Hand); default: the package's 200-image sample")
     evaluate.add_argument("--num-samples", type=int, default=None,
                           help="N generated and N real images per comparison (default: min(5000, real images / 2))")
-    evaluate.add_argument("--latent", choices=("normal", "uniform", "both"), default="normal")
+    evaluate.add_argument("--latent", choices=("normal", "uniform", "both"), default="normal",
+                          help="latent distribution to sample --model with")
     evaluate.add_argument("--latent-size", type=int, default=None,
                           help="L for a .pt2/TorchScript generator that does not show it "
                                "(read from the model otherwise)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the latents and of the real images drawn")
     evaluate.add_argument("--classifier", type=Path, default=None,
                           help="classifier weights for FMD, KID and class accuracy (default: the shipped one)")
     evaluate.add_argument("--encoder", type=Path, default=None,
@@ -107,13 +123,18 @@ def _parser() -> argparse.ArgumentParser:
     train_classifier = sub.add_parser("train-classifier", help="train the MedNIST classifier whose features FMD uses")
     train_encoder = sub.add_parser("train-encoder", help="train the self-supervised MedNIST encoder: the second "
                                                          "feature space of the quality metrics (no labels)")
-    for extractor, epochs in ((train_classifier, 3), (train_encoder, 5)):
+    for extractor, epochs, name in ((train_classifier, 3, "classifier"), (train_encoder, 5, "encoder")):
         extractor.add_argument("--data-root", type=Path, required=True,
                                help="MedNIST folder with the six class folders")
-        extractor.add_argument("--out", type=Path, default=None,
-                               help="weights file (default: the package's shipped file)")
-        extractor.add_argument("--epochs", type=int, default=epochs)
-        extractor.add_argument("--seed", type=int, default=0)
+        where = extractor.add_mutually_exclusive_group()
+        where.add_argument("--out", type=Path, default=None,
+                           help=f"weights file, its card beside it as .json (default: {_default_extractor_out(name)}, "
+                                "refused if it exists)")
+        where.add_argument("--replace-shipped", action="store_true",
+                           help=f"replace the package's shipped {name} (which every score uses) and rewrite its card "
+                                "and checksum")
+        extractor.add_argument("--epochs", type=int, default=epochs, help="passes over the training images")
+        extractor.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the order")
         extractor.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, so the run is reproducible)")
         extractor.add_argument("--limit-per-class", type=int, default=None,
                                help="use only the first N images of each class")
@@ -146,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for p in (parser, train, export, generate, evaluate, train_classifier, train_encoder, sw, rep):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+    for p in (parser, *sub.choices.values()):
+        p.formatter_class = _HelpWithDefaults
     return parser
 
 
@@ -216,10 +239,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_extractor_out(name: str) -> Path:
+    """Where ``train-classifier`` / ``train-encoder`` write without ``--out``: a run folder of their own."""
+    return Path("runs") / name / f"{name}.pt"
+
+
 def _train_feature_extractor(args: argparse.Namespace) -> int:
-    """``train-classifier`` and ``train-encoder``: the two feature extractors of the quality metrics."""
+    """``train-classifier`` and ``train-encoder``: the two feature extractors of the quality metrics. They write
+    to a run folder unless told to replace the shipped one, which every score depends on."""
     import shlex
 
+    from .errors import OutputError
     from .files import ensure_writable_folder
 
     if args.command == "train-classifier":
@@ -232,7 +262,19 @@ def _train_feature_extractor(args: argparse.Namespace) -> int:
 
         def summary(r: dict) -> str:
             return f"held-out view retrieval {r['view_retrieval_top1']:.1%} on 1,000 images"
-    out = args.out or WEIGHTS_FILE
+    name = args.command.removeprefix("train-")
+    if args.replace_shipped:
+        out = WEIGHTS_FILE
+    elif args.out is None:
+        out = _default_extractor_out(name)
+        if out.exists():
+            raise OutputError(f"{out} exists (an earlier {args.command}); pass --out to name another file, or that "
+                              "one to replace it")
+    elif args.out.resolve() == WEIGHTS_FILE.resolve():
+        raise MednistGanError(f"--out {args.out}: is the shipped {name}, which every score uses; pass "
+                              "--replace-shipped to replace it (its card and checksum are rewritten with it)")
+    else:
+        out = args.out
     ensure_writable_folder(out.resolve().parent, "--out")
     command = "mednist-gan " + " ".join(shlex.quote(a) for a in args.argv)
     card = train_extractor(args.data_root, out, epochs=args.epochs, seed=args.seed, threads=args.threads,
@@ -312,6 +354,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"mednist-gan: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the output went to a pager or `head` that stopped reading: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 0
     except OSError as exc:
         if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -179,6 +179,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     return cfg
 
 
+def yaml_value(value: Any) -> str:
+    """``value`` as a config file spells it, on one line: ``null``, ``false``, ``[0.5, 0.999]``, ``{Hand: 3}``."""
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).removesuffix("\n...\n").strip()
+
+
 def describe_fields() -> str:
     """Every key with its default and help, for ``mednist-gan config-help``."""
     lines = []
@@ -190,7 +197,7 @@ def describe_fields() -> str:
                 walk(hints[f.name], f"{prefix}{f.name}.")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{prefix}{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
+            lines.append(f"{prefix}{f.name}: {yaml_value(default)}\n    {f.metadata.get('help', '')}")
 
     walk(Config, "")
     return "\n".join(lines)

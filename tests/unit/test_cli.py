@@ -1,0 +1,106 @@
+"""The command line as a new user meets it: help that answers, the version, and the shipped scorers kept safe."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mednist_gan import __version__
+from mednist_gan.cli import _parser
+from mednist_gan.config import Config
+from mednist_gan.quality import classifier, encoder
+
+from helpers import REPO, run_cli
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    parser = _parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {"mednist-gan": parser, **sub.choices}
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"mednist-gan {__version__}"
+
+
+@pytest.mark.parametrize("name", list(commands()))
+def test_every_option_says_what_it_does_and_its_default(name):
+    parser = commands()[name]
+    text = parser.format_help()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        assert action.help, f"{name} {action.option_strings[0]}: no help text"
+        shown = action.default is not None and action.default is not False and action.default != []
+        if shown and action.default != argparse.SUPPRESS:
+            assert "default" in action.help or f"(default: {action.default})" in " ".join(text.split()), \
+                f"{name} {action.option_strings[0]}: its default {action.default!r} is not shown"
+    assert not re.search(r"#\d|\bissue\b", text, re.I), f"{name} --help cites an issue"
+
+
+def flat_defaults(section, prefix: str = "") -> dict:
+    found = {}
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        if dataclasses.is_dataclass(value):
+            found.update(flat_defaults(value, f"{prefix}{field.name}."))
+        else:
+            found[f"{prefix}{field.name}"] = list(value) if isinstance(value, tuple) else value
+    return found
+
+
+def test_config_help_spells_values_as_yaml():
+    lines = [line for line in run_cli("config-help").stdout.splitlines() if not line.startswith("    ")]
+    values = dict(line.split(": ", 1) for line in lines)
+    assert values["run_dir"] == "null" and values["data.download"] == "false"
+    assert {key: yaml.safe_load(text) for key, text in values.items()} == flat_defaults(Config())
+
+
+def test_output_cut_short_by_a_pager_is_not_an_error():
+    result = subprocess.run(f"{sys.executable} -m mednist_gan config-help | head -1", shell=True, cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.stdout.startswith("name: ") and result.stderr == ""
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+SHIPPED = {"train-classifier": classifier, "train-encoder": encoder}
+
+
+@pytest.mark.parametrize("command", list(SHIPPED))
+def test_the_shipped_scorers_are_replaced_only_when_asked(command, tmp_path, mednist_root):
+    shipped = SHIPPED[command]
+    before = {path: sha256(path) for path in (shipped.WEIGHTS_FILE, shipped.CARD_JSON)}
+    result = run_cli(command, "--data-root", str(mednist_root), "--out", str(shipped.WEIGHTS_FILE))
+    assert result.returncode == 2 and "pass --replace-shipped to replace it" in result.stderr, result.stderr
+    name = command.removeprefix("train-")
+    earlier = tmp_path / "runs" / name / f"{name}.pt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run's weights")
+    result = run_cli(command, "--data-root", str(mednist_root), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"mednist-gan: error: runs/{name}/{name}.pt exists (an earlier {command}); pass "
+                                     "--out to name another file, or that one to replace it")
+    assert earlier.read_bytes() == b"an earlier run's weights"
+    assert {path: sha256(path) for path in before} == before
+
+
+def test_train_classifier_writes_to_a_run_folder_by_default(tmp_path, mednist_root):
+    before = sha256(classifier.WEIGHTS_FILE)
+    result = run_cli("train-classifier", "--data-root", str(mednist_root), "--limit-per-class", "12", "--epochs", "1",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote runs/classifier/classifier.pt" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "runs" / "classifier").iterdir()) == ["classifier.json",
+                                                                                    "classifier.pt"]
+    assert sha256(classifier.WEIGHTS_FILE) == before
