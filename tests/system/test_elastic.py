@@ -189,7 +189,7 @@ def test_a_stop_signal_checkpoints_and_stops_without_restarting(tmp_path, mednis
     assert not launch.left_behind()  # every process is gone, none was started again
 
 
-# ----------------------------------------------------------------------------- the command run.sh builds
+# ------------------------------------------------- the command run.sh builds, its usage, its old names
 
 
 def _fake_accelerate(tmp_path: Path) -> dict:
@@ -202,11 +202,12 @@ def _fake_accelerate(tmp_path: Path) -> dict:
     return dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
 
 
-def _built(env: dict, **knobs: str) -> subprocess.CompletedProcess:
-    inherited = ("PET_", "TORCH_ELASTIC_", "TORCH_DISABLE_SHARE_", "SLURM_JOB_ID", "RDZV_ID")
+def _built(env: dict, *args: str, **knobs: str) -> subprocess.CompletedProcess:
+    """run.sh with ``args`` (default: one override), and its knobs cleared of what this shell may have set."""
+    inherited = ("PET_", "TORCH_ELASTIC_", "TORCH_DISABLE_SHARE_", "SLURM_JOB_ID", "RDZV_ID", "ACCELERATE_CONFIG")
     for key in [k for k in env if k.startswith(inherited)]:
         del env[key]
-    return subprocess.run(["launch/run.sh", "train.max_steps=1"], cwd=REPO, env=dict(env, **knobs),
+    return subprocess.run(["launch/run.sh", *(args or ["train.max_steps=1"])], cwd=REPO, env=dict(env, **knobs),
                           capture_output=True, text=True, timeout=60)
 
 
@@ -214,8 +215,8 @@ def test_without_max_restarts_the_launch_command_is_unchanged(tmp_path):
     out = _built(_fake_accelerate(tmp_path), NPROC_PER_NODE="2", MAIN_PORT="29555")
     assert out.returncode == 0, out.stderr
     args = re.search(r"^ARGS (.*)$", out.stdout, re.M).group(1)
-    assert args == ("launch --config_file launch/one_node.yaml --num_machines 1 --machine_rank 0 --num_processes 2 "
-                    "--main_process_ip 127.0.0.1 --main_process_port 29555 -m mednist_gan.train "
+    assert args == ("launch --config_file launch/accelerate_one_node.yaml --num_machines 1 --machine_rank 0 "
+                    "--num_processes 2 --main_process_ip 127.0.0.1 --main_process_port 29555 -m mednist_gan.train "
                     "--config configs/debug.yaml train.max_steps=1")
     assert "PET_" not in out.stdout and "TORCH_" not in out.stdout and "elastic" not in out.stdout
 
@@ -227,9 +228,9 @@ def test_every_node_gets_the_same_rendezvous_endpoint_and_run_id(tmp_path):
     for rank, out in enumerate(outs):
         assert out.returncode == 0, out.stderr
         args = re.search(r"^ARGS (.*)$", out.stdout, re.M).group(1)
-        assert (f"--config_file launch/multi_node.yaml --num_machines 2 --machine_rank {rank} --num_processes 2 "
-                "--main_process_ip host0 --main_process_port 23456 --max_restarts 3 --rdzv_backend c10d "
-                f"--rdzv_conf is_host={str(rank == 0).lower()} "
+        assert (f"--config_file launch/accelerate_multi_node.yaml --num_machines 2 --machine_rank {rank} "
+                "--num_processes 2 --main_process_ip host0 --main_process_port 23456 --max_restarts 3 "
+                f"--rdzv_backend c10d --rdzv_conf is_host={str(rank == 0).lower()} "
                 "-m mednist_gan.train") in args
         assert "PET_RDZV_ENDPOINT=host0:23456\n" in out.stdout and "PET_RDZV_ID=4242\n" in out.stdout
         assert "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1\n" in out.stdout
@@ -253,3 +254,70 @@ def test_bad_max_restarts_is_one_line_and_one_process_says_it_runs_once(tmp_path
     assert out.returncode == 0, out.stderr
     assert "MAX_RESTARTS=3 has no effect on one process (no launcher): it runs once" in out.stdout
     assert "PYTHON -m mednist_gan.train --config configs/debug.yaml train.max_steps=1" in out.stdout
+
+
+def _read_from_environment(script: str) -> set[str]:
+    """The upper-case variables run.sh reads from its environment: every ``$NAME`` / ``${NAME`` outside
+    comments and the usage text that the script either never sets or reads with a default (``${NAME:-``)."""
+    code = re.sub(r"<<'USAGE'\n.*?^USAGE$", "", script, flags=re.S | re.M)
+    code = re.sub(r"(^|\s)#.*$", "", code, flags=re.M)
+    used = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", code))
+    assigned = set(re.findall(r"(?:^|[\s;(])(?:export\s+)?([A-Z_][A-Z0-9_]*)=", code, flags=re.M))
+    defaulted = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):?[-=]", code))
+    return {name for name in used if name not in assigned or name in defaulted} - {"BASH_SOURCE"}
+
+
+def test_help_names_every_knob_with_its_default_and_starts_nothing(tmp_path):
+    script = (REPO / "launch" / "run.sh").read_text()
+    knobs = _read_from_environment(script)
+    assert {"NPROC_PER_NODE", "NUM_NODES", "NODE_RANK", "MAIN_ADDR", "MAIN_PORT", "CONFIG", "ACCELERATE_CONFIG",
+            "MAX_RESTARTS", "RDZV_ID", "SLURM_JOB_ID", "OMP_NUM_THREADS", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"} <= knobs
+    env = _fake_accelerate(tmp_path)
+    bindir = Path(env["PATH"].split(":")[0])
+    for tool in ("python", "nvidia-smi"):  # anything started leaves a trace
+        (bindir / tool).write_text(f'#!/bin/bash\necho "STARTED {tool} $*"\n')
+        (bindir / tool).chmod(0o755)
+    outs = [_built(env, "--help", NPROC_PER_NODE="2"), _built(env, "data.root=/x", "-h", MAX_RESTARTS="three")]
+    for out in outs:
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        assert out.stdout.startswith("usage: launch/run.sh ")
+        assert "ARGS" not in out.stdout and "STARTED" not in out.stdout and "[launch/run.sh]" not in out.stdout
+    usage = outs[0].stdout
+    assert outs[1].stdout == usage
+    # Each knob has an entry (its name at the start of a line, continued by indented lines) that shows its
+    # default: the literal one the script gives it, and ACCELERATE_CONFIG's three by scale.
+    entry = r"^  ([A-Z_][A-Z0-9_]*)(?=[ \t]|$).*(?:\n {5,}\S.*)*"  # not NAME=value, as in the examples
+    entries = {m.group(1): m.group(0) for m in re.finditer(entry, usage, re.M)}
+    assert knobs <= entries.keys(), f"not in the usage: {sorted(knobs - entries.keys())}"
+    defaults = dict(re.findall(r"\b([A-Z_][A-Z0-9_]*)=\$\{\1:-([^}$]+)\}", script))
+    assert {"CONFIG", "MAIN_PORT", "MAX_RESTARTS", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"} <= defaults.keys()
+    for name, default in defaults.items():
+        assert f"[{default}" in entries[name], (name, default, entries[name])
+    by_scale = re.findall(r"ACCELERATE_CONFIG=(launch/\S+\.yaml)", script)
+    assert len(by_scale) == 3 and all(path in entries["ACCELERATE_CONFIG"] for path in by_scale)
+    assert all((REPO / path).is_file() for path in by_scale)
+    assert re.search(r"^  [A-Z_]+=\S+ .*launch/run\.sh \S+=", usage, re.M)  # an example with a knob and an override
+
+
+@pytest.mark.parametrize("old, new", [
+    ("launch/single_device.yaml", "launch/accelerate_single_device.yaml"),
+    ("launch/one_node.yaml", "launch/accelerate_one_node.yaml"),
+    ("launch/multi_node.yaml", "launch/accelerate_multi_node.yaml"),
+    ("./launch/one_node.yaml", "./launch/accelerate_one_node.yaml"),
+    (str(REPO / "launch" / "multi_node.yaml"), str(REPO / "launch" / "accelerate_multi_node.yaml")),
+])
+def test_an_old_launcher_config_name_is_one_line_naming_the_new_one(tmp_path, old, new):
+    out = _built(_fake_accelerate(tmp_path), NPROC_PER_NODE="2", ACCELERATE_CONFIG=old)
+    assert out.returncode == 2
+    assert out.stderr == f"launch/run.sh: error: ACCELERATE_CONFIG={old} was renamed: use {new}\n"
+    assert out.stdout == ""
+    assert (REPO / new).is_file() and not (REPO / old).exists()
+
+
+def test_a_launcher_config_of_ones_own_with_an_old_name_is_used(tmp_path):
+    own = tmp_path / "launch" / "one_node.yaml"
+    own.parent.mkdir()
+    own.write_text((REPO / "launch" / "accelerate_one_node.yaml").read_text())
+    out = _built(_fake_accelerate(tmp_path), NPROC_PER_NODE="2", ACCELERATE_CONFIG=str(own))
+    assert out.returncode == 0, out.stderr
+    assert f"ARGS launch --config_file {own} --num_machines 1 " in out.stdout
