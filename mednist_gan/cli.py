@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--latent-size", type=int, default=None,
                           help="latent size of a .pt2/TorchScript generator that does not show it "
                                "(read from the model otherwise)")
-    generate.add_argument("--num-samples", type=int, default=16, help="images to write (of each class with --class all)")
+    generate.add_argument("--num-samples", type=int, default=16,
+                          help="images to write (of each class with --class all)")
     generate.add_argument("--output-dir", type=Path, default=Path("outputs"), help="folder for the PNGs")
     generate.add_argument("--seed", type=int, default=0, help="seed of the latents: the same seed, the same images")
     generate.add_argument("--batch-size", type=int, default=256, help="latents per forward pass")

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -22,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import checkpoint as ckpt
 from ..checkpoint import TrainState
@@ -160,7 +162,9 @@ class Trainer:
         ]
         bar = tqdm(total=self.total_steps, initial=state.step, dynamic_ncols=True, desc=cfg.name,
                    disable=not (acc.is_main_process and sys.stderr.isatty()))
-        with torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly), self.stop, \
+        # On a terminal the log lines go through tqdm, which lifts the bar off its line to print each one.
+        share_terminal = nullcontext() if bar.disable else logging_redirect_tqdm(loggers=[self.log])
+        with torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly), self.stop, share_terminal, \
                 peers_lost(lambda: ckpt.find_latest(self.run_dir), cfg.train.collective_timeout_s):
             for batch in self._batches():
                 real, labels = self.gan_step.prepare_reals(batch), self.gan_step.real_labels(batch)

@@ -19,15 +19,16 @@ from helpers import REPO, run_cli
 SHIPPED_TS = REPO / "mednist_gan" / "assets" / "generator" / "mednist_gan.ts"
 SAMPLE_HAND = REPO / "mednist_gan" / "sample_data" / "Hand"
 BAR = re.compile(r"\d+%\|")  # tqdm's "  40%|####      | 2/5"
+LOG_LINE = re.compile(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")  # the console's log line
 
 
-def run_on_a_terminal(*args: str, timeout: int = 600) -> tuple[int, str, str]:
-    """``python -m mednist_gan ...`` with its stderr on a pseudo-terminal (as in an interactive shell);
-    returns the exit code, stdout and what the terminal received."""
+def run_on_a_terminal(*args: str, timeout: int = 600, stdout_too: bool = False) -> tuple[int, str, str]:
+    """``python -m mednist_gan ...`` with its stderr (and with ``stdout_too`` its stdout) on a pseudo-terminal, as
+    in an interactive shell; returns the exit code, stdout (when piped) and what the terminal received."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a fresh pty is 0 x 0
     proc = subprocess.Popen([sys.executable, "-m", "mednist_gan", *args], cwd=REPO, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=slave)
+                            stdout=slave if stdout_too else subprocess.PIPE, stderr=slave)
     os.close(slave)
     received = bytearray()
     while True:
@@ -39,7 +40,7 @@ def run_on_a_terminal(*args: str, timeout: int = 600) -> tuple[int, str, str]:
             break
         received += chunk
     os.close(master)
-    stdout = proc.stdout.read().decode()
+    stdout = "" if stdout_too else proc.stdout.read().decode()
     return proc.wait(timeout=timeout), stdout, received.decode(errors="replace")
 
 
@@ -62,6 +63,22 @@ def test_progress_bars_on_a_terminal_only(command, tmp_path, mednist_root):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr == ""
     assert not BAR.search(result.stdout)
+
+
+def test_log_lines_never_share_a_line_with_the_training_bar(tmp_path, mednist_root):
+    """Training on a terminal: the bar (stderr) and the log lines (stdout) share it, each log line on its own line
+    (a log line used to land on the bar: ``debug:  50%|#####     | 2/4 [00:01<00:01]12:00:01 INFO step 2 ...``)."""
+    rc, _, terminal = run_on_a_terminal("train", "--config", "configs/debug.yaml", f"run_dir={tmp_path / 'run'}",
+                                        f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
+                                        "train.max_steps=6", "train.epochs=3", "export.at_end=false",
+                                        stdout_too=True)
+    assert rc == 0, terminal[-3000:]
+    assert BAR.search(terminal), terminal[-3000:]
+    log_lines = [line for line in terminal.split("\n") if LOG_LINE.search(line)]
+    assert len(log_lines) >= 6, terminal[-3000:]  # the opening lines and a line per step
+    for line in log_lines:
+        shown = line.rstrip("\r").rsplit("\r", 1)[-1]  # what stays on the line after the last carriage return
+        assert LOG_LINE.match(shown.lstrip("\x1b[A").strip()) and not BAR.search(shown), repr(line)
 
 
 def _readme_first_command() -> str:
