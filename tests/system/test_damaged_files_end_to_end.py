@@ -12,7 +12,7 @@ import pytest
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.training.trainer import train
 
-from helpers import (CONFIGS, copy_run, cut, flip_one_byte, run_cli, run_config)
+from helpers import CONFIGS, copy_run, cut, flip_one_byte, run_cli, run_config
 
 UNWRITABLE = Path("/proc/mednist-gan-test/x")  # /proc refuses new entries, even to root
 

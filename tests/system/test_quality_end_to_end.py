@@ -3,6 +3,7 @@ generators against their targets, and the feature extractors' training."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from mednist_gan.config import load_config
-from mednist_gan.quality.classifier import (ASSETS, CLASSES, train_classifier)
+from mednist_gan.quality.classifier import ASSETS, CLASSES, WEIGHTS_FILE, train_classifier
 from mednist_gan.quality.encoder import train_encoder
 from mednist_gan.quality.metrics import usefulness
 from mednist_gan.training.trainer import train
@@ -224,3 +225,14 @@ def test_usefulness_of_real_images_matches_the_real_baseline_and_of_shuffled_lab
     shuffled = usefulness(synthetic[0], shuffled_labels, *real_train, *test, threads=1)
     assert shuffled["synthetic_accuracy"]["all"] < 0.35, shuffled
     assert shuffled["real_accuracy"] == useful["real_accuracy"]  # same counts per class: the same baseline run
+
+
+def test_train_classifier_writes_to_a_run_folder_by_default(tmp_path, mednist_root):
+    before = hashlib.sha256(WEIGHTS_FILE.read_bytes()).hexdigest()
+    result = run_cli("train-classifier", "--data-root", str(mednist_root), "--limit-per-class", "12", "--epochs", "1",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote runs/classifier/classifier.pt" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "runs" / "classifier").iterdir()) == ["classifier.json",
+                                                                                    "classifier.pt"]
+    assert hashlib.sha256(WEIGHTS_FILE.read_bytes()).hexdigest() == before

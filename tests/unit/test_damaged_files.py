@@ -17,7 +17,7 @@ from mednist_gan import checkpoint as ckpt
 from mednist_gan.errors import CheckpointError
 from mednist_gan.training.trainer import train
 
-from helpers import (copy_run, cut, flip_one_byte, forget_file_records, main_process_tracking, run_config)
+from helpers import copy_run, cut, flip_one_byte, forget_file_records, main_process_tracking, run_config
 
 
 def test_naming_a_damaged_checkpoint_to_resume_from_is_an_error(checkpointed_run, tmp_path, mednist_root):

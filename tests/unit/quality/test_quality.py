@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from mednist_gan.quality.classifier import (CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split)
+from mednist_gan.quality.classifier import CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split
 from mednist_gan.quality.evaluate import load_real_images, split_halves
 from mednist_gan.quality.scores import QualityMeter, diversity, fmd
 

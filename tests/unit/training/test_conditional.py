@@ -20,7 +20,7 @@ from mednist_gan.generator.generate import generate
 from mednist_gan.generator.loader import open_generator
 from mednist_gan.training.trainer import Trainer, train
 
-from helpers import (CONFIGS, TINY_RESNET, TWO_CLASSES, reset_accelerate, run_cli)
+from helpers import CONFIGS, TINY_RESNET, TWO_CLASSES, reset_accelerate, run_cli
 
 
 def _cfg(tmp_path, mednist_root, *overrides):
