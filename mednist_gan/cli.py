@@ -252,6 +252,7 @@ def _train_feature_extractor(args: argparse.Namespace) -> int:
 
     from .errors import OutputError
     from .files import ensure_writable_folder
+    from .quality.classifier import check_class_folders
 
     if args.command == "train-classifier":
         from .quality.classifier import WEIGHTS_FILE, train_classifier as train_extractor
@@ -276,6 +277,7 @@ def _train_feature_extractor(args: argparse.Namespace) -> int:
                               "--replace-shipped to replace it (its card and checksum are rewritten with it)")
     else:
         out = args.out
+    check_class_folders(args.data_root)  # before the run folder is made
     ensure_writable_folder(out.resolve().parent, "--out")
     command = "mednist-gan " + " ".join(shlex.quote(a) for a in args.argv)
     card = train_extractor(args.data_root, out, epochs=args.epochs, seed=args.seed, threads=args.threads,
@@ -284,7 +286,17 @@ def _train_feature_extractor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_extra(module: str, extra: str, command: str) -> None:
+    """A command that needs an optional extra says so in one line when it is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MednistGanError(f"mednist-gan {command} needs {module}, which is not installed: "
+                              f'pip install "mednist-gan[{extra}]"')
+
+
 def _sweep(args: argparse.Namespace) -> int:
+    _require_extra("optuna", "sweep", "sweep")
     from .sweep.spec import load_sweep
     from .sweep.trial import run_trial
     from .sweep.worker import run_worker
@@ -308,6 +320,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _sweep_report(args: argparse.Namespace) -> int:
+    _require_extra("optuna", "sweep", "sweep-report")
     from .sweep.report import sweep_report
 
     sweep_report(args.sweep, args.overrides, args.sweep_dir, args.out, export=not args.no_export)

@@ -33,6 +33,30 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int 
                           capture_output=True, text=True, timeout=timeout)
 
 
+_WITHOUT = """
+import importlib.machinery, sys
+
+hidden = set(sys.argv[1].split(","))
+
+class Hide(importlib.machinery.PathFinder):  # as if the hidden packages were not installed
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] in hidden else super().find_spec(name, path, target)
+
+sys.meta_path[:] = [Hide if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+from mednist_gan.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_cli_without(packages: tuple[str, ...], *args: str, timeout: int = 600):
+    """``run_cli`` as on a machine without ``packages`` (an extra not installed)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", _WITHOUT, ",".join(packages), *args], cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
+
+
 def train_debug_run(run: Path, mednist_root: Path) -> Path:
     """Train configs/debug.yaml into ``run`` on the real images (decoded-image cache beside it); returns ``run``."""
     from mednist_gan.config import load_config

@@ -87,17 +87,22 @@ def to_evaluation_pixels(images: torch.Tensor) -> torch.Tensor:
     return to_uint8(images).float() / 255
 
 
+def check_class_folders(data_root: Path) -> None:
+    """One line naming the first of the six MedNIST class folders that ``data_root`` lacks."""
+    for name in CLASSES:
+        if not (Path(data_root) / name).is_dir():
+            raise DataError(f"--data-root {data_root}: no {name}/ folder (expected the six MedNIST class folders)")
+
+
 def load_split(data_root: Path, holdout: float, seed: int, cache_dir: Optional[str] = "~/.cache/mednist_gan",
                limit_per_class: Optional[int] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"train": (images, labels), "test": ...}: a seeded per-class split, images scaled as for training."""
     data_root = Path(data_root)
     generator = torch.Generator().manual_seed(seed)
     parts: dict[str, list] = {"train": [], "test": []}
+    check_class_folders(data_root)
     for label, name in enumerate(CLASSES):
-        folder = data_root / name
-        if not folder.is_dir():
-            raise DataError(f"--data-root {data_root}: no {name}/ folder (expected the six MedNIST class folders)")
-        files = list_images(folder)[:limit_per_class]
+        files = list_images(data_root / name)[:limit_per_class]
         images = to_evaluation_pixels(scale_intensity(load_images(files, (64, 64), cache_dir)))
         order = torch.randperm(len(images), generator=generator)
         n_test = max(1, round(holdout * len(images)))

@@ -100,6 +100,6 @@ def test_readme_first_command_prints_no_warning(tmp_path):
     result = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert (run_dir / "evaluation.json").is_file() and (run_dir / "samples" / "grid.png").is_file()
+    assert (run_dir / "evaluation.json").is_file() and (run_dir / "generated" / "grid.png").is_file()
     warnings = [line for line in output.splitlines() if re.search(r"warn", line, re.I)]
     assert not warnings, "\n".join(warnings)

@@ -94,3 +94,28 @@ def test_the_shipped_scorers_are_replaced_only_when_asked(command, tmp_path, med
                                                "replace it")
     assert earlier.read_bytes() == b"an earlier run's weights"
     assert {path: sha256(path) for path in before} == before
+
+
+def test_default_outputs_are_ignored_by_git():
+    paths = ["runs/debug/train.log", "outputs/sample_0000.png", "sweeps/quality/optuna.journal", "evaluation.json"]
+    result = subprocess.run(["git", "check-ignore", *paths], cwd=REPO, capture_output=True, text=True)
+    assert result.stdout.split() == paths, result.stderr
+
+
+FAILING = {
+    "train": ["train", "--config", str(REPO / "configs" / "debug.yaml"), "train.batchsize=2"],
+    "generate": ["generate", "--model", "missing.pt"],
+    "generate --class": ["generate", "--class", "Knee"],
+    "evaluate": ["evaluate", "--model", "missing.pt"],
+    "export": ["export", "--checkpoint", "missing", "--out", "exported"],
+    "sweep": ["sweep", str(REPO / "configs" / "sweeps" / "quality.yaml"), "train.batchsize=2"],
+    "sweep-report": ["sweep-report", str(REPO / "configs" / "sweeps" / "quality.yaml")],
+    "train-classifier": ["train-classifier", "--data-root", "missing"],
+}
+
+
+@pytest.mark.parametrize("name", list(FAILING))
+def test_a_failed_command_leaves_nothing_behind(name, tmp_path):
+    result = run_cli(*FAILING[name], cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == [], f"{name} left {sorted(p.name for p in tmp_path.rglob('*'))}"

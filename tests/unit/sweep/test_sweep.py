@@ -27,7 +27,7 @@ from mednist_gan.sweep.study import frozen_trial, make_pruner, make_storage, ope
 from mednist_gan.sweep.trial import _Reporter
 from mednist_gan.sweep.worker import _claim
 
-from helpers import CONFIGS, run_cli
+from helpers import CONFIGS, run_cli, run_cli_without
 
 SPACE = """\
 base: {base}
@@ -386,3 +386,12 @@ def test_sweep_report_on_a_sweep_that_never_ran_creates_nothing(tmp_path, capsys
     assert not (tmp_path / "sweep").exists()
 
 
+
+
+@pytest.mark.parametrize("command", [["sweep", "configs/sweeps/quality.yaml", "--dry-run"],
+                                     ["sweep-report", "configs/sweeps/quality.yaml"]])
+def test_without_the_sweep_extra_a_sweep_command_is_one_line_naming_it(command, tmp_path):
+    result = run_cli_without(("optuna",), *command)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip() == (f"mednist-gan: error: mednist-gan {command[0]} needs optuna, which is not "
+                                     'installed: pip install "mednist-gan[sweep]"')

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 
 from mednist_gan.training.trainer import train
 
-from helpers import CONFIGS, REPO, debug_config, main_process_tracking, offline_wandb_runs
+from helpers import CONFIGS, debug_config, main_process_tracking, offline_wandb_runs, run_cli_without
 from wandb_records import config as wandb_config
 from wandb_records import history, metric_definitions, read_records
 
@@ -85,31 +84,11 @@ def test_every_accelerate_tracker_is_a_choice():
     assert set(TRACKERS) == choices - {"none"}
 
 
-_HIDE_TENSORBOARD = """
-import importlib.machinery, sys
-
-class Hide(importlib.machinery.PathFinder):  # as if tensorboard (and tensorboardX) were not installed
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorboard", "tensorboardX"):
-            return None
-        return super().find_spec(name, path, target)
-
-sys.meta_path[:] = [Hide if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-from mednist_gan.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_a_tracker_that_is_not_installed_is_a_one_line_error_before_training(tmp_path, mednist_root):
-    import subprocess
-    import sys
-
     run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-c", _HIDE_TENSORBOARD, "train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}",
-         f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "log.tracker=tensorboard"],
-        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    result = run_cli_without(("tensorboard", "tensorboardX"), "train", "--config", str(CONFIGS / "debug.yaml"),
+                             f"run_dir={run}", f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}",
+                             "log.tracker=tensorboard")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     # (Accelerate itself may warn first, when the check runs after the Accelerator is made.)
