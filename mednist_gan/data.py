@@ -47,25 +47,49 @@ def resolve_root(cfg: DataConfig) -> Path:
     return Path(os.path.expanduser(cfg.root)) if cfg.root is not None else SAMPLE_ROOT
 
 
+def _class_folder(root: Path, class_name: str) -> Optional[Path]:
+    for folder in (root / class_name, root / "MedNIST" / class_name):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _no_class_folder(root: Path, class_name: str) -> DataError:
+    return DataError(f"data.root={str(root)!r}: no {class_name}/ folder with images there "
+                     "(point data.root at the MedNIST folder, or set data.download=true)")
+
+
 def image_folder(cfg: DataConfig, class_name: Optional[str] = None) -> Path:
     """The folder holding a class's images (the first of ``data.classes`` by default), downloading MedNIST first
     when asked to."""
     class_name = class_name or cfg.class_names[0]
     root = resolve_root(cfg)
-    candidates = [root / class_name, root / "MedNIST" / class_name]
-    for folder in candidates:
-        if folder.is_dir():
-            return folder
-    if cfg.download:
+    folder = _class_folder(root, class_name)
+    if folder is None and cfg.download:
         download_mednist(root, cfg.url, cfg.md5)
-        for folder in candidates:
-            if folder.is_dir():
-                return folder
-        raise DataError(f"data.url={cfg.url}: the downloaded archive has no {class_name}/ folder")
-    raise DataError(
-        f"data.root={str(root)!r}: no {class_name}/ folder with images there "
-        "(point data.root at the MedNIST folder, or set data.download=true)"
-    )
+        folder = _class_folder(root, class_name)
+        if folder is None:
+            raise DataError(f"data.url={cfg.url}: the downloaded archive has no {class_name}/ folder")
+    if folder is None:
+        raise _no_class_folder(root, class_name)
+    return folder
+
+
+def describe_data(cfg: DataConfig, image_shape: list[int]) -> str:
+    """The dry run's look at the data, in one line: every class folder is there with images, and the first image
+    of each decodes at the model's size (a problem is the one-line error training would stop with)."""
+    root, counts = resolve_root(cfg), []
+    for name in cfg.class_names:
+        folder = _class_folder(root, name)
+        if folder is None and cfg.download:
+            return f"data: {root}: no {name}/ folder yet; data.download=true fetches MedNIST before training"
+        if folder is None:
+            raise _no_class_folder(root, name)
+        files = list_images(folder)
+        _decode(files[0], tuple(image_shape[-2:]))
+        counts.append(f"{name} {len(files):,}")
+    limit = f", data.limit={cfg.limit} of each" if cfg.limit else ""
+    return f"data: {root}: {', '.join(counts)} images{limit}, {image_shape[-2]}x{image_shape[-1]} grey"
 
 
 def download_mednist(root: Path, url: str, md5: str) -> None:

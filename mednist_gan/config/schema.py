@@ -129,6 +129,13 @@ class ModelConfig:
     def architecture_keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.metadata.get("architecture")]
 
+    def unread_keys(self) -> set[str]:
+        """The keys of the other ``arch``'s networks, which this one does not read."""
+        monai = {"start_shape", "g_channels", "g_strides", "d_channels", "d_strides", "d_num_res_units",
+                 "d_kernel_size", "d_dropout"}
+        resnet = {f.name for f in dataclasses.fields(self) if f.name.startswith("resnet_")}
+        return resnet if self.arch == "monai" else monai
+
     def check(self) -> None:
         _require(self.latent_size >= 1, "model.latent_size", self.latent_size, "an integer >= 1")
         _require(len(self.g_channels) == len(self.g_strides), "model.g_strides", self.g_strides,
@@ -342,8 +349,24 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+    def to_yaml(self, only_read: bool = False) -> str:
+        """Block YAML, short lists on one line, as the config files are written; ``only_read`` leaves out the keys
+        of the architecture not chosen."""
+        data = self.to_dict()
+        if only_read:
+            data["model"] = {k: v for k, v in data["model"].items() if k not in self.model.unread_keys()}
+        return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Mappings as blocks, lists of plain values on one line (``betas: [0.5, 0.999]``)."""
+
+    def represent_list(self, data):
+        flat = all(not isinstance(item, (list, dict)) for item in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_ConfigDumper.add_representer(list, _ConfigDumper.represent_list)
 
 
 # ----------------------------------------------------------------------------- keys that moved

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 
 import pytest
+import yaml
 
 from mednist_gan.config import (MAX_YAML_VALUES, Config, ConfigWarning, ModelConfig, check_class_name,
                                 config_from_record, describe_fields, load_config, plain_folder_name, read_yaml)
@@ -95,15 +97,40 @@ def test_base_chain_is_relative_and_loops_are_refused(tmp_path):
 def test_defaults_are_valid_and_documented():
     Config().check()
     text = describe_fields()
-    assert "train.batch_size = 600" in text and "global batch" in text
+    assert "train.batch_size: 600" in text and "global batch" in text
 
 
-def test_cli_dry_run_prints_resolved_config_and_writes_nothing(tmp_path):
-    result = run_cli("train", "--config", str(CONFIGS / "bundle.yaml"), "data.root=/data/MedNIST", "train.epochs=5",
+def _write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def test_cli_dry_run_prints_resolved_config_and_writes_nothing(tmp_path, mednist_root):
+    result = run_cli("train", "--config", str(CONFIGS / "bundle.yaml"), f"data.root={mednist_root}", "train.epochs=5",
                      f"run_dir={tmp_path / 'run'}", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert "root: /data/MedNIST" in result.stdout and "epochs: 5" in result.stdout
+    plan, data, *config = result.stdout.splitlines()
+    assert plan == f"# dry run, nothing written: trains a new run in {tmp_path / 'run'}"
+    hands = len(list((mednist_root / "Hand").glob("*.jpeg")))
+    assert data == f"# data: {mednist_root}: Hand {hands:,} images, 64x64 grey"
+    assert not [line for line in config if re.search(r": \{.+\}", line)], "a section written inline"
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["run_dir"] == str(tmp_path / "run") and resolved["train"]["epochs"] == 5
+    assert resolved["model"]["g_channels"] == [32, 16, 8, 1] and not any(k.startswith("resnet_") for k in
+                                                                         resolved["model"])
+    assert load_config(_write(tmp_path / "again.yaml", result.stdout)).train == load_config(
+        CONFIGS / "bundle.yaml", ["train.epochs=5"]).train  # what it prints is a config that loads
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_dry_run_shows_only_the_chosen_architecture_and_checks_the_classes(tmp_path, mednist_root):
+    result = run_cli("train", "--config", str(CONFIGS / "resnet.yaml"), f"data.root={mednist_root}", "--dry-run")
+    model = yaml.safe_load(result.stdout)["model"]
+    assert model["resnet_g_channels"] == 32 and "g_channels" not in model and "d_dropout" not in model
+    result = run_cli("train", "--config", str(CONFIGS / "conditional.yaml"), "--dry-run")  # the sample: Hand only
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.strip().endswith("no AbdomenCT/ folder with images there (point data.root at the MedNIST "
+                                          "folder, or set data.download=true)"), result.stderr
 
 
 def test_cli_bad_value_is_one_line_exit_2_without_traceback():
