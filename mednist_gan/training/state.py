@@ -83,6 +83,9 @@ def load_checkpoint(accelerator: Accelerator, cfg: Config, path: Path, gan_step:
     if gan_step.ema is not None and not (path / ckpt.EMA_FILE).is_file():
         raise CheckpointError(f"{path}: has no {ckpt.EMA_FILE}, but the config sets train.ema_decay: "
                               "resume with train.ema_decay=null, or start a new run")
+    changed = config_changes(meta.get("config", {}), cfg)
+    if changed:
+        log.info("%s: resuming with config keys changed since it was written: %s", path, "; ".join(changed))
     try:
         accelerator.load_state(str(path))
     except RuntimeError as exc:  # shape/key mismatch from load_state_dict
@@ -102,6 +105,29 @@ def load_checkpoint(accelerator: Accelerator, cfg: Config, path: Path, gan_step:
         raise CheckpointError(f"{path}: unreadable checkpoint file "
                               f"({type(exc).__name__}: {first_line(exc, 120)})") from None
     return TrainState(**meta["state"]), meta.get("num_processes")
+
+
+# Keys that name where and how this process runs rather than what it trains.
+_NOT_COMPARED = {"run_dir", "train.resume"}
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """``key: old -> new`` for each config key whose value differs from the one a checkpoint recorded (keys it did
+    not record, from other versions, are not compared)."""
+    from ..config.load import yaml_value
+
+    def flat(node: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in node.items():
+            if isinstance(value, dict) and not (prefix and key == "class_weights"):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    old, new = flat(saved), flat(cfg.to_dict())
+    return [f"{key}: {yaml_value(old[key])} -> {yaml_value(new[key])}" for key in new
+            if key in old and key not in _NOT_COMPARED and old[key] != new[key]]
 
 
 def resume_choice(cfg: Config) -> tuple[Optional[Path], Damaged]:

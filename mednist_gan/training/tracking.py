@@ -94,6 +94,7 @@ class Tracking:
         self.is_main = accelerator.is_main_process
         self.started = False  # start() ran: the run got past its resume checks and writes its records
         self.active = False
+        self.offline_wandb: Optional[Path] = None  # the W&B folder of a run kept offline, to say how to sync it
         self.records = RunRecords(run_dir, logger)
         self.wandb_steps = WandbStepAxis(self.records, logger)
 
@@ -157,12 +158,14 @@ class Tracking:
         settings = _wandb_settings(log_cfg.online_timeout)
         if self._try_start({"wandb": dict(kwargs, mode=mode, settings=settings)}, "W&B", quiet=mode == "online"):
             self.log.info("W&B run %s (%s) in %s", run_id, mode, wandb_dir)
+            self.offline_wandb = wandb_dir if mode == "offline" else None
         elif mode == "online":
             self.log.warning("W&B could not start online within %ds (no network or no login): falling back to "
                              "offline; upload later with `wandb sync %s/wandb/offline-run-*`",
                              log_cfg.online_timeout, wandb_dir)
             if self._try_start({"wandb": dict(kwargs, mode="offline", settings=_wandb_settings())}, "W&B"):
                 self.log.info("W&B run %s (offline) in %s", run_id, wandb_dir)
+                self.offline_wandb = wandb_dir
         if self.active and self.is_main:
             self._guard(lambda: self.wandb_steps.start(self.acc.get_tracker("wandb", unwrap=True), run_id, resumed_step,
                                                        local_high), "set up its step axis")
@@ -274,6 +277,10 @@ class Tracking:
         if self.active:
             self._guard(self.acc.end_training, "finish")
             self.active = False
+            if self.is_main and self.offline_wandb is not None:
+                runs = sorted((self.offline_wandb / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
+                if runs:
+                    self.log.info("W&B run saved offline; upload it with: wandb sync %s", runs[-1])
         if self.is_main and self.started:
             self.records.plot_loss_curves()
 

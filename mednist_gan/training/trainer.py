@@ -10,6 +10,7 @@ what a checkpoint holds, and resuming from one, in ``state.py``. Devices, proces
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -30,8 +31,8 @@ from ..checkpoint import TrainState
 from ..config import Config
 from ..data import build_dataloader, load_labelled_dataset
 from ..errors import ConfigError
-from ..files import EXPORT_DIR
-from ..generator.export import checkpoint_provenance, export_generator
+from ..files import EXPORT_DIR, PROVENANCE_FILE
+from ..generator.export import ONNX_FILE, checkpoint_provenance, export_generator
 from ..images import to_uint8_pictures
 from ..models.networks import build_discriminator, build_generator, generator_copy
 from ..runtime.accelerator import (graph_capture, make_accelerator, optimizer_options, precision_warning,
@@ -203,6 +204,7 @@ class Trainer:
             open_log_file(self.log, self.run_dir)
             ckpt.remove_stale_temporaries(self.run_dir)
         acc.wait_for_everyone()
+        self.resumed_step = self.state.step
         if resume_from is not None:
             self._advance_epoch()
             self.final_checkpoint = resume_from
@@ -291,14 +293,25 @@ class Trainer:
         return self.final_checkpoint
 
     def export(self, out_dir: Path) -> None:
-        """Main process: the trained generator's exports, from a fresh copy of its weights."""
-        if self.acc.is_main_process:
+        """Main process: the trained generator's exports, from a fresh copy of its weights; a rerun that trained
+        nothing leaves an export of its final checkpoint as it is."""
+        if self.acc.is_main_process and self.state.step == self.resumed_step and self._export_is_current(out_dir):
+            self.log.info("%s already holds the export of %s: nothing new to export", out_dir, self.final_checkpoint)
+        elif self.acc.is_main_process:
             meta = ckpt.read_meta(self.final_checkpoint)
             export_generator(generator_copy(self.cfg.model, self.output_generator()), self.cfg.model, out_dir,
                              checkpoint_provenance(self.final_checkpoint, meta), onnx=self.cfg.export.onnx)
             self.log.info("exported the generator to %s", out_dir)
             self.tracking.log_artifact(out_dir)
         self.acc.wait_for_everyone()
+
+    def _export_is_current(self, out_dir: Path) -> bool:
+        try:
+            record = json.loads((out_dir / PROVENANCE_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return (isinstance(record, dict) and record.get("checkpoint") == str(self.final_checkpoint.resolve())
+                and (not self.cfg.export.onnx or (out_dir / ONNX_FILE).is_file()))
 
     def output_generator(self) -> torch.nn.Module:
         """The generator that samples, evaluation and exports use: the moving average when enabled."""

@@ -139,6 +139,16 @@ def test_a_checkpoint_of_a_newer_version_resumes_with_a_warning(checkpointed_run
     assert ckpt.read_meta(ckpt.find_latest(run))["version"] == __version__  # the new checkpoint: this version's
 
 
+def test_a_resume_says_which_config_keys_changed(checkpointed_run, tmp_path, mednist_root):
+    run = copy_run(checkpointed_run, tmp_path / "run")
+    train(run_config(run, mednist_root, checkpointed_run.parent / "cache", "train.max_steps=5", "train.epochs=2",
+                     "optim.betas=[0.0, 0.99]"))  # the run's own data and cache
+    (line,) = [line for line in (run / "train.log").read_text().splitlines() if "config keys changed" in line]
+    assert line.endswith(f"{run / 'checkpoints' / 'step_000004'}: resuming with config keys changed since it was "
+                         "written: optim.betas: [0.5, 0.999] -> [0.0, 0.99]; train.epochs: 1 -> 2; "
+                         "train.max_steps: 4 -> 5"), line
+
+
 # ----------------------------------------------------------------------------- a run folder read while it trains
 
 def _save_step_6_and_rotate_step_4_away(run: Path) -> None:

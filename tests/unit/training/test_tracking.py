@@ -39,6 +39,9 @@ def test_offline_wandb_run_holds_losses_images_config_and_artifact(debug_overrid
     assert metrics[0]["loss_d"] == pytest.approx(losses[1]["loss_d"])
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
     assert (run / "loss_curves.png").stat().st_size > 1000
+    # The run ends saying how to upload it.
+    assert (run / "train.log").read_text().rstrip().endswith(f"W&B run saved offline; upload it with: wandb sync "
+                                                             f"{offline}")
 
 
 def test_wandb_mode_environment_variable_wins(debug_overrides, tmp_path, monkeypatch):

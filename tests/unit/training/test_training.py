@@ -45,12 +45,16 @@ def test_training_changes_the_weights_and_losses_are_finite(debug_overrides):
 
 
 def test_rerunning_a_finished_run_trains_nothing_more(debug_overrides, tmp_path):
-    train(debug_config(debug_overrides, "export.at_end=false"))
+    train(debug_config(debug_overrides))
     before = checkpoint_weights(ckpt.find_latest(tmp_path / "run"))
-    trainer = train(debug_config(debug_overrides, "export.at_end=false"))
+    export = tmp_path / "run" / "export"
+    exported = {p.name: p.stat().st_mtime_ns for p in export.rglob("*")}
+    trainer = train(debug_config(debug_overrides))
     assert trainer.state.step == 4
     after = checkpoint_weights(ckpt.find_latest(tmp_path / "run"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {p.name: p.stat().st_mtime_ns for p in export.rglob("*")} == exported  # not exported again
+    assert f"{export} already holds the export of" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_incomplete_or_stale_checkpoints_are_never_resumed_from(tmp_path):
