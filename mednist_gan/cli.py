@@ -10,6 +10,7 @@
     mednist-gan sweep configs/sweeps/quality.yaml [key=value ...] [--parallel 4]   # Optuna trials (docs/sweeps.md)
     mednist-gan sweep-report configs/sweeps/quality.yaml   # leaderboard, importances, history, best generator
     mednist-gan config-help                      # every config key with its default and meaning
+    mednist-gan cache [--clear]                  # the decoded-image cache: its size, or empty it
 
 Errors caused by input (config, data, checkpoints, arguments) print one line and exit with 2;
 training failures (a non-finite loss, a lost process, a failed save) print one line and exit with 1;
@@ -41,6 +42,7 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config.schema import DataConfig
 
     parser = argparse.ArgumentParser(prog="mednist-gan", description="Train and use the MedNIST Hand GAN.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -165,6 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-export", action="store_true", help="do not export the best trial's generator")
 
     sub.add_parser("config-help", help="list every config key with its default and meaning")
+
+    cache = sub.add_parser("cache", help="the decoded-image cache (data.cache_dir): its size, or --clear to empty it")
+    cache.add_argument("--dir", type=Path, default=Path(DataConfig.cache_dir), help="the cache folder")
+    cache.add_argument("--clear", action="store_true", help="remove its decoded image sets (nothing else there)")
 
     for p in (parser, train, export, generate, evaluate, train_classifier, train_encoder, sw, rep):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -350,9 +356,24 @@ def _config_help(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from .data import cache_entries
+
+    entries = cache_entries(str(args.dir))
+    size = sum(p.stat().st_size for p in entries) / 2**20
+    if args.clear:
+        for entry in entries:
+            entry.unlink()
+        print(f"{args.dir}: removed {len(entries)} decoded image set(s), {size:.1f} MiB")
+    else:
+        print(f"{args.dir}: {len(entries)} decoded image set(s), {size:.1f} MiB (remove them with --clear; each "
+              "is decoded again when next needed)")
+    return 0
+
+
 COMMANDS = {"train": _train, "export": _export, "generate": _generate, "evaluate": _evaluate,
             "train-classifier": _train_feature_extractor, "train-encoder": _train_feature_extractor, "sweep": _sweep,
-            "sweep-report": _sweep_report, "config-help": _config_help}
+            "sweep-report": _sweep_report, "config-help": _config_help, "cache": _cache}
 
 
 def _one_line_warnings() -> None:

@@ -162,12 +162,22 @@ def _cache_key(files: list[Path], expected_hw: tuple[int, int], bad_files: str) 
     return h.hexdigest()[:24]
 
 
+CACHE_PATTERN = "images-*.pt"  # one decoded image set each; nothing else in the cache folder is ours
+
+
+def cache_entries(cache_dir: str) -> list[Path]:
+    """The decoded image sets in ``cache_dir`` (none when it does not exist)."""
+    folder = Path(os.path.expanduser(cache_dir))
+    return sorted(folder.glob(CACHE_PATTERN)) if folder.is_dir() else []
+
+
 def load_images(files: list[Path], expected_hw: tuple[int, int] = (64, 64), cache_dir: Optional[str] = None,
                 bad_files: str = "error") -> torch.Tensor:
     """Decode every file once into a uint8 tensor (N, 1, H, W), reusing a disk cache when it is valid."""
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(os.path.expanduser(cache_dir)) / f"images-{_cache_key(files, expected_hw, bad_files)}.pt"
+        key = _cache_key(files, expected_hw, bad_files)
+        cache_file = Path(os.path.expanduser(cache_dir)) / CACHE_PATTERN.replace("*", key)
         if cache_file.is_file():
             try:
                 return torch.load(cache_file, weights_only=True)

@@ -119,3 +119,37 @@ def test_a_failed_command_leaves_nothing_behind(name, tmp_path):
     result = run_cli(*FAILING[name], cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
     assert list(tmp_path.iterdir()) == [], f"{name} left {sorted(p.name for p in tmp_path.rglob('*'))}"
+
+
+def test_cache_shows_its_size_and_clears_only_decoded_image_sets(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name, size in (("images-aaa.pt", 3 << 20), ("images-bbb.pt", 1 << 20)):
+        (cache / name).write_bytes(b"\0" * size)
+    (cache / "notes.txt").write_text("a user's file in the same folder")
+    assert main(["cache", "--dir", str(cache)]) == 0
+    assert capsys.readouterr().out.startswith(f"{cache}: 2 decoded image set(s), 4.0 MiB")
+    assert main(["cache", "--dir", str(cache), "--clear"]) == 0
+    assert capsys.readouterr().out.strip() == f"{cache}: removed 2 decoded image set(s), 4.0 MiB"
+    assert [p.name for p in cache.iterdir()] == ["notes.txt"]
+    assert main(["cache", "--dir", str(tmp_path / "none")]) == 0
+    assert "0 decoded image set(s), 0.0 MiB" in capsys.readouterr().out
+
+
+HELP_ALL = """
+import sys
+from mednist_gan.cli import main
+for command in sys.argv[1:]:
+    try:
+        main([*command.split(), "--help"])
+    except SystemExit as exit:
+        assert exit.code == 0, command
+"""
+
+
+def test_every_help_prints_without_a_warning():
+    names = ["", *(name for name in commands() if name != "mednist-gan")]
+    result = subprocess.run([sys.executable, "-W", "default", "-c", HELP_ALL, *names], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    assert result.stdout.count("usage: mednist-gan") == len(names)
