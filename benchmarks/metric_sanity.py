@@ -59,12 +59,12 @@ def main() -> int:
     generators = {"seed bundle generator": SEED_WEIGHTS, "shipped generator": SHIPPED}
     cases = sanity_cases(reference, other, {k: v for k, v in generators.items() if v.is_file()})
     print(f"N = {args.num_samples} per side; real images' diversity {meter.real_diversity:.4f}")
-    print(f"{'':28} {Scores.header()} {'KID-SSLx1e3':>11}")
+    print(f"{'':28} {Scores.header()} {'kid_ssl':>8}")
     table = {}
     for name, images in cases.items():
         scores = meter.score(images)
         table[name] = asdict(scores)
-        print(f"{name:28} {scores.row()} {scores.kid_ssl * 1000:11.2f}")
+        print(f"{name:28} {scores.row()} {scores.kid_ssl:8.5f}")
     if args.out:
         args.out.write_text(json.dumps({"num_samples": args.num_samples, "machine": machine(), "rows": table},
                                        indent=2))

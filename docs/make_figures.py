@@ -1,7 +1,8 @@
 """The sample grids: the shipped generators (the residual Hand generator, the default, and the bundle-architecture
 one of configs/quality.yaml), the seed bundle's weights, real Hand images and the same real images
 blurred with sigma 1.5 (what the metrics' sanity table compares the generators with, docs/quality.md); and the
-shipped six-class generator beside real images, a row of 8 per class.
+shipped six-class generator beside real images, a row of 8 per class named on its left (as
+`generate --class all` draws it).
 
     python docs/make_figures.py [--data ../shared/data/mednist] \\
         [--seed-weights ../shared/upstream/mednist_gan_bundle_model.pt]
@@ -45,8 +46,8 @@ def class_grids(model: Path, data: Path, generated: Path, real: Path) -> None:
             rows.append(net(z, torch.full((8,), label, dtype=torch.long)))
         images = load_real_images(data / name)
         real_rows.append(images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:8]])
-    save_png(image_grid(to_uint8_pictures(torch.cat(rows)), columns=8), generated)
-    save_png(image_grid(to_uint8_pictures(torch.cat(real_rows)), columns=8), real)
+    save_png(image_grid(to_uint8_pictures(torch.cat(rows)), columns=8, labels=opened.classes), generated)
+    save_png(image_grid(to_uint8_pictures(torch.cat(real_rows)), columns=8, labels=opened.classes), real)
 
 
 def main() -> None:

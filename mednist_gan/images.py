@@ -10,7 +10,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,14 @@ def to_uint8_pictures(images: torch.Tensor) -> np.ndarray:
     return to_uint8(images)[:, 0].transpose(1, 2).contiguous().cpu().numpy()
 
 
-def image_grid(pictures: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
+def image_grid(pictures: np.ndarray, columns: Optional[int] = None, pad: int = 2,
+               labels: Optional[Sequence[str]] = None) -> np.ndarray:
+    """(N, H, W) uint8 pictures in rows of ``columns`` (default: as many as make a square), ``pad`` black pixels
+    between and around them.
+
+    ``labels``: a name per row (e.g. its class), drawn in white with PIL's default bitmap font in a black margin
+    left of the grid; the grid itself is the same, shifted right by the margin's width (``label_margin``).
+    """
     n, h, w = pictures.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
@@ -38,7 +45,44 @@ def image_grid(pictures: np.ndarray, columns: Optional[int] = None, pad: int = 2
     for i, picture in enumerate(pictures):
         r, c = divmod(i, columns)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = picture
-    return grid
+    if labels is None:
+        return grid
+    if len(labels) != rows:
+        raise ValueError(f"image_grid: {len(labels)} labels for {rows} rows")
+    return np.concatenate([_margin_with_labels(labels, grid.shape[0], h, pad), grid], axis=1)
+
+
+LABEL_GAP = 4  # black pixels either side of a row's label
+
+
+def _label_font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default_imagefont()  # the bitmap font: the same pixels with or without FreeType
+
+
+def _printable(label: str) -> str:
+    return str(label).encode("latin-1", errors="replace").decode("latin-1")  # what the bitmap font can draw
+
+
+def label_margin(labels: Sequence[str]) -> int:
+    """The width in pixels of the margin ``image_grid`` puts left of a grid for these row labels."""
+    font = _label_font()
+    return 2 * LABEL_GAP + max(int(font.getbbox(_printable(label))[2]) for label in labels)
+
+
+def _margin_with_labels(labels: Sequence[str], height: int, row_height: int, pad: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    font = _label_font()
+    margin = Image.new("L", (label_margin(labels), height), 0)
+    draw = ImageDraw.Draw(margin)
+    for r, label in enumerate(labels):
+        text = _printable(label)
+        top, bottom = font.getbbox(text)[1::2]
+        y = pad + r * (row_height + pad) + (row_height - (bottom - top)) // 2 - top  # centred on the row
+        draw.text((LABEL_GAP, y), text, fill=255, font=font)
+    return np.asarray(margin, dtype=np.uint8)
 
 
 def encode_png(array: np.ndarray) -> bytes:

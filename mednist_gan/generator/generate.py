@@ -118,7 +118,8 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
     """Write ``num_samples`` PNGs (``sample_00000.png``, ...) and optionally a grid; returns the PNG paths.
 
     A class-conditional generator makes the class ``class_name`` names, or with ``"all"`` ``num_samples`` of each
-    class into ``<output_dir>/<class>/`` from the same latents, and a grid with one row per class.
+    class into ``<output_dir>/<class>/`` from the same latents, and a grid with one row per class (its first 8
+    images), the class's name left of the row.
     """
     if num_samples < 1:
         raise MednistGanError(f"--num-samples {num_samples}: expected an integer >= 1")
@@ -173,7 +174,8 @@ def generate(model: Path, num_samples: int, output_dir: Path, seed: int = 0, bat
             raise output_error("--output-dir", output_dir, exc) from None
     if grid is not None:
         try:
-            save_png(image_grid(numpy.concatenate(pictures), columns), Path(grid))
+            save_png(image_grid(numpy.concatenate(pictures), columns, labels=chosen if per_class else None),
+                     Path(grid))
         except OSError as exc:
             raise output_error("--grid", grid, exc) from None
     return paths

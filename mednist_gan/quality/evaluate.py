@@ -238,31 +238,58 @@ def _usefulness(contenders: list[_Contender], real_root: Path, classes: list[str
 USEFULNESS_HOLDOUT = 0.1  # the classifier's split: the same real images are held out
 
 
+# The table's columns after the scores: (JSON key, width); each header is the row's key in the JSON.
+ROW_COLUMNS = (("memorization_pixels", 19), ("memorization_encoder", 20), ("class_accuracy", 14))
+NAME_WIDTH = 30
+
+
 def format_table(result: dict) -> str:
+    """The table ``evaluate`` prints: a row per row of the result, each column headed by its key in the JSON, and
+    under it a legend line for each kind of column and row shown."""
     blocks = result.get("classes") or [result]
     lines = []
     for block in blocks:
         title = f"class {block['class']}: " if block["class"] else ""
         lines += [f"{title}N = {block['num_samples']} generated vs {block['num_samples']} real images "
-                  f"({block['real_dir']}); real images' own diversity {block['real_diversity']:.4f}",
-                  f"{'':30} {'latent':7} {Scores.header()} {'memo-px':>7} {'memo-ssl':>8} {'class':>6}"]
+                  f"({block['real_dir']}); real_diversity {block['real_diversity']:.4f}",
+                  f"{'name':{NAME_WIDTH}} {'latent':7} {Scores.header()} "
+                  + " ".join(f"{key:>{width}}" for key, width in ROW_COLUMNS)]
         for row in block["rows"]:
             scores = Scores(**{f.name: row[f.name] for f in fields(Scores)})
-            accuracy = "-" if row["class_accuracy"] is None else f"{row['class_accuracy']:.3f}"
-            pixels, encoder = ("-" if row[key] is None else f"{row[key]:.3f}"
-                               for key in ("memorization_pixels", "memorization_encoder"))
-            lines.append(f"{row['name'][:30]:30} {row['latent'] or '-':7} {scores.row()} {pixels:>7} {encoder:>8} "
-                         f"{accuracy:>6}")
-    lines.append(f"FMD, KID: classifier features; FD-SSL, prec/recall/dens/cover, memo-ssl: self-supervised encoder "
-                 f"features; memo: share at most as far from a training image as the closest "
-                 f"{result['memorization_percentile']:g}% of real unseen images (floor row: real unseen images "
-                 f"themselves; '-' with fewer than 101 real images); class: share the classifier assigns to the class; "
-                 f"'real blurred' rows: the floor's real images blurred, a yardstick")
+            values = ("-" if row[key] is None else f"{row[key]:.3f}" for key, _ in ROW_COLUMNS)
+            lines.append(f"{row['name'][:NAME_WIDTH]:{NAME_WIDTH}} {row['latent'] or '-':7} {scores.row()} "
+                         + " ".join(f"{value:>{width}}" for value, (_, width) in zip(values, ROW_COLUMNS)))
+    lines += legend(result)
     for name, usefulness in (result.get("usefulness") or {}).items():
         lines.append(f"usefulness of {name}: a classifier trained on its images scores "
                      f"{usefulness['synthetic_accuracy']['all']:.4f} on real held-out images "
                      f"(trained on real images: {usefulness['real_accuracy']['all']:.4f})")
     return "\n".join(lines)
+
+
+def legend(result: dict) -> list[str]:
+    """The lines under the table: one for each kind of column and of row the table shows, none for the others."""
+    rows = [row for block in (result.get("classes") or [result]) for row in block["rows"]]
+    lines = ["fmd, kid: classifier features; fd_ssl, precision, recall, density, coverage: self-supervised encoder "
+             "features; diversity: mean MS-SSIM of random pairs (lower = more varied)"]
+    memorization = (f"memorization_pixels, memorization_encoder: share of images at most as far from a training "
+                    f"image (in pixels, in encoder features) as the closest {result['memorization_percentile']:g}% "
+                    f"of real unseen images (floor row: those images themselves)")
+    if any(row["memorization_pixels"] is None for row in rows if row["latent"] != "blurred"):
+        memorization += "; '-': fewer than 101 real images"
+    lines.append(memorization)
+    if any(row["class_accuracy"] is not None for row in rows):
+        lines.append("class_accuracy: share of images the classifier assigns to the class")
+    if any(row["class_accuracy"] is None for row in rows):
+        lines.append("class_accuracy '-': --real-dir is not named after a MedNIST class (as .../Hand is)")
+    lines.append("real vs real (floor): two disjoint halves of the real images scored against each other, "
+                 "a perfect generator")
+    if any(row["latent"] == "blurred" for row in rows):
+        lines.append("real blurred, sigma S (--blurred): the floor's real images blurred, a yardstick "
+                     "(memorization '-')")
+    if any(row["model"] is not None and row["name"].startswith("baseline ") for row in rows):
+        lines.append("baseline (--baseline): a generator to compare with, sampled with normal and uniform latents")
+    return lines
 
 
 def write_json(result: dict, path: Path) -> None:

@@ -48,17 +48,18 @@ class Scores:
     coverage: float  # share of real images with a generated image among their k nearest
     diversity: float  # mean pairwise MS-SSIM of the evaluated images (lower = more diverse)
 
-    COLUMNS = (("FMD", "fmd", 8, ".3f"), ("FD-SSL", "fd_ssl", 8, ".3f"), ("KIDx1e3", "kid", 8, ".2f"),
-               ("prec", "precision", 6, ".3f"), ("recall", "recall", 6, ".3f"), ("dens", "density", 6, ".3f"),
-               ("cover", "coverage", 6, ".3f"), ("MS-SSIM", "diversity", 7, ".4f"))
+    # The table's columns: (JSON key, width, format); a column's header is its key in evaluate's JSON, its value the
+    # JSON's value (KID unscaled). kid_ssl is in the JSON only.
+    COLUMNS = (("fmd", 8, ".3f"), ("fd_ssl", 8, ".3f"), ("kid", 8, ".5f"), ("precision", 9, ".3f"),
+               ("recall", 6, ".3f"), ("density", 7, ".3f"), ("coverage", 8, ".3f"), ("diversity", 9, ".4f"))
 
     @classmethod
     def header(cls) -> str:
-        return " ".join(f"{title:>{width}}" for title, _, width, _ in cls.COLUMNS)
+        return " ".join(f"{key:>{width}}" for key, width, _ in cls.COLUMNS)
 
     def row(self) -> str:
-        values = {**asdict(self), "kid": self.kid * 1000}
-        return " ".join(f"{values[key]:{width}{fmt}}" for _, key, width, fmt in self.COLUMNS)
+        values = asdict(self)
+        return " ".join(f"{values[key]:{width}{fmt}}" for key, width, fmt in self.COLUMNS)
 
 
 class QualityMeter:

@@ -224,12 +224,13 @@ class Tracking:
             return values, step
         return self.wandb_steps.log_values(values, step)
 
-    def log_samples(self, pictures, step: int, columns: Optional[int] = None) -> Path:
-        """Main process: a grid of upright uint8 pictures (``columns`` a row, e.g. one row per class), as PNG in
-        samples/ and to the tracker."""
+    def log_samples(self, pictures, step: int, columns: Optional[int] = None,
+                    labels: Optional[list[str]] = None) -> Path:
+        """Main process: a grid of upright uint8 pictures (``columns`` a row, e.g. one row per class named by
+        ``labels``), as PNG in samples/ and to the tracker."""
         from ..images import image_grid
 
-        grid = image_grid(pictures, columns)
+        grid = image_grid(pictures, columns, labels=labels)
         path = self.records.save_grid(grid, step)
         if self.active:
             self._guard(lambda: self._tracker_image(grid, step), "log sample grid")

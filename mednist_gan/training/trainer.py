@@ -270,8 +270,11 @@ class Trainer:
             labels = () if self.fixed_labels is None else (self.fixed_labels.to(self.acc.device),)
             with torch.no_grad(), self.acc.autocast():
                 images = generator(z, *labels)
-            columns = None if self.fixed_labels is None else max(1, self.cfg.log.num_samples // self.num_classes)
-            self.tracking.log_samples(to_uint8_pictures(images), self.state.step, columns=columns)
+            columns, names = None, None
+            if self.fixed_labels is not None:  # a row per class, named
+                columns = max(1, self.cfg.log.num_samples // self.num_classes)
+                names = [self.cfg.model.classes[int(label)] for label in self.fixed_labels[::columns]]
+            self.tracking.log_samples(to_uint8_pictures(images), self.state.step, columns=columns, labels=names)
 
     def evaluate(self) -> Optional[dict]:
         """Main process: FMD, KID and diversity of the output generator, logged; the best kept in ``best/``."""

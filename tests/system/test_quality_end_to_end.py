@@ -74,9 +74,14 @@ def test_evaluate_command_table_and_json(tmp_path, mednist_root, upstream_weight
                      "--num-samples", "300", "--latent", "both", "--baseline", str(upstream_weights), "--out", str(out),
                      "--blurred", "1.5")
     assert result.returncode == 0, result.stderr
-    assert "real vs real (floor)" in result.stdout and "FMD" in result.stdout
-    assert "real blurred, sigma 1.5" in result.stdout
+    assert "real vs real (floor)" in result.stdout and "real blurred, sigma 1.5" in result.stdout
     data = json.loads(out.read_text())
+    lines = result.stdout.splitlines()
+    header = lines[1].split()  # each column headed by its key in the JSON's rows
+    assert header[:3] == ["name", "latent", "fmd"] and all(set(header) <= set(row) for row in data["rows"])
+    legend = lines[2 + len(data["rows"]):]
+    assert any(line.startswith("real blurred, sigma S") for line in legend)
+    assert any(line.startswith("baseline (--baseline)") for line in legend)
     assert data["num_samples"] == 300 and data["feature_size"] == 320
     names = [(r["name"], r["latent"]) for r in data["rows"]]
     assert names[:2] == [("real vs real (floor)", None), ("real blurred, sigma 1.5", "blurred")]
@@ -104,6 +109,8 @@ def test_evaluate_takes_any_generator_with_the_documented_interface(tmp_path):
     assert result.stderr == ""
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     assert rows[1]["model"] == str(ts) and math.isfinite(rows[1]["fmd"]) and 0 < rows[1]["diversity"] <= 1
+    legend = result.stdout.splitlines()[2 + len(rows):]  # no --blurred, no --baseline: no legend lines for them
+    assert legend and not [line for line in legend if line.startswith(("real blurred", "baseline"))], legend
 
 
 def test_in_training_evaluation_logs_and_keeps_the_best(tmp_path, mednist_root, debug_overrides):
@@ -141,7 +148,7 @@ def test_evaluate_every_class_of_a_conditional_generator(tmp_path, mednist_root)
         assert generated["class_accuracy"] >= 0.98 and floor["class_accuracy"] >= 0.98, block["class"]
         assert generated["memorization_pixels"] > 0.95 and floor["memorization_pixels"] < 0.05, block["class"]
         assert generated["fd_ssl"] < 3 * floor["fd_ssl"] + 1 and generated["precision"] > 0.7, block["class"]
-    assert "class Hand: N = 150" in result.stdout and "memo-px" in result.stdout
+    assert "class Hand: N = 150" in result.stdout and "memorization_pixels" in result.stdout
     # one class at a time, and a class the generator does not make
     hand = run_cli("evaluate", "--model", str(model), "--latent-size", "8", "--real-dir", str(mednist_root),
                    "--class", "Hand", "--num-samples", "150", "--out", str(tmp_path / "hand.json"))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 
 import pytest
 import torch
 
 from mednist_gan.quality.classifier import CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split
-from mednist_gan.quality.evaluate import load_real_images, split_halves
+from mednist_gan.quality.evaluate import NAME_WIDTH, format_table, load_real_images, split_halves
 from mednist_gan.quality.scores import QualityMeter, diversity, fmd
 
 from helpers import REPO, run_cli
@@ -245,8 +246,10 @@ def test_generate_with_a_class_and_no_model_makes_that_class(tmp_path):
             assert (classifier(to_evaluation_pixels(images)).argmax(1) == index).sum() >= 7, name
     from PIL import Image
 
-    with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (8 * 66 + 2, 6 * 66 + 2)  # a row of 8 per class: 64-pixel tiles, 2-pixel borders
+    from mednist_gan.images import label_margin
+
+    with Image.open(tmp_path / "grid.png") as grid:  # a row of 8 per class: 64-pixel tiles, 2-pixel borders,
+        assert grid.size == (label_margin(CLASSES) + 8 * 66 + 2, 6 * 66 + 2)  # after a margin naming the classes
 
 
 # ----------------------------------------------------------------------------- issue #17's six-class targets
@@ -298,3 +301,86 @@ def test_class_diversity_scores_each_class_of_a_conditional_generator(tmp_path, 
     assert all(generated > 0.99 for _, generated, _ in class_diversity(collapsed / "model.pt", mednist_root, 8, 16, 20))
     with pytest.raises(SystemExit, match="not a class-conditional generator"):
         class_diversity(WEIGHTS_FILE.parent / "hand" / "model.pt", mednist_root, 4, 4, 4)
+
+
+# ----------------------------------------------------------------------------- evaluate's table and its legend
+
+def _row(name: str, latent, model=None, memorization=0.01, accuracy=0.99) -> dict:
+    """A row as evaluate's JSON holds it: the same keys, distinct values (KID small, as it is)."""
+    from dataclasses import fields
+
+    from mednist_gan.quality.scores import Scores
+
+    scores = {f.name: round(0.1 * (i + 1), 4) for i, f in enumerate(fields(Scores))}
+    scores.update(kid=0.00123, kid_ssl=0.00456)
+    memorization = None if latent == "blurred" else memorization
+    return {"name": name, "model": model, "latent": latent, **scores, "memorization_pixels": memorization,
+            "memorization_encoder": memorization, "class_accuracy": accuracy,
+            "memorization": {"pixels": {"share": memorization}, "encoder": {"share": memorization}}}
+
+
+def _result(*extra: dict, class_name="Hand", memorization=0.01) -> dict:
+    accuracy = None if class_name is None else 0.99
+    rows = [_row("real vs real (floor)", None, memorization=memorization, accuracy=accuracy), *extra,
+            _row("runs/x/export/mednist_gan.ts", "normal", "runs/x/export/mednist_gan.ts", memorization, accuracy)]
+    return {"seed": 0, "classifier": "shipped", "encoder": "shipped", "feature_size": 320,
+            "memorization_percentile": 1.0, "class": class_name, "num_samples": 100, "real_dir": "sample/Hand",
+            "real_images": 200, "real_diversity": 0.34, "rows": rows}
+
+
+BLURRED = _row("real blurred, sigma 1.5", "blurred")
+BASELINE = [_row("baseline seed.pt", latent, "seed.pt") for latent in ("normal", "uniform")]
+
+
+def _legend(result: dict) -> list[str]:
+    """The lines format_table prints under the table's rows."""
+    return format_table(result).splitlines()[2 + len(result["rows"]):]
+
+
+def test_evaluate_table_columns_are_the_json_keys_and_show_their_values():
+    """One name per measure: each column is headed by its row key in the JSON and shows that value (KID unscaled),
+    '-' for null; the legend names no measure the table does not show (kid_ssl: JSON only)."""
+    result = _result(BLURRED, *BASELINE)
+    lines = format_table(result).splitlines()
+    header = lines[1].split()
+    assert header == ["name", "latent", "fmd", "fd_ssl", "kid", "precision", "recall", "density", "coverage",
+                      "diversity", "memorization_pixels", "memorization_encoder", "class_accuracy"]
+    for row, line in zip(result["rows"], lines[2:]):
+        assert set(header) <= set(row)
+        assert line[:NAME_WIDTH].rstrip() == row["name"][:NAME_WIDTH]
+        cells = line[NAME_WIDTH:].split()
+        assert len(cells) == len(header) - 1, line
+        for key, cell in zip(header[1:], cells):
+            if row[key] is None:
+                assert cell == "-", (key, line)
+            elif isinstance(row[key], str):
+                assert cell == row[key]
+            else:
+                decimals = len(cell.partition(".")[2])
+                assert float(cell) == pytest.approx(row[key], abs=0.51 * 10 ** -decimals), (key, cell, row[key])
+    named = set(re.findall(r"\w+", " ".join(_legend(result)))) & (set(result["rows"][0]) - {"memorization"})
+    assert named <= set(header), named - set(header)  # "memorization" alone is the word, not the JSON dict
+
+
+def test_evaluate_legend_has_lines_only_for_the_rows_and_columns_shown():
+    plain = _legend(_result())  # no --blurred, no --baseline; a class; enough real images for memorization
+    assert not [line for line in plain if line.startswith(("real blurred", "baseline")) or "'-'" in line], plain
+    assert sum(line.startswith("real vs real (floor)") for line in plain) == 1
+    assert sum(line.startswith("class_accuracy:") for line in plain) == 1
+    everything = _legend(_result(BLURRED, *BASELINE))
+    assert [line for line in everything if line not in plain] == [
+        "real blurred, sigma S (--blurred): the floor's real images blurred, a yardstick (memorization '-')",
+        "baseline (--baseline): a generator to compare with, sampled with normal and uniform latents"]
+    # No class: class_accuracy is '-' in every row, and the legend says why instead of what it would be.
+    unclassed = _legend(_result(class_name=None))
+    assert not any(line.startswith("class_accuracy:") for line in unclassed)
+    assert sum(line.startswith("class_accuracy '-'") for line in unclassed) == 1
+    # Too few real images for memorization: its line says what '-' means; a blurred row's own '-' does not need it.
+    assert "; '-': fewer than 101 real images" in _legend(_result(memorization=None))[1]
+    assert "fewer than 101" not in " ".join(_legend(_result(BLURRED)))
+    # Several classes: one legend under all blocks, a line per kind of row in any of them.
+    blocks = [_result(class_name="CXR"), _result(BLURRED, class_name="Hand")]
+    several = {"memorization_percentile": 1.0, "classes": blocks}
+    lines = format_table(several).splitlines()
+    assert lines[-len(_legend(blocks[1])):] == _legend(blocks[1])
+    assert sum(line.startswith("real blurred, sigma S") for line in lines) == 1

@@ -18,6 +18,7 @@ from mednist_gan.data import EpochShuffleSampler, load_labelled_dataset
 from mednist_gan.errors import ConfigError, MednistGanError
 from mednist_gan.generator.generate import generate
 from mednist_gan.generator.loader import open_generator
+from mednist_gan.images import label_margin
 from mednist_gan.training.trainer import Trainer, train
 
 from helpers import CONFIGS, TINY_RESNET, TWO_CLASSES, reset_accelerate, run_cli
@@ -102,7 +103,7 @@ def test_conditional_training_exports_and_generates_every_class(tmp_path, mednis
     trainer = train(_cfg(tmp_path, mednist_root, "train.max_steps=2", "log.num_samples=12", "log.sample_every=1"))
     assert trainer.num_classes == 2 and trainer.state.step == 2
     grid = np.asarray(Image.open(sorted((trainer.run_dir / "samples").glob("*.png"))[-1]))
-    assert grid.shape == (2 * 66 + 2, 6 * 66 + 2)  # a row per class: 12 samples, 6 of each
+    assert grid.shape == (2 * 66 + 2, label_margin(["CXR", "Hand"]) + 6 * 66 + 2)  # a row per class, named
     export = trainer.run_dir / "export"
     record = json.loads((export / "export.json").read_text())
     assert record["classes"] == ["CXR", "Hand"] and "labels" in record["inputs"]
@@ -113,7 +114,8 @@ def test_conditional_training_exports_and_generates_every_class(tmp_path, mednis
         assert len(one) == 3 and all(p.parent.name == "cxr" for p in one)
     every = generate(export / "mednist_gan.pt2", 3, tmp_path / "all", seed=1, class_name="all", grid=tmp_path / "g.png")
     assert sorted({p.parent.name for p in every}) == ["CXR", "Hand"] and len(every) == 6
-    assert np.asarray(Image.open(tmp_path / "g.png")).shape == (2 * 66 + 2, 3 * 66 + 2)  # a row per class
+    margin = label_margin(["CXR", "Hand"])  # a row per class, named on its left
+    assert np.asarray(Image.open(tmp_path / "g.png")).shape == (2 * 66 + 2, margin + 3 * 66 + 2)
     # The label decides the image: the same latents as CXR and as Hand differ (the embedding has trained 2 steps).
     cxr = np.asarray(Image.open(every[0]), dtype=np.int16)
     hand = np.asarray(Image.open([p for p in every if p.parent.name == "Hand"][0]), dtype=np.int16)
