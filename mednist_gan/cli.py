@@ -383,6 +383,8 @@ def _one_line_warnings() -> None:
     from .config import ConfigWarning
 
     default = warnings.showwarning
+    if getattr(default, "one_line", False):  # main() called again in this process
+        return
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, ConfigWarning):
@@ -390,6 +392,7 @@ def _one_line_warnings() -> None:
         else:
             default(message, category, filename, lineno, file, line)
 
+    show.one_line = True
     warnings.showwarning = show
 
 

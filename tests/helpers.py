@@ -49,6 +49,21 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def run_main(*args: str):
+    """``mednist-gan ...`` in this process (no interpreter to start, torch already imported): the exit code and
+    what it printed, as ``run_cli`` returns them. For commands that fail or finish early."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from mednist_gan.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def run_cli_without(packages: tuple[str, ...], *args: str, timeout: int = 600):
     """``run_cli`` as on a machine without ``packages`` (an extra not installed)."""
     import subprocess

@@ -186,6 +186,22 @@ def yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).removesuffix("\n...\n").strip()
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """Mappings as blocks, lists of plain values on one line (``betas: [0.5, 0.999]``)."""
+
+    def represent_list(self, data):
+        flat = all(not isinstance(item, (list, dict)) for item in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_ConfigDumper.add_representer(list, _ConfigDumper.represent_list)
+
+
+def dump_yaml(data: dict) -> str:
+    """A config as the config files are written: block mappings, short lists on one line, keys in order."""
+    return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=120)
+
+
 def describe_fields() -> str:
     """Every key with its default and help, for ``mednist-gan config-help``."""
     lines = []

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 
 from ..errors import ConfigError, MednistGanError
 from .coerce import build_section, clip_text, short_repr
@@ -352,21 +351,12 @@ class Config:
     def to_yaml(self, only_read: bool = False) -> str:
         """Block YAML, short lists on one line, as the config files are written; ``only_read`` leaves out the keys
         of the architecture not chosen."""
+        from .load import dump_yaml  # the loader's module, which reads this one
+
         data = self.to_dict()
         if only_read:
             data["model"] = {k: v for k, v in data["model"].items() if k not in self.model.unread_keys()}
-        return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=120)
-
-
-class _ConfigDumper(yaml.SafeDumper):
-    """Mappings as blocks, lists of plain values on one line (``betas: [0.5, 0.999]``)."""
-
-    def represent_list(self, data):
-        flat = all(not isinstance(item, (list, dict)) for item in data)
-        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
-
-
-_ConfigDumper.add_representer(list, _ConfigDumper.represent_list)
+        return dump_yaml(data)
 
 
 # ----------------------------------------------------------------------------- keys that moved

@@ -161,3 +161,43 @@ def test_a_full_disk_during_export_is_one_line_and_the_earlier_export_stays(expo
     assert_one_line_error(result, f"--out {out}: cannot be created or written (No space left on device)")
     assert file_hashes(out) == before
     assert sorted(p.name for p in small_disk.iterdir()) == ["exp"]
+
+
+def test_a_conditional_generator_exports_to_a_monai_bundle_and_onnx(tmp_path):
+    """A class-conditional generator's MONAI bundle runs with `monai.bundle run` for a chosen class; its ONNX
+    (dynamo exporter) takes 'latents' and 'labels', any batch size, equal in onnxruntime to the eager generator."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import dataclasses
+
+    from mednist_gan.config import ModelConfig
+    from mednist_gan.generator.export import export_generator
+    from mednist_gan.models.networks import build_generator
+
+    cfg = ModelConfig(arch="resnet", latent_size=16, resnet_g_channels=2, resnet_d_channels=2, classes=["CXR", "Hand"])
+    torch.manual_seed(0)
+    G = build_generator(cfg).eval()
+    for module in G.modules():
+        if isinstance(module, torch.nn.Embedding):  # zero at the start: give the labels an effect
+            torch.nn.init.normal_(module.weight)
+    out = export_generator(G, cfg, tmp_path / "export", {"config": {"model": dataclasses.asdict(cfg)}}, onnx=True)
+    # The MONAI bundle folder runs the TorchScript file with MONAI alone, for the class --class_index names.
+    bundle = out / "bundle"
+    pngs = tmp_path / "bundle_out"
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "inferring",
+                           "--config_file", "configs/inference.json", "--meta_file", "configs/metadata.json",
+                           "--bundle_root", ".", "--output_dir", str(pngs), "--num_samples", "2", "--class_index", "1"],
+                          cwd=bundle, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    written = sorted(pngs.glob("*.png"))
+    assert len(written) == 2 and np.asarray(Image.open(written[0])).shape == (64, 64)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["label"]["channel_def"] == {"0": "CXR", "1": "Hand"}
+    session = ort.InferenceSession(str(out / "mednist_gan.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["latents", "labels"]
+    for n in (1, 5):
+        z, labels = torch.randn(n, 16), torch.arange(n) % 2
+        with torch.no_grad():
+            eager = G(z, labels).numpy()
+        got = session.run(None, {"latents": z.numpy(), "labels": labels.numpy()})[0]
+        assert got.shape == (n, 1, 64, 64) and np.abs(got - eager).max() < 1e-5, n

@@ -136,3 +136,10 @@ def test_every_test_the_docs_name_exists():
             if not (REPO / path).is_file():
                 missing.append(f"{doc.relative_to(REPO)}: {path}")
     assert not missing, "tests named in the docs that do not exist there:\n" + "\n".join(missing)
+
+
+def test_the_user_path_stays_short():
+    """The README and the quality guide are read first: at most 10 KB and 12 KB (run history lives in
+    docs/experiments/)."""
+    assert (REPO / "README.md").stat().st_size <= 10 * 1024
+    assert (REPO / "docs" / "quality.md").stat().st_size <= 12 * 1024

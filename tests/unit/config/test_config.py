@@ -14,7 +14,7 @@ from mednist_gan.config import (MAX_YAML_VALUES, Config, ConfigWarning, ModelCon
                                 config_from_record, describe_fields, load_config, plain_folder_name, read_yaml)
 from mednist_gan.errors import CheckpointError, ConfigError
 
-from helpers import CONFIGS, REPO, run_cli
+from helpers import CONFIGS, REPO, run_cli, run_main
 
 ALL_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 
@@ -106,7 +106,7 @@ def _write(path, text: str):
 
 
 def test_cli_dry_run_prints_resolved_config_and_writes_nothing(tmp_path, mednist_root):
-    result = run_cli("train", "--config", str(CONFIGS / "bundle.yaml"), f"data.root={mednist_root}", "train.epochs=5",
+    result = run_main("train", "--config", str(CONFIGS / "bundle.yaml"), f"data.root={mednist_root}", "train.epochs=5",
                      f"run_dir={tmp_path / 'run'}", "--dry-run")
     assert result.returncode == 0, result.stderr
     plan, data, *config = result.stdout.splitlines()
@@ -124,10 +124,10 @@ def test_cli_dry_run_prints_resolved_config_and_writes_nothing(tmp_path, mednist
 
 
 def test_cli_dry_run_shows_only_the_chosen_architecture_and_checks_the_classes(tmp_path, mednist_root):
-    result = run_cli("train", "--config", str(CONFIGS / "resnet.yaml"), f"data.root={mednist_root}", "--dry-run")
+    result = run_main("train", "--config", str(CONFIGS / "resnet.yaml"), f"data.root={mednist_root}", "--dry-run")
     model = yaml.safe_load(result.stdout)["model"]
     assert model["resnet_g_channels"] == 32 and "g_channels" not in model and "d_dropout" not in model
-    result = run_cli("train", "--config", str(CONFIGS / "conditional.yaml"), "--dry-run")  # the sample: Hand only
+    result = run_main("train", "--config", str(CONFIGS / "conditional.yaml"), "--dry-run")  # the sample: Hand only
     assert result.returncode == 2 and result.stdout == "", result.stdout
     assert result.stderr.strip().endswith("no AbdomenCT/ folder with images there (point data.root at the MedNIST "
                                           "folder, or set data.download=true)"), result.stderr

@@ -14,7 +14,7 @@ from mednist_gan.quality.classifier import CARD_JSON, WEIGHTS_FILE, accuracy, lo
 from mednist_gan.quality.evaluate import NAME_WIDTH, format_table, load_real_images, split_halves
 from mednist_gan.quality.scores import QualityMeter, diversity, fmd
 
-from helpers import REPO, run_cli
+from helpers import REPO, run_cli, run_main
 from stand_ins import ForeignGenerator
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # metric_sanity.py and quality_targets.py, imported where used
@@ -91,7 +91,7 @@ def test_diversity_separates_real_images_from_a_collapsed_generator(hands, meter
     (["--blurred", "0"], "--blurred 0: expected Gaussian sigmas > 0"),
 ])
 def test_evaluate_bad_input_is_one_line(tmp_path, upstream_weights, args, message):
-    result = run_cli("evaluate", "--model", str(upstream_weights), "--out", str(tmp_path / "e.json"), *args)
+    result = run_main("evaluate", "--model", str(upstream_weights), "--out", str(tmp_path / "e.json"), *args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -133,7 +133,7 @@ def test_foreign_generators_latent_size_and_interface_are_checked_in_one_line(tm
     (["--usefulness"], "--usefulness: needs class-conditional generators scored on all six classes"),
 ])
 def test_evaluate_per_class_bad_input_is_one_line(tmp_path, mednist_root, upstream_weights, args, message):
-    result = run_cli("evaluate", "--model", str(upstream_weights), "--real-dir", str(mednist_root),
+    result = run_main("evaluate", "--model", str(upstream_weights), "--real-dir", str(mednist_root),
                      "--out", str(tmp_path / "e.json"), *args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr

@@ -13,7 +13,7 @@ from mednist_gan import checkpoint as ckpt
 from mednist_gan.errors import CheckpointError, ConfigError
 from mednist_gan.training.trainer import Trainer, train
 
-from helpers import CONFIGS, checkpoint_weights, debug_config, forget_file_records, run_cli
+from helpers import CONFIGS, checkpoint_weights, debug_config, forget_file_records, run_main
 
 
 def test_debug_run_leaves_a_self_describing_run_dir(debug_overrides, tmp_path):
@@ -106,7 +106,7 @@ def test_fp16_without_gpu_is_refused(debug_overrides):
 
 
 def test_cli_train_on_missing_data_is_one_line(tmp_path):
-    result = run_cli("train", "--config", str(CONFIGS / "debug.yaml"), f"data.root={tmp_path / 'nowhere'}",
+    result = run_main("train", "--config", str(CONFIGS / "debug.yaml"), f"data.root={tmp_path / 'nowhere'}",
                      f"run_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert "nowhere" in result.stderr and "Traceback" not in result.stderr
