@@ -33,6 +33,7 @@ LATEST = "latest"
 META = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
+G_FILE, D_FILE = "model.safetensors", "model_1.safetensors"  # Accelerate saves prepared models in order: G, D
 EMA_FILE = "ema.safetensors"  # the generator's moving-average weights (train.ema_decay), beside Accelerate's files
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint moved aside for a person to inspect (never deleted)
 META_KEYS = ("state", "config", "num_processes", "git_revision", "version", "files")  # what checkpoint.json holds

@@ -202,6 +202,8 @@ class TrainConfig:
     deterministic: bool = documented(False, "torch.use_deterministic_algorithms: bitwise repeatable on one machine")
     detect_anomaly: bool = documented(False, "autograd anomaly detection (slow; debugging only)")
     resume: str = documented("auto", "'auto' = newest complete checkpoint in run_dir, 'none', or a checkpoint path")
+    init_from: Optional[str] = documented(None, "start from these weights with fresh optimizers (fine-tuning): a run "
+                                          "folder or checkpoint (G and D), an export or its model.pt (G)")
     nonfinite: Literal["stop", "skip"] = documented(
         "stop", "a NaN/Inf loss: stop (before any checkpoint holds it) or skip that update (checks every step)")
     collective_timeout_s: int = documented(600, "seconds a process waits for the others in a collective (a dead rank)")

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint import EMA_FILE, META, checkpoints_dir, resolve_with_meta, verify_recorded_sha256
+from ..checkpoint import EMA_FILE, G_FILE, META, checkpoints_dir, resolve_with_meta, verify_recorded_sha256
 from ..config import ModelConfig, check_class_name
 from ..errors import CheckpointError, MednistGanError, first_line
 from ..files import PROVENANCE_FILE
@@ -99,7 +99,7 @@ def _open_checkpoint(path: Path, latent_size: Optional[int]) -> OpenedGenerator:
     model_config = ModelConfig.from_record(meta["config"]["model"], checkpoint / META)
     weights = checkpoint / EMA_FILE
     if not weights.is_file():
-        weights = checkpoint / "model.safetensors"  # Accelerate saves prepared models in order: G first
+        weights = checkpoint / G_FILE
     if not weights.is_file():
         raise CheckpointError(f"{checkpoint}: no generator weights (model.safetensors) in this checkpoint")
     try:

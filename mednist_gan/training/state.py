@@ -74,12 +74,7 @@ def load_checkpoint(accelerator: Accelerator, cfg: Config, path: Path, gan_step:
     and the number of processes that wrote the checkpoint."""
     meta = ckpt.read_meta(path)
     ckpt.verify_safe(path)
-    saved_model = meta.get("config", {}).get("model", {})
-    for key in ModelConfig.architecture_keys():
-        value = getattr(cfg.model, key)
-        if key in saved_model and saved_model[key] != value:
-            raise CheckpointError(f"{path}: trained with model.{key}={saved_model[key]!r}, "
-                                  f"but the config says {value!r}")
+    check_architecture(meta.get("config", {}).get("model", {}), cfg.model, str(path))
     if gan_step.ema is not None and not (path / ckpt.EMA_FILE).is_file():
         raise CheckpointError(f"{path}: has no {ckpt.EMA_FILE}, but the config sets train.ema_decay: "
                               "resume with train.ema_decay=null, or start a new run")
@@ -105,6 +100,40 @@ def load_checkpoint(accelerator: Accelerator, cfg: Config, path: Path, gan_step:
         raise CheckpointError(f"{path}: unreadable checkpoint file "
                               f"({type(exc).__name__}: {first_line(exc, 120)})") from None
     return TrainState(**meta["state"]), meta.get("num_processes")
+
+
+def check_architecture(saved: dict, model: ModelConfig, source: str) -> None:
+    """Weights recorded with ``saved`` (a model config section) fit the networks of ``model``, or one line naming
+    the first key that differs."""
+    for key in ModelConfig.architecture_keys():
+        value = getattr(model, key)
+        if key in saved and saved[key] != value:
+            raise CheckpointError(f"{source}: trained with model.{key}={saved[key]!r}, but the config says {value!r}")
+
+
+def load_initial_weights(cfg: Config, G: torch.nn.Module, D: torch.nn.Module, log: logging.Logger) -> None:
+    """``train.init_from``: G's weights (a checkpoint's moving average when it has one) and, from a training
+    checkpoint, D's; the optimizers and the schedule start afresh. A checkpoint of this run's own, resumed later,
+    replaces them."""
+    from ..generator.loader import CHECKPOINT, WEIGHTS, open_generator
+
+    what = f"train.init_from={cfg.train.init_from}"
+    try:
+        opened = open_generator(Path(cfg.train.init_from))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    if opened.kind not in (CHECKPOINT, WEIGHTS):
+        raise ConfigError(f"{what}: a {opened.kind} holds no weights to train on; name the export's model.pt or "
+                          "folder, or a checkpoint")
+    if opened.model_config is not None:
+        check_architecture(asdict(opened.model_config), cfg.model, what)
+    try:
+        G.load_state_dict(opened.network.state_dict())
+        if opened.kind == CHECKPOINT:
+            D.load_state_dict(load_file(str(opened.source / ckpt.D_FILE)))
+    except RuntimeError as exc:  # shape/key mismatch from load_state_dict
+        raise CheckpointError(f"{what}: does not fit these networks: {first_line(exc)}") from None
+    log.info("starting from the weights of %s (%s)", opened.source, "G and D" if opened.kind == CHECKPOINT else "G")
 
 
 # Keys that name where and how this process runs rather than what it trains.

@@ -39,7 +39,7 @@ from ..runtime.accelerator import (graph_capture, make_accelerator, optimizer_op
                                    prepare_networks)
 from .in_training_eval import InTrainingEvaluation
 from .optim import make_optimizers, make_schedulers
-from .state import load_checkpoint, resume_choice, save_checkpoint, set_aside_damaged
+from .state import load_checkpoint, load_initial_weights, resume_choice, save_checkpoint, set_aside_damaged
 from .step import GanStep, PendingMetrics, per_process_batches
 from .stopping import EndedEarly, Preempted, StopRequest, peers_lost
 from .run_folder import close_log_file, lock_run_dir, open_log_file, setup_logging, unlock_run_dir, write_run_info
@@ -107,7 +107,10 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
         set_seed(cfg.train.seed)  # identical initial weights on every process
-        G, D = prepare_networks(build_generator(cfg.model), build_discriminator(cfg.model), cfg.runtime, acc.device)
+        G, D = build_generator(cfg.model), build_discriminator(cfg.model)
+        if cfg.train.init_from is not None:  # fine-tuning: trained weights, fresh optimizers
+            load_initial_weights(cfg, G, D, self.log)
+        G, D = prepare_networks(G, D, cfg.runtime, acc.device)
         # The moving average starts from the initial weights; one plain module, never wrapped by Accelerate.
         self.ema = None
         if cfg.train.ema_decay is not None:
