@@ -105,6 +105,20 @@ def download_mednist(root: Path, url: str, md5: str) -> None:
         raise DataError(f"data.url={url}: download or verification failed: {reason}") from exc
 
 
+def square_size(path: Path) -> tuple[int, int]:
+    """The (side, side) of a square image file, read from its header; one line for another shape."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be read as an image ({type(exc).__name__})") from None
+    if width != height:
+        raise DataError(f"{path}: {width}x{height}; expected square images")
+    return width, height
+
+
 def list_images(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

@@ -215,10 +215,11 @@ def write_torchscript_bundle(torchscript: Path, bundle_dir: Path, model_cfg: Mod
             else "MedNIST images")
     choose = ("\nA class-conditional generator: `--class_index i` makes class `class_names[i]` "
               f"({', '.join(f'{i} = {c}' for i, c in enumerate(classes))}).\n" if classes else "")
+    side = model_cfg.image_shape[-1]
     readme = f"""# MedNIST generator (mednist-gan, model.arch={model_cfg.arch})
 
 `models/model.ts` is TorchScript: latents (N, {size}) standard normal{" and labels (N,) int64" if classes else ""} ->
-images (N, 1, 64, 64) in [0, 1] (MONAI orientation). MONAI has no such network to build, so this bundle runs the
+images (N, 1, {side}, {side}) in [0, 1] (MONAI orientation). MONAI has no such network to build, so this bundle runs the
 TorchScript file; torch alone loads it (`torch.jit.load`).
 
     python -m monai.bundle run inferring --config_file configs/inference.json \\
@@ -226,7 +227,7 @@ TorchScript file; torch alone loads it (`torch.jit.load`).
 
 writes `num_samples` PNGs to `output_dir`.{choose}
 {_DATA_CREDIT}"""
-    _bundle_files(bundle_dir, model_cfg, f"Generate 64x64 images of {what}",
+    _bundle_files(bundle_dir, model_cfg, f"Generate {side}x{side} images of {what}",
                   f"A {model_cfg.arch} generator trained with mednist-gan, as TorchScript (models/model.ts); latents "
                   "are standard normal; outputs are images in [0, 1].", network, inference, readme, label_input)
     shutil.copyfile(torchscript, bundle_dir / "models" / "model.ts")

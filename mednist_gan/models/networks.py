@@ -20,8 +20,20 @@ from torch.nn.utils.parametrizations import spectral_norm
 from ..config import ModelConfig
 
 # Widths of the residual networks' stages, as multiples of model.resnet_g_channels / resnet_d_channels.
-G_WIDTHS = (16, 8, 4, 2, 1)  # 4x4 -> 8x8 -> 16x16 -> 32x32 -> 64x64
-D_WIDTHS = (1, 2, 4, 8, 16)  # 64x64 -> 32x32 -> 16x16 -> 8x8 -> 4x4
+# The residual networks' widths, multiples of model.resnet_*_channels, by resolution: G's from 4x4 up (one per
+# doubling and the start), D's from the image down to 4x4 (BigGAN's tables: the extra stages of 128 and 256 keep the
+# widest width near 4x4). Up to 64 each size is the tail (G) or head (D) of the 64 table.
+G_WIDTHS = {128: (16, 16, 8, 4, 2, 1), 256: (16, 16, 8, 8, 4, 2, 1)}
+D_WIDTHS = {128: (1, 2, 4, 8, 16), 256: (1, 2, 4, 8, 8, 16)}
+G_WIDTHS_64, D_WIDTHS_64 = (16, 8, 4, 2, 1), (1, 2, 4, 8)  # 4x4 -> ... -> 64x64; 64x64 -> ... -> 8x8 -> 4x4
+
+
+def generator_widths(image_size: int) -> tuple[int, ...]:
+    return G_WIDTHS.get(image_size) or G_WIDTHS_64[len(G_WIDTHS_64) - 1 - _stages(image_size):]
+
+
+def discriminator_widths(image_size: int) -> tuple[int, ...]:
+    return D_WIDTHS.get(image_size) or D_WIDTHS_64[:_stages(image_size)]
 
 
 def build_generator(cfg: ModelConfig, init: bool = True) -> nn.Module:
@@ -112,13 +124,12 @@ class GeneratorBlock(nn.Module):
 
 class ResNetGenerator(nn.Module):
     """Latents (N, L) [and class labels (N,)] -> images (N, 1, S, S) in [0, 1]: a linear layer to 4x4, then one
-    residual up-sampling block per doubling, widths ``channels`` x (16, 8, 4, 2, 1) (the last ones for S = 64)."""
+    residual up-sampling block per doubling, widths ``channels`` x ``generator_widths(S)`` ((16, 8, 4, 2, 1) at 64)."""
 
     def __init__(self, latent_size: int = 128, channels: int = 32, image_size: int = 64, num_classes: int = 0,
                  init: bool = True):
         super().__init__()
-        stages = _stages(image_size)
-        widths = [channels * m for m in G_WIDTHS[len(G_WIDTHS) - 1 - stages:]]
+        widths = [channels * m for m in generator_widths(image_size)]
         self.latent_shape = [latent_size]  # as MONAI's Generator says it (generate reads it)
         self.num_classes = num_classes  # > 0: called as G(latents, labels)
         self.start_channels = widths[0]
@@ -161,9 +172,10 @@ class DiscriminatorBlock(nn.Module):
 
 class ResNetDiscriminator(nn.Module):
     """Images (N, 1, S, S) [and class labels (N,)] -> logits (N, 1): residual down-sampling blocks to 4x4, widths
-    ``channels`` x (1, 2, 4, 8, 16), ReLU, a sum over positions, a linear layer, and with ``num_classes`` > 0 the
-    projection <embed(label), features> (Miyato & Koyama 2018); every layer spectrally normalised, unless
-    ``spectral`` is False (then the gradient penalty, ``train.r1_gamma``, is D's only constraint, as in StyleGAN).
+    ``channels`` x ``discriminator_widths(S)`` ((1, 2, 4, 8) at 64), ReLU, a sum over positions, a linear layer,
+    and with ``num_classes`` > 0 the projection <embed(label), features> (Miyato & Koyama 2018); every layer
+    spectrally normalised, unless ``spectral`` is False (then the gradient penalty, ``train.r1_gamma``, is D's only
+    constraint, as in StyleGAN).
 
     ``mbstd_group`` > 0 appends one feature per image before the linear layer: the standard deviation of the pooled
     features across its group of that many consecutive images, averaged over the features (StyleGAN's minibatch
@@ -174,8 +186,7 @@ class ResNetDiscriminator(nn.Module):
     def __init__(self, channels: int = 32, image_size: int = 64, num_classes: int = 0, init: bool = True,
                  mbstd_group: int = 0, spectral: bool = True):
         super().__init__()
-        stages = _stages(image_size)
-        widths = [1] + [channels * m for m in D_WIDTHS[:stages]]
+        widths = [1] + [channels * m for m in discriminator_widths(image_size)]
         self.mbstd_group = mbstd_group
         self.blocks = nn.Sequential(*[DiscriminatorBlock(a, b, first=i == 0, spectral=spectral)
                                       for i, (a, b) in enumerate(zip(widths, widths[1:]))])

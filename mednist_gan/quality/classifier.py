@@ -82,9 +82,17 @@ def load_classifier(path: Optional[Path] = None) -> MedNISTClassifier:
     return net.eval()
 
 
+EVALUATION_SIZE = 64  # the feature extractors' input (MedNIST's size)
+
+
 def to_evaluation_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] -> what a user gets from a saved PNG: truncated to uint8 levels, back in [0, 1]."""
-    return to_uint8(images).float() / 255
+    """Images in [0, 1] -> what a user gets from a saved PNG (truncated to uint8 levels, back in [0, 1]), at the
+    feature extractors' 64x64: images of another size are scored after area interpolation to it (the mean of each
+    block of pixels for 128 and 256), pixel-space measures included."""
+    pixels = to_uint8(images).float() / 255
+    if tuple(pixels.shape[-2:]) != (EVALUATION_SIZE, EVALUATION_SIZE):
+        pixels = F.interpolate(pixels, size=(EVALUATION_SIZE, EVALUATION_SIZE), mode="area")
+    return pixels
 
 
 def check_class_folders(data_root: Path) -> None:

@@ -22,9 +22,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import metrics
-from .classifier import CLASSES, to_evaluation_pixels
+from .classifier import CLASSES, EVALUATION_SIZE, to_evaluation_pixels
 from .scores import QualityMeter, Scores, blurred
-from ..data import list_images, load_images, scale_intensity
+from ..data import list_images, load_images, scale_intensity, square_size
 from ..errors import MednistGanError, output_error
 from ..files import write_atomic
 from ..generator.generate import make_latents, run_generator
@@ -32,8 +32,10 @@ from ..generator.loader import OpenedGenerator, open_generator
 from ..terminal import progress_bar
 
 def load_real_images(real_dir: Path, cache_dir: Optional[str] = "~/.cache/mednist_gan") -> torch.Tensor:
-    """A folder of real 64x64 images, scaled to [0, 1] as training scales them (MONAI orientation)."""
-    return scale_intensity(load_images(list_images(Path(real_dir)), (64, 64), cache_dir))
+    """A folder of real square images (all of the first one's size), scaled to [0, 1] as training scales them
+    (MONAI orientation)."""
+    files = list_images(Path(real_dir))
+    return scale_intensity(load_images(files, square_size(files[0]), cache_dir))
 
 
 def split_halves(real: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +47,9 @@ def split_halves(real: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, t
 def sample_images(model: Callable[..., torch.Tensor], latent_size: int, n: int, seed: int,
                   latent: str, batch_size: int = 500, device: str | torch.device = "cpu",
                   source: Optional[Path] = None, progress: Optional[str] = None,
-                  label: Optional[int] = None) -> torch.Tensor:
+                  label: Optional[int] = None, size: int = 64) -> torch.Tensor:
     """N images from seeded latents; with ``source`` (the model's file) the output is held to the documented
-    interface, (N, 1, 64, 64), in one line; ``progress`` names a bar shown on a terminal. ``label``: the class
+    interface, (N, 1, size, size), in one line; ``progress`` names a bar shown on a terminal. ``label``: the class
     index for a class-conditional generator, called as ``model(latents, labels)``."""
     latents = make_latents(n, latent_size, seed, latent)
     out = []
@@ -56,7 +58,7 @@ def sample_images(model: Callable[..., torch.Tensor], latent_size: int, n: int, 
             batch = latents[i:i + batch_size].to(device)
             labels = None if label is None else torch.full((len(batch),), label, dtype=torch.long, device=device)
             if source is not None:
-                images = run_generator(model, batch, source, (64, 64), labels)
+                images = run_generator(model, batch, source, (size, size), labels)
             else:
                 images = model(batch) if labels is None else model(batch, labels)
             out.append(images.float().cpu())
@@ -73,11 +75,12 @@ class _Contender:
     latents: tuple[str, ...]
     generator: OpenedGenerator
 
-    def sample(self, n: int, seed: int, latent: str, device: str, class_name: Optional[str],
+    def sample(self, n: int, seed: int, latent: str, device: str, class_name: Optional[str], size: int,
                progress: Optional[str] = None) -> torch.Tensor:
-        """``n`` images of ``class_name`` (None: an unconditional generator's), held to the documented interface."""
+        """``n`` images of ``class_name`` (None: an unconditional generator's), held to the documented interface
+        at the real images' ``size``."""
         return sample_images(self.generator.network, self.generator.latent_size, n, seed, latent, device=device,
-                             source=self.path, progress=progress, label=self.generator.label(class_name))
+                             source=self.path, progress=progress, label=self.generator.label(class_name), size=size)
 
 
 def _open_contenders(models: list[tuple[str, Path, tuple[str, ...]]], classes: list[Optional[str]],
@@ -210,7 +213,8 @@ def _evaluate_class(name: Optional[str], folder: Path, contenders: list[_Contend
         bar.update()
     for contender in contenders:
         for latent in contender.latents:
-            images = contender.sample(n, seed + 1, latent, device, name, progress=f"generate ({latent})")
+            images = contender.sample(n, seed + 1, latent, device, name, real.shape[-1],
+                                      progress=f"generate ({latent})")
             rows.append(row(contender.name, contender, latent, images))
             bar.update()
     return {"class": name, "num_samples": n, "real_dir": str(folder), "real_images": len(real),
@@ -228,7 +232,7 @@ def _usefulness(contenders: list[_Contender], real_root: Path, classes: list[str
     for contender in contenders:
         images, labels = [], []
         for class_name in classes:
-            images.append(contender.sample(per_class, seed + 3, "normal", device, class_name))
+            images.append(contender.sample(per_class, seed + 3, "normal", device, class_name, EVALUATION_SIZE))
             labels.append(torch.full((per_class,), CLASSES.index(class_name)))
         out[contender.name] = metrics.usefulness(torch.cat(images), torch.cat(labels), *split["train"], *split["test"],
                                              seed=seed)

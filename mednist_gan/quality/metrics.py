@@ -206,10 +206,12 @@ def memorization(generated: torch.Tensor, held_out: Optional[torch.Tensor], trai
 # ----------------------------------------------------------------------------- the classifier's view
 
 def _labelled(what: str, name: str, images: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 1, 64, 64) and integer labels (N,) in CLASSES order, or a one-line error."""
-    if not isinstance(images, torch.Tensor) or tuple(images.shape[1:]) != (1, 64, 64) or len(images) == 0:
+    """Images (N, 1, S, S) and integer labels (N,) in CLASSES order, or a one-line error."""
+    square = isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1 \
+        and images.shape[2] == images.shape[3]
+    if not square or len(images) == 0:
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise MednistGanError(f"{what}: {name} images must be a tensor (N, 1, 64, 64) with N >= 1, got {got}")
+        raise MednistGanError(f"{what}: {name} images must be a tensor (N, 1, S, S) with N >= 1, got {got}")
     labels = torch.as_tensor(labels)
     if labels.shape != (len(images),) or labels.is_floating_point() or labels.is_complex():
         raise MednistGanError(f"{what}: {name} labels must be {len(images)} integers (one per image), "

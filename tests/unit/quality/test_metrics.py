@@ -182,7 +182,7 @@ label = torch.tensor([0, 1, 2, 3])
     (lambda: memorization(points, points, points),
      "memorization: held_out has 10 rows; percentile=1 needs at least 100"),
     (lambda: memorization(points, points, points, percentile=0), r"percentile must be in \(0, 100\), got 0"),
-    (lambda: class_accuracy(torch.rand(4, 64, 64), label), r"images must be a tensor \(N, 1, 64, 64\)"),
+    (lambda: class_accuracy(torch.rand(4, 64, 64), label), r"images must be a tensor \(N, 1, S, S\)"),
     (lambda: class_accuracy(image, torch.tensor([0, 1, 2, 6])), "labels must be class indices 0-5"),
     (lambda: class_accuracy(image, label[:3]), "labels must be 4 integers"),
     (lambda: usefulness(image, label, image, label, image, torch.tensor([4, 4, 4, 5])),

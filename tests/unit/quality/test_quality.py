@@ -7,9 +7,11 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from mednist_gan.errors import MednistGanError
 from mednist_gan.quality.classifier import CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split
 from mednist_gan.quality.evaluate import NAME_WIDTH, format_table, load_real_images, split_halves
 from mednist_gan.quality.scores import QualityMeter, diversity, fmd
@@ -384,3 +386,24 @@ def test_evaluate_legend_has_lines_only_for_the_rows_and_columns_shown():
     lines = format_table(several).splitlines()
     assert lines[-len(_legend(blocks[1])):] == _legend(blocks[1])
     assert sum(line.startswith("real blurred, sigma S") for line in lines) == 1
+
+
+def test_images_of_another_size_are_scored_at_64_after_area_interpolation(tmp_path):
+    from PIL import Image
+
+    from mednist_gan.images import to_uint8
+    from mednist_gan.quality.classifier import to_evaluation_pixels
+
+    images = torch.rand(3, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    levels = to_uint8(images).double() / 255  # what a saved PNG holds
+    blocks = levels.reshape(3, 1, 64, 2, 64, 2).mean(dim=(3, 5))  # each 2x2 block's mean
+    assert torch.allclose(to_evaluation_pixels(images).double(), blocks, atol=1e-6)
+    assert to_evaluation_pixels(images[:, :, :64, :64]).shape == (3, 1, 64, 64)
+    folder = tmp_path / "Hand"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((128, 128), 40 * (i + 1), np.uint8)).save(folder / f"{i}.png")
+    assert load_real_images(folder, None).shape == (2, 1, 128, 128)
+    Image.fromarray(np.zeros((128, 96), np.uint8)).save(folder / "0.png")
+    with pytest.raises(MednistGanError, match=r"0.png: 96x128; expected square images"):
+        load_real_images(folder, None)
