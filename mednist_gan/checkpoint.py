@@ -46,6 +46,10 @@ class TrainState:
     step: int = 0  # iterations completed
     epoch: int = 0  # epoch in progress
     batch_in_epoch: int = 0  # batches of that epoch already consumed
+    # ADA's state (train.d_augment=ada), copied from and back into the step's AdaptiveProbability
+    augment_p: float = 0.0  # the probability of each augmentation
+    ada_signs: float = 0.0  # the sum of D's mean sign on real images over the iterations since its last adjustment
+    ada_count: int = 0  # those iterations
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

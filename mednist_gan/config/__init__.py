@@ -6,8 +6,9 @@ Precedence: dataclass defaults < YAML file (and the files it names as ``base``) 
 
 from .coerce import YAML_BOOL_WORDS
 from .load import MAX_YAML_BYTES, MAX_YAML_VALUES, StrictLoader, describe_fields, load_config, read_yaml
-from .schema import (FOLDER_NAME_RULE, LEGACY_KEYS, MAX_SEED, MEDNIST_CLASSES, MEDNIST_MD5, MEDNIST_URL,
-                     CheckpointConfig, Config, ConfigWarning, DataConfig, EvalConfig, ExportConfig, LogConfig,
+from .legacy import LEGACY_KEYS, ConfigWarning
+from .schema import (FOLDER_NAME_RULE, MAX_SEED, MEDNIST_CLASSES, MEDNIST_MD5, MEDNIST_URL,
+                     CheckpointConfig, Config, DataConfig, EvalConfig, ExportConfig, LogConfig,
                      ModelConfig, OptimConfig, RuntimeConfig, TrainConfig, check_class_name, config_from_record,
                      plain_folder_name)
 

@@ -15,7 +15,8 @@ import yaml
 
 from ..errors import ConfigError
 from .coerce import YAML_BOOL_WORDS, build_section, clip_text, short_repr
-from .schema import LEGACY_KEYS, Config, move_legacy_key, move_legacy_keys
+from .legacy import LEGACY_KEYS, move_legacy_key, move_legacy_keys
+from .schema import Config
 
 MAX_YAML_BYTES = 1 << 20  # a config or sweep file is a few KiB
 MAX_YAML_VALUES = 100_000  # values a YAML document may stand for, each use of an alias counted again

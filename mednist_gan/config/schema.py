@@ -1,5 +1,5 @@
-"""The config's sections: frozen dataclasses whose fields carry a one-line help, each section's checks, the keys
-that moved (``LEGACY_KEYS``), and configs read back from records (checkpoint.json, export.json).
+"""The config's sections: frozen dataclasses whose fields carry a one-line help, each section's checks, and configs
+read back from records (checkpoint.json, export.json); the keys that moved are in ``legacy.py``.
 
 Precedence: dataclass defaults < YAML file (and the files it names as ``base``) < ``key=value`` arguments
 (``load.load_config``). Every field is documented once, here; longer explanations are in docs/.
@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 
 from ..errors import ConfigError, MednistGanError
 from .coerce import build_section, clip_text, short_repr
+from .legacy import LEGACY_KEYS, ConfigWarning, move_legacy_keys
 
 MEDNIST_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/MedNIST.tar.gz"
 MEDNIST_MD5 = "0bc7306e7427e00ad1c5526a6677552d"
@@ -197,6 +198,12 @@ class TrainConfig:
     ema_decay: Optional[float] = documented(
         None, "moving average of the generator's weights, used by samples, evaluation and export; null = off")
     ema_warmup: bool = documented(False, "EMA decay min(ema_decay, (1 + t) / (10 + t)) at the t-th generator update")
+    d_augment: Literal["none", "diffaugment", "ada"] = documented(
+        "none", "augment every image D sees, real and generated (small data): 'diffaugment' always, 'ada' with an "
+        "adaptive probability (docs/training.md)")
+    ada_target: float = documented(0.6, "ADA: the E[sign D(real)] its probability steers to (StyleGAN2-ADA's 0.6)")
+    ada_images: int = documented(500_000, "ADA: images shown over which its probability can move from 0 to 1")
+    ada_interval: int = documented(4, "ADA: iterations between adjustments of its probability")
     precision: Literal["no", "fp16", "bf16"] = documented("no", "mixed precision handed to Accelerate")
     seed: int = documented(0, "seed of weights, shuffling, latents and augmentation; dropout uses seed + process index")
     deterministic: bool = documented(False, "torch.use_deterministic_algorithms: bitwise repeatable on one machine")
@@ -224,6 +231,9 @@ class TrainConfig:
                  "a number in (0, 1) or null")
         _require(self.collective_timeout_s >= 1, "train.collective_timeout_s", self.collective_timeout_s,
                  "an integer >= 1")
+        _require(0.0 < self.ada_target < 1.0, "train.ada_target", self.ada_target, "a number in (0, 1)")
+        _require(self.ada_images >= 1, "train.ada_images", self.ada_images, "an integer >= 1")
+        _require(self.ada_interval >= 1, "train.ada_interval", self.ada_interval, "an integer >= 1")
         _require(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"an integer in 0..{MAX_SEED}")
 
 
@@ -359,48 +369,6 @@ class Config:
         if only_read:
             data["model"] = {k: v for k, v in data["model"].items() if k not in self.model.unread_keys()}
         return dump_yaml(data)
-
-
-# ----------------------------------------------------------------------------- keys that moved
-
-# Keys that moved (new place) or were removed (None). Config files and overrides that use them still load,
-# with a warning; checkpoints that recorded them still resume and export (``ModelConfig.from_record``).
-LEGACY_KEYS: dict[str, Optional[str]] = {
-    "model.cpu_mask_dropout": "runtime.cpu_mask_dropout",
-    "model.cpu_phase_split": None,  # gained under 3% end to end (docs/benchmarks.md)
-    "train.channels_last": "runtime.channels_last",
-    "train.num_threads": "runtime.num_threads",
-    "train.keep_host_memory": "runtime.keep_host_memory",
-    "data.class_name": "data.classes",  # one class name -> a list of one
-    "train.log_every": "log.every_steps",  # beside the other cadences: log.sample_every, eval.every_steps, ...
-    "optim.foreach": "runtime.foreach",  # how Adam computes its update, not what it is
-}
-
-
-class ConfigWarning(UserWarning):
-    """A config that still loads but should be updated."""
-
-
-def move_legacy_key(old: str, value: Any) -> Optional[tuple[str, Any]]:
-    """Where a moved key's value goes now (with a warning), or None for a removed key."""
-    new = LEGACY_KEYS[old]
-    if new is None:
-        warnings.warn(f"config key {old} was removed (it changed nothing but speed); ignoring it", ConfigWarning, 3)
-        return None
-    warnings.warn(f"config key {old} is now {new}; please rename it", ConfigWarning, 3)
-    return new, [value] if new == "data.classes" and isinstance(value, str) else value
-
-
-def move_legacy_keys(data: dict) -> None:
-    """Moved keys of one config file to their new place (a file that also sets the new key keeps its value)."""
-    for old in LEGACY_KEYS:
-        section, key = old.split(".")
-        if not isinstance(data.get(section), dict) or key not in data[section]:
-            continue
-        moved = move_legacy_key(old, data[section].pop(key))
-        if moved is not None:
-            new_section, new_key = moved[0].split(".")
-            data.setdefault(new_section, {}).setdefault(new_key, moved[1])
 
 
 # ----------------------------------------------------------------------------- class folder names

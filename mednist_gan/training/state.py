@@ -52,8 +52,9 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, state: TrainState, ga
                 save_file(weights, tmp / ckpt.EMA_FILE)
         crash_point("save", step)
         acc.wait_for_everyone()
+        adaptive = {} if gan_step.ada is None else gan_step.ada.state(acc)  # every process: a collective
         if acc.is_main_process:
-            meta = {"state": asdict(state), "num_processes": acc.num_processes,
+            meta = {"state": {**asdict(state), **adaptive}, "num_processes": acc.num_processes,
                     "config": cfg.to_dict(), "git_revision": git_revision}
             final = ckpt.publish(run_dir, tmp, step, meta, cfg.checkpoint.keep)
             log.info("checkpoint saved: %s", final)
@@ -99,6 +100,8 @@ def load_checkpoint(accelerator: Accelerator, cfg: Config, path: Path, gan_step:
     except Exception as exc:  # verify() passed, so only a checkpoint of another kind gets here
         raise CheckpointError(f"{path}: unreadable checkpoint file "
                               f"({type(exc).__name__}: {first_line(exc, 120)})") from None
+    if gan_step.ada is not None:
+        gan_step.ada.restore(meta["state"])
     return TrainState(**meta["state"]), meta.get("num_processes")
 
 

@@ -4,7 +4,8 @@ One iteration has the semantics of ``monai.engines.GanTrainer`` as the seed bund
 one fake batch from fresh latents; ``d_train_steps`` discriminator updates on those same real and (detached) fake
 images; then ``g_train_steps`` generator updates, each on fresh latents. Options beyond the bundle, all off in its
 recipe: loss variants, a lazy R1 penalty (every ``r1_every``-th D update, scaled by ``r1_every``), per-phase batch
-sizes, the mode-seeking term, an EMA of the generator's weights, class-conditional networks.
+sizes, the mode-seeking term, an EMA of the generator's weights, class-conditional networks, augmentation of what D
+sees (``d_augment.py``).
 
 Reading order: ``GanStep.run`` (one iteration), then its two phases, ``discriminator_phase`` and
 ``generator_phase``: each a plain function of tensors, which ``run`` calls once through ``run_phase``. How the
@@ -38,6 +39,7 @@ from ..errors import ConfigError, TrainingError
 from ..models.losses import discriminator_loss, generator_loss, mode_seeking_penalty, r1_penalty
 from ..runtime.accelerator import compiled_forwards, memory_format
 from ..runtime.cuda_graphs import Phase, PhaseGraphs
+from .d_augment import AdaptiveProbability, augment, draw
 
 AUGMENT_SEED_OFFSET = 3_000_017
 Metrics = dict[str, torch.Tensor]
@@ -94,6 +96,10 @@ class GanStep:
         weights = cfg.data.sampling_weights
         self.label_weights = None if weights is None else torch.tensor(weights, device=device)
         self.augment_rng = torch.Generator(device=device).manual_seed(cfg.train.seed + AUGMENT_SEED_OFFSET)
+        # Augmenting what D sees (train.d_augment): always (DiffAugment), or with ADA's adaptive probability.
+        self.d_augment = cfg.train.d_augment != "none"
+        self.ada = (AdaptiveProbability(cfg.train.ada_target, cfg.train.ada_images, cfg.train.batch_size, device)
+                    if cfg.train.d_augment == "ada" else None)
         self.skipped_updates = 0  # updates dropped for a non-finite loss (train.nonfinite=skip)
         self.iteration = 0  # the index (from 0) of the iteration running, for the log
         self.lr_used: Optional[tuple] = None  # the learning rates (G, D) of the last iteration
@@ -123,6 +129,11 @@ class GanStep:
             y = torch.multinomial(self.label_weights, draws, replacement=True, generator=self.latent_rng)
         return (y.repeat_interleave(2) if pairs else y)[self.process_slice(n)]
 
+    def sample_d_augment(self, n: int, size: int) -> torch.Tensor:
+        """Augmentation parameters for ``n`` images per process (``d_augment.draw``), at ADA's current probability."""
+        p = 1.0 if self.ada is None else self.ada.p
+        return draw(n * self.acc.num_processes, size, p, self.acc.device, self.augment_rng)[self.process_slice(n)]
+
     def real_labels(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
         """The class labels of a batch of image indices (None: unconditional)."""
         return self.device_labels[indices] if self.num_classes else None
@@ -147,14 +158,25 @@ class GanStep:
         first = step * train.d_train_steps  # which D updates carry R1 counts over the whole run
         with_r1 = tuple(train.r1_gamma > 0 and (first + i) % train.r1_every == 0 for i in range(train.d_train_steps))
         z = self.sample_latents(self.d_batch)
-        conditions = () if labels is None else (labels, self.sample_labels(self.d_batch))
-        d_metrics = self.run_phase(("d", with_r1), partial(self.discriminator_phase, with_r1), real, z, *conditions)
+        inputs = {"real": real, "z": z}
+        if labels is not None:
+            inputs.update(real_labels=labels, fake_labels=self.sample_labels(self.d_batch))
+        if self.d_augment:
+            size = real.shape[-1]
+            inputs.update(real_aug=self.sample_d_augment(len(real), size),
+                          fake_aug=self.sample_d_augment(self.d_batch, size))
+        d_metrics = self.run_phase(("d", with_r1), partial(self.discriminator_phase, with_r1), **inputs)
+        if self.ada is not None:
+            self.ada.observe(d_metrics.pop("d_real_sign"))
         g_metrics = []
         for j in range(train.g_train_steps):
             skipped = self.skipped_updates
-            z = self.sample_latents(self.g_batch)
-            conditions = () if labels is None else (self.sample_labels(self.g_batch, train.mode_seeking > 0),)
-            g_metrics.append(self.run_phase(("g",), self.generator_phase, z, *conditions))
+            inputs = {"z": self.sample_latents(self.g_batch)}
+            if labels is not None:
+                inputs["labels"] = self.sample_labels(self.g_batch, train.mode_seeking > 0)
+            if self.d_augment:
+                inputs["fake_aug"] = self.sample_d_augment(self.g_batch, real.shape[-1])
+            g_metrics.append(self.run_phase(("g",), self.generator_phase, **inputs))
             if self.skipped_updates == skipped:
                 self.update_ema(step * train.g_train_steps + j)
         # The rates this iteration used (a capturable optimizer's are tensors, which the schedulers refill in place).
@@ -163,24 +185,42 @@ class GanStep:
         for scheduler in self.schedulers:
             scheduler.step()
         g_metrics = {key: torch.stack([m[key] for m in g_metrics]).mean() for key in g_metrics[0]}
-        return {"loss_d": d_metrics.pop("loss_d"), "loss_g": g_metrics.pop("loss_g"), **d_metrics, **g_metrics}
+        metrics = {"loss_d": d_metrics.pop("loss_d"), "loss_g": g_metrics.pop("loss_g"), **d_metrics, **g_metrics}
+        if self.d_augment:
+            metrics.update(self.augment_metrics(step))
+        return metrics
 
-    def run_phase(self, key: tuple, phase: Phase, *inputs: torch.Tensor) -> Metrics:
-        """``phase(*inputs)``: eagerly, or replayed as the CUDA graph captured for ``key`` and these input shapes."""
-        return self.graphs(key, phase, *inputs)
+    def augment_metrics(self, step: int) -> Metrics:
+        """The augmentation probability this iteration used; with ADA its r_t (0 before the first adjustment),
+        adjusted every ``train.ada_interval`` iterations."""
+        if self.ada is None:
+            return {"augment_p": torch.ones((), device=self.acc.device)}
+        used = torch.tensor(self.ada.p, device=self.acc.device)
+        if (step + 1) % self.train_cfg.ada_interval == 0:
+            self.ada.adjust(self.acc)
+        return {"augment_p": used, "ada_r_t": torch.tensor(self.ada.r_t, device=self.acc.device)}
+
+    def run_phase(self, key: tuple, phase: Phase, **inputs: torch.Tensor) -> Metrics:
+        """``phase(**inputs)``: eagerly, or replayed as the CUDA graph captured for ``key`` and these input shapes."""
+        names = tuple(inputs)
+        return self.graphs(key, lambda *values: phase(**dict(zip(names, values))), *inputs.values())
 
     def discriminator_phase(self, with_r1: tuple[bool, ...], real: torch.Tensor, z: torch.Tensor,
-                            real_labels: Optional[torch.Tensor] = None,
-                            fake_labels: Optional[torch.Tensor] = None) -> Metrics:
-        """One update of D per entry of ``with_r1`` (True: with the R1 penalty), all on ``real`` and one fake batch."""
+                            real_labels: Optional[torch.Tensor] = None, fake_labels: Optional[torch.Tensor] = None,
+                            real_aug: Optional[torch.Tensor] = None,
+                            fake_aug: Optional[torch.Tensor] = None) -> Metrics:
+        """One update of D per entry of ``with_r1`` (True: with the R1 penalty), all on ``real`` and one fake batch,
+        each seen through its augmentation when given (R1 differentiates by the images before it, as ADA does)."""
         train = self.train_cfg
         with torch.no_grad():  # D only ever sees the fake batch detached: it needs no graph
             fake = self.fake_images(z, fake_labels)
+            fake = fake if fake_aug is None else augment(fake, fake_aug)
         d_losses, r1_values = [], []
         for r1_now in with_r1:
             self.opt_d.zero_grad(set_to_none=True)
             real_in = real.detach().requires_grad_(True) if r1_now else real
-            real_logits = self.discriminate(real_in, real_labels, differentiable_twice=r1_now)
+            seen = real_in if real_aug is None else augment(real_in, real_aug)
+            real_logits = self.discriminate(seen, real_labels, differentiable_twice=r1_now)
             fake_logits = self.discriminate(fake, fake_labels)
             loss_d = total_d = discriminator_loss(real_logits, fake_logits, train.loss)
             if r1_now:
@@ -199,16 +239,20 @@ class GanStep:
         }
         if train.r1_gamma > 0:  # NaN on iterations without an R1 update would poison the average: 0 there
             metrics["r1"] = torch.stack(r1_values).mean() if r1_values else torch.zeros((), device=self.acc.device)
+        if self.ada is not None:  # ADA's overfitting signal, E[sign D(real)]
+            metrics["d_real_sign"] = torch.sign(real_logits.detach().float()).mean()
         return metrics
 
-    def generator_phase(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Metrics:
-        """One update of G on latents ``z`` (and labels); D's parameters need no gradient, and D's DDP wrapper must
-        not wait for one."""
+    def generator_phase(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                        fake_aug: Optional[torch.Tensor] = None) -> Metrics:
+        """One update of G on latents ``z`` (and labels), D seeing the images through their augmentation when given;
+        D's parameters need no gradient, and D's DDP wrapper must not wait for one."""
         train = self.train_cfg
         self.opt_g.zero_grad(set_to_none=True)
         with frozen(self.D), self.acc.no_sync(self.D):
             fake = self.fake_images(z, labels)
-            loss_g = total_g = generator_loss(self.discriminate(fake, labels), train.loss)
+            seen = fake if fake_aug is None else augment(fake, fake_aug)
+            loss_g = total_g = generator_loss(self.discriminate(seen, labels), train.loss)
             if train.mode_seeking:
                 mode_seeking = mode_seeking_penalty(fake, z)
                 total_g = loss_g + train.mode_seeking * mode_seeking

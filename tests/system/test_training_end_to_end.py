@@ -71,6 +71,24 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, mednist_
         assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
+def test_resume_with_ada_continues_its_probability_exactly(tmp_path, mednist_root):
+    """ADA stopped between two adjustments (step 6 of intervals of 4) and resumed moves p and trains as one run."""
+    common = [f"data.root={mednist_root}", f"data.cache_dir={tmp_path / 'cache'}", "data.limit=16",
+              "train.batch_size=8", "train.epochs=12", "export.at_end=false", "checkpoint.every_steps=null",
+              "train.d_augment=ada", "train.ada_images=64", "train.d_train_steps=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = train(load_config(CONFIGS / "debug.yaml", [*common, f"run_dir={straight}", "train.max_steps=12"]))
+    train(load_config(CONFIGS / "debug.yaml", [*common, f"run_dir={resumed}", "train.max_steps=6"]))
+    assert ckpt.read_meta(ckpt.find_latest(resumed))["state"]["ada_count"] == 2  # mid-interval
+    second = train(load_config(CONFIGS / "debug.yaml", [*common, f"run_dir={resumed}", "train.max_steps=12"]))
+    assert second.gan_step.ada.p == first.gan_step.ada.p > 0
+    a, b = checkpoint_weights(ckpt.find_latest(straight)), checkpoint_weights(ckpt.find_latest(resumed))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    rows = [[json.loads(line)["augment_p"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (straight, resumed)]
+    assert rows[0] == rows[1]
+
+
 def test_checkpoint_from_before_the_augmentation_stream_still_resumes(debug_overrides, tmp_path):
     """Checkpoints written before augmentation had its own generator (no augment_rng.pt) resume, and say so."""
     train(debug_config(debug_overrides, "export.at_end=false", "train.max_steps=2"))
