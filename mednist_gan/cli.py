@@ -11,6 +11,7 @@
     mednist-gan sweep-report configs/sweeps/quality.yaml   # leaderboard, importances, history, best generator
     mednist-gan config-help                      # every config key with its default and meaning
     mednist-gan cache [--clear]                  # the decoded-image cache: its size, or empty it
+    mednist-gan prepare-data SRC DST --size 64   # your own images (PNG, TIFF, DICOM) as a training set
 
 Errors caused by input (config, data, checkpoints, arguments) print one line and exit with 2;
 training failures (a non-finite loss, a lost process, a failed save) print one line and exit with 1;
@@ -168,11 +169,24 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config-help", help="list every config key with its default and meaning")
 
+    prep = sub.add_parser("prepare-data", help="check a folder of your own images (one folder per class: PNG, JPEG, "
+                                               "TIFF, DICOM), report it and write it as square 8-bit PNGs to train on")
+    prep.add_argument("src", type=Path, help="the folder of class folders")
+    prep.add_argument("dst", type=Path, help="where the prepared set goes: a new or empty folder (then data.root)")
+    prep.add_argument("--size", type=int, default=64, help="side of the square images (the model's image_shape)")
+    prep.add_argument("--resize", choices=("center-crop", "pad", "stretch"), default="center-crop",
+                      help="how images of another shape reach the size")
+    prep.add_argument("--interpolation", choices=("area", "bilinear", "bicubic", "nearest"), default="area",
+                      help="how pixels are resampled")
+    prep.add_argument("--window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                      help="map LOW..HIGH to black..white (e.g. -1000 1000 Hounsfield units for CT); default: each "
+                           "image from its minimum to its maximum")
+
     cache = sub.add_parser("cache", help="the decoded-image cache (data.cache_dir): its size, or --clear to empty it")
     cache.add_argument("--dir", type=Path, default=Path(DataConfig.cache_dir), help="the cache folder")
     cache.add_argument("--clear", action="store_true", help="remove its decoded image sets (nothing else there)")
 
-    for p in (parser, train, export, generate, evaluate, train_classifier, train_encoder, sw, rep):
+    for p in (parser, train, export, generate, evaluate, train_classifier, train_encoder, sw, rep, prep):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     for p in (parser, *sub.choices.values()):
         p.formatter_class = _HelpWithDefaults
@@ -356,6 +370,15 @@ def _config_help(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    from .prepare import format_report, prepare_data
+
+    report = prepare_data(args.src, args.dst, args.size, args.resize, args.interpolation,
+                          tuple(args.window) if args.window else None)
+    print(format_report(report, args.dst))
+    return 0
+
+
 def _cache(args: argparse.Namespace) -> int:
     from .data import cache_entries
 
@@ -373,7 +396,8 @@ def _cache(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": _train, "export": _export, "generate": _generate, "evaluate": _evaluate,
             "train-classifier": _train_feature_extractor, "train-encoder": _train_feature_extractor, "sweep": _sweep,
-            "sweep-report": _sweep_report, "config-help": _config_help, "cache": _cache}
+            "sweep-report": _sweep_report, "config-help": _config_help, "cache": _cache,
+            "prepare-data": _prepare_data}
 
 
 def _one_line_warnings() -> None:
