@@ -11,6 +11,7 @@ are refused, naming the file and the mode.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -148,15 +149,34 @@ def _to_grey(image):
     raise _NotGrey(f"mode {image.mode}")
 
 
+@functools.lru_cache(maxsize=1)
+def _image_loader():
+    """MONAI's LoadImage with the PIL reader (made grey by ``_to_grey``), built once: building one sets up every
+    reader MONAI has (with pydicom installed, its GPU DICOM plugin, which warns that it is missing a GPU)."""
+    import warnings
+
+    from monai.data import PILReader
+    from monai.transforms import LoadImage
+
+    reader = PILReader(converter=_to_grey)
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level, plugin_log.level = plugin_log.level, logging.ERROR
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+            return LoadImage(reader=reader, image_only=True), reader
+    finally:
+        plugin_log.setLevel(level)
+
+
 def _decode(path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     """One image as MONAI reads it: LoadImage (PIL reader, made grey by ``_to_grey``) then channel first;
     uint8 (1, H, W)."""
-    from monai.data import PILReader
-    from monai.transforms import EnsureChannelFirst, LoadImage
+    from monai.transforms import EnsureChannelFirst
 
-    reader = PILReader(converter=_to_grey)
+    load, reader = _image_loader()
     try:  # passed at call time, the reader's own errors (_NotGrey) reach us unwrapped
-        image = LoadImage(reader=reader, image_only=True)(str(path), reader=reader)
+        image = load(str(path), reader=reader)
     except _NotGrey as exc:
         raise DataError(f"{path}: expected a single-channel (grayscale) image, got {exc}") from None
     except Exception as exc:

@@ -129,6 +129,11 @@ class ModelConfig:
     def architecture_keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.metadata.get("architecture")]
 
+    @classmethod
+    def generator_keys(cls) -> list[str]:
+        """The architecture keys G's weights depend on (an export's model.pt holds G alone)."""
+        return [k for k in cls.architecture_keys() if not k.startswith(("d_", "resnet_d_", "resnet_mbstd"))]
+
     def unread_keys(self) -> set[str]:
         """The keys of the other ``arch``'s networks, which this one does not read."""
         monai = {"start_shape", "g_channels", "g_strides", "d_channels", "d_strides", "d_num_res_units",

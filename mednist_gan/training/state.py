@@ -23,7 +23,7 @@ from .. import checkpoint as ckpt
 from ..checkpoint import TrainState
 from ..config import Config, ModelConfig
 from ..errors import CheckpointError, ConfigError, TrainingError, first_line
-from ..files import write_atomic
+from ..files import PROVENANCE_FILE, write_atomic
 from .optim import keep_run_options
 from .step import GanStep
 from .stopping import crash_point, write_failure
@@ -105,10 +105,10 @@ def load_checkpoint(accelerator: Accelerator, cfg: Config, path: Path, gan_step:
     return TrainState(**meta["state"]), meta.get("num_processes")
 
 
-def check_architecture(saved: dict, model: ModelConfig, source: str) -> None:
-    """Weights recorded with ``saved`` (a model config section) fit the networks of ``model``, or one line naming
-    the first key that differs."""
-    for key in ModelConfig.architecture_keys():
+def check_architecture(saved: dict, model: ModelConfig, source: str, generator_only: bool = False) -> None:
+    """Weights recorded with ``saved`` (a model config section) fit the networks of ``model`` (with
+    ``generator_only``, G's), or one line naming the first key that differs."""
+    for key in ModelConfig.generator_keys() if generator_only else ModelConfig.architecture_keys():
         value = getattr(model, key)
         if key in saved and saved[key] != value:
             raise CheckpointError(f"{source}: trained with model.{key}={saved[key]!r}, but the config says {value!r}")
@@ -118,18 +118,20 @@ def load_initial_weights(cfg: Config, G: torch.nn.Module, D: torch.nn.Module, lo
     """``train.init_from``: G's weights (a checkpoint's moving average when it has one) and, from a training
     checkpoint, D's; the optimizers and the schedule start afresh. A checkpoint of this run's own, resumed later,
     replaces them."""
-    from ..generator.loader import CHECKPOINT, WEIGHTS, open_generator
+    from ..generator.loader import CHECKPOINT, MODEL_FILE, WEIGHTS, is_training_checkpoint, open_generator
 
-    what = f"train.init_from={cfg.train.init_from}"
+    what, source = f"train.init_from={cfg.train.init_from}", Path(cfg.train.init_from)
+    if source.is_dir() and (source / PROVENANCE_FILE).is_file() and not is_training_checkpoint(source):
+        source = source / MODEL_FILE  # an export folder: its weights, not the TorchScript file it runs by
     try:
-        opened = open_generator(Path(cfg.train.init_from))
+        opened = open_generator(source)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
     if opened.kind not in (CHECKPOINT, WEIGHTS):
         raise ConfigError(f"{what}: a {opened.kind} holds no weights to train on; name the export's model.pt or "
                           "folder, or a checkpoint")
     if opened.model_config is not None:
-        check_architecture(asdict(opened.model_config), cfg.model, what)
+        check_architecture(asdict(opened.model_config), cfg.model, what, generator_only=opened.kind == WEIGHTS)
     try:
         G.load_state_dict(opened.network.state_dict())
         if opened.kind == CHECKPOINT:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.errors import CheckpointError, ConfigError
 
-from helpers import small_trainer
+from helpers import REPO, small_trainer
 
 
 def same(a: dict, b: dict) -> bool:
@@ -29,12 +29,22 @@ def test_a_checkpoint_gives_g_and_d_and_the_optimizers_start_afresh(checkpointed
     assert not trainer.opt_g.state and not trainer.opt_d.state and trainer.state.step == 0
 
 
-def test_an_export_gives_g_and_d_starts_from_its_seed(exported_run, tmp_path, mednist_root):
-    trainer = small_trainer(tmp_path, mednist_root, f"train.init_from={exported_run / 'export' / 'model.pt'}")
+@pytest.mark.parametrize("source", ["export", "export/model.pt"])
+def test_an_export_gives_g_and_d_starts_from_its_seed(exported_run, tmp_path, mednist_root, source):
+    trainer = small_trainer(tmp_path, mednist_root, f"train.init_from={exported_run / source}")
     assert same(weights(trainer, trainer.G), torch.load(exported_run / "export" / "model.pt", weights_only=True))
     fresh = small_trainer(tmp_path / "fresh", mednist_root)
     assert same(weights(trainer, trainer.D), weights(fresh, fresh.D))
     assert not same(weights(trainer, trainer.G), weights(fresh, fresh.G))
+
+
+def test_the_shipped_hand_generator_starts_a_run_of_its_architecture_whatever_its_discriminator(tmp_path,
+                                                                                               mednist_root):
+    hand = REPO / "mednist_gan" / "assets" / "hand"
+    trainer = small_trainer(tmp_path, mednist_root, f"train.init_from={hand}", "model.arch=resnet",
+                            "model.latent_size=128", "model.resnet_g_channels=16", "model.resnet_d_channels=4",
+                            "model.resnet_mbstd=0")  # another D: an export holds G alone
+    assert same(weights(trainer, trainer.G), torch.load(hand / "model.pt", weights_only=True))
 
 
 @pytest.mark.parametrize("source, error, message", [
