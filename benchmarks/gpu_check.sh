@@ -6,7 +6,7 @@
 # Run from the repository root on a GPU machine with this project importable and the Hand images at
 # $MEDNIST_ROOT/Hand; each step's output goes to $OUT/<step>.txt.
 #   MEDNIST_ROOT=/data/MedNIST MEDNIST_GAN_UPSTREAM=/path/model.pt OUT=results bash benchmarks/gpu_check.sh
-# On an H200 (2026-11-26): test_gpu 45 s (before tests/test_compile.py joined it), bench_scaling 120 s (41 s with
+# On an H200 (2026-11-26): test_gpu 45 s (before test_compile.py joined it), bench_scaling 120 s (41 s with
 # --batches; since then it also times the model presets and runtime.compile, unmeasured), train_gpu 112 s, profile_generate
 # 22 s, cpu_precision 48 s; bench_train needs over 140 s (its four subprocesses each decode and start anew) and
 # bench_generate over 45 s (the reference writes 200-330 PNGs/s): the limits below leave room. All of it exceeds one
@@ -34,7 +34,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the whole outpu
     grep -m1 "model name" /proc/cpuinfo; grep -o -w -m1 "amx_bf16" /proc/cpuinfo; nproc
 } 2>&1 | tee "$OUT/machine.txt"
 
-step test_gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_compile.py
+step test_gpu 150 python3 -m pytest -q -p no:cacheprovider tests/system/test_gpu.py tests/system/test_compile.py
 step bench_train 240 python3 benchmarks/bench_train.py --data "$MEDNIST_ROOT" --iters 10 --workers 8 --no-tuned-reference
 TAIL=50 step bench_scaling 300 python3 benchmarks/bench_scaling.py --data "$MEDNIST_ROOT" --iters 30 ${SCALING_ARGS:-}
 step bench_generate 90 python3 benchmarks/bench_generate.py --weights "$MEDNIST_GAN_UPSTREAM" --num-samples 2000 --repeats 3

@@ -144,7 +144,7 @@ def compiled_forwards(generator: torch.nn.Module, discriminator: torch.nn.Module
     eager = {}
     if cfg.model.classes:
         # torch 2.13's inductor (CPU) computes a conditional ResNetGenerator's gradients wrong (thousands of times
-        # the eager ones, forward equal); tests/test_compile.py checks that this still holds before lifting it.
+        # the eager ones, forward equal); tests/system/test_compile.py checks that this still holds before lifting it.
         eager["generator"] = "class-conditional generators compile to wrong gradients (torch 2.13 inductor)"
     if any(parametrize.is_parametrized(m) for m in discriminator.modules()):
         # Spectral normalisation's power iteration updates its vectors in place in every training forward; compiled

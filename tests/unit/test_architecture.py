@@ -100,7 +100,8 @@ def test_ruff_finds_nothing():
 # ----------------------------------------------------------------------------- the tests' own house
 
 TESTS = REPO / "tests"
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), *sorted((REPO / "benchmarks").glob("*.sh")),
+             *sorted((REPO / "mednist_gan").rglob("*.py")), *sorted(TESTS.rglob("*.py")), REPO / ".ci" / "run"]
 
 
 def marks_slow(path: Path) -> bool:
@@ -120,8 +121,8 @@ def test_the_folder_decides_the_tier():
 
 
 def test_every_test_the_docs_name_exists():
-    """`test_file.py::test_name` in the README and docs/ names a test function of a file of that name, and every
-    `tests/...py` path there is a file."""
+    """`<file>::<test>` in the README and docs/ names a test function of a file of that name, and every
+    `tests/...py` path there, in the scripts and in the code is a file."""
     defined: dict[str, set[str]] = {}
     for path in TESTS.rglob("test_*.py"):
         tree = ast.parse(path.read_text())
