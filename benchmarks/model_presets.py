@@ -19,7 +19,8 @@ from _report import flop_counter  # noqa: E402
 from mednist_gan.config import load_config  # noqa: E402
 from mednist_gan.models.networks import build_discriminator, build_generator  # noqa: E402
 
-DEFAULT = ("bundle.yaml", "quality.yaml", "wide.yaml", "resnet.yaml", "conditional.yaml", "resnet128.yaml", "resnet256.yaml")
+DEFAULT = ("bundle.yaml", "quality.yaml", "wide.yaml", "resnet.yaml", "conditional.yaml", "resnet128.yaml",
+           "resnet256.yaml")
 
 
 def describe(config: Path) -> str:

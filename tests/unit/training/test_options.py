@@ -123,7 +123,8 @@ def test_bundle_recipe_keeps_every_option_off():
 def test_a_checkpoint_does_not_carry_the_saving_runs_optimizer_implementation():
     """load_state_dict puts back the saved param groups; the run's own choices (capturable for CUDA graphs, fused
     on a GPU, foreach) and a capturable optimizer's learning-rate tensor come back after it (optim.keep_run_options).
-    (A capturable or fused step needs a GPU: tests/system/test_gpu.py resumes an eager checkpoint into captured phases.)"""
+    (A capturable or fused step needs a GPU: tests/system/test_gpu.py resumes an eager checkpoint into captured
+    phases.)"""
     from mednist_gan.training.optim import keep_run_options
 
     net = torch.nn.Linear(3, 2)
