@@ -54,6 +54,12 @@ train_gpu() {
     grep -h -E "CUDA|training |step (50|100|200|300|400|500) |eval|resumed|finished" $run/*/train.log | cut -c1-330
 }
 TAIL=40 step train_gpu 120 bash -c "$(declare -f train_gpu); train_gpu"
+# The small-data table (docs/benchmarks.md): 11 runs of 2,000 iterations side by side, each scored at N = 1000;
+# needs the complete MedNIST (its Hand and CXR folders) at $MEDNIST_FULL.
+if [ -n "${MEDNIST_FULL:-}" ]; then
+    TAIL=30 step small_data 540 python3 benchmarks/small_data.py --data "$MEDNIST_FULL" --work /tmp/small_data \
+        --parallel 11 --threads 1 --out "$OUT/small_data.json"
+fi
 if grep -q -w amx_bf16 /proc/cpuinfo; then
     CUDA_VISIBLE_DEVICES="" step cpu_precision 50 python3 benchmarks/bench_cpu_precision.py --data "$MEDNIST_ROOT" --iters 2
 fi
