@@ -198,7 +198,9 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(_dry_run(cfg), end="")
+        from .training.run_folder import dry_run
+
+        print(dry_run(cfg), end="")
         return 0
     from .training.stopping import PREEMPTED_EXIT_CODE, Preempted
     from .training.trainer import train
@@ -209,22 +211,6 @@ def _train(args: argparse.Namespace) -> int:
         print(f"mednist-gan: {exc}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     return 0
-
-
-def _dry_run(cfg) -> str:
-    """What ``train`` would do, as YAML: the run folder and the data on top as comments, then the resolved config
-    with only the keys the chosen architecture reads."""
-    import dataclasses
-
-    from . import checkpoint as ckpt
-    from .data import describe_data
-
-    run = cfg.run_path
-    found = ckpt.complete_checkpoints(run) if run.is_dir() else []
-    plan = f"resumes {run} from {found[-1].name}" if found else f"trains a new run in {run}"
-    data = describe_data(cfg.data, cfg.model.image_shape)
-    resolved = dataclasses.replace(cfg, run_dir=str(run))
-    return f"# dry run, nothing written: {plan}\n# {data}\n{resolved.to_yaml(only_read=True)}"
 
 
 def _export(args: argparse.Namespace) -> int:

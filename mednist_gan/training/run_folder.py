@@ -123,3 +123,19 @@ def close_log_file(logger: logging.Logger) -> None:
     for handler in [h for h in logger.handlers if isinstance(h, (logging.FileHandler, logging.handlers.MemoryHandler))]:
         logger.removeHandler(handler)
         handler.close()
+
+
+def dry_run(cfg: Config) -> str:
+    """What ``train`` would do, as YAML: the run folder and the data on top as comments, then the resolved config
+    with only the keys the chosen architecture reads (``mednist-gan train --dry-run``)."""
+    import dataclasses
+
+    from .. import checkpoint as ckpt
+    from ..data import describe_data
+
+    run = cfg.run_path
+    found = ckpt.complete_checkpoints(run) if run.is_dir() else []
+    plan = f"resumes {run} from {found[-1].name}" if found else f"trains a new run in {run}"
+    data = describe_data(cfg.data, cfg.model.image_shape)
+    resolved = dataclasses.replace(cfg, run_dir=str(run))
+    return f"# dry run, nothing written: {plan}\n# {data}\n{resolved.to_yaml(only_read=True)}"
