@@ -65,6 +65,30 @@ def exported_run(tmp_path_factory, mednist_root) -> Path:
     return train_debug_run(tmp_path_factory.mktemp("exported") / "run", mednist_root)
 
 
+@pytest.fixture(scope="module")
+def hand_halves(mednist_root):
+    """Two disjoint sets of 1,000 real Hand images, scaled as training scales them (the sanity checks' N)."""
+    from mednist_gan.quality.evaluate import load_real_images, split_halves
+
+    return split_halves(load_real_images(mednist_root / "Hand"), 1000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def hand_meter(hand_halves):
+    """A QualityMeter whose real images are the first of ``hand_halves``."""
+    from mednist_gan.quality.scores import QualityMeter
+
+    return QualityMeter(hand_halves[0])
+
+
+@pytest.fixture(scope="module")
+def classifier_split(mednist_root):
+    """The shipped classifier's split (seed 0, 10% held out): its test images are unseen by it."""
+    from mednist_gan.quality.classifier import load_split
+
+    return load_split(mednist_root, 0.1, 0)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     yield

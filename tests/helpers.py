@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +180,25 @@ def per_class(images, labels, n: int, skip: int = 0):
 
     index = torch.cat([(labels == c).nonzero().flatten()[skip:skip + n] for c in range(len(CLASSES))])
     return images[index], labels[index]
+
+
+@contextmanager
+def tmpfs(mount: Path, size: str):
+    """A tmpfs of ``size`` (e.g. "6m") mounted at ``mount``: a disk that fills up (skipped without root; CI has it)."""
+    import subprocess
+
+    import pytest
+
+    mount.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI runs as root and must be able to mount a small tmpfs")
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
 
 
 def reset_accelerate() -> None:

@@ -21,7 +21,7 @@ from mednist_gan.files import recover_folder
 from mednist_gan.generator.export import export_checkpoint, export_generator
 from mednist_gan.models.networks import build_generator
 
-from helpers import BUNDLE_ARGS, REPO, assert_one_line_error, file_hashes, run_cli
+from helpers import BUNDLE_ARGS, REPO, assert_one_line_error, file_hashes, run_cli, tmpfs
 
 # A process that exports over an earlier export and dies (os._exit, no cleanup) at the k-th filesystem step.
 KILLED_EXPORT = textwrap.dedent("""
@@ -151,6 +151,13 @@ def test_an_export_killed_between_any_two_steps_leaves_the_old_or_the_new_one(tm
         assert record.get("which") is None and file_hashes(out) != old
         for name, entry in record["files"].items():  # complete: every file as its record says
             assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs: room for one export of the bundle's generator, not for a second beside it."""
+    with tmpfs(tmp_path / "disk", "6m") as mount:
+        yield mount
 
 
 def test_a_full_disk_during_export_is_one_line_and_the_earlier_export_stays(exported_run, small_disk):

@@ -29,12 +29,12 @@ def test_classifier_training_is_reproducible(tmp_path, mednist_root):
 
 
 @pytest.fixture(scope="module")
-def sanity(hands, meter, upstream_weights):
+def sanity(hand_halves, hand_meter, upstream_weights):
     """The sanity table of benchmarks/metric_sanity.py at N = 1000: every case's scores."""
     from metric_sanity import SHIPPED, sanity_cases
 
-    cases = sanity_cases(*hands, {"seed": upstream_weights, "shipped": SHIPPED})
-    return {name: meter.score(images) for name, images in cases.items()}
+    cases = sanity_cases(*hand_halves, {"seed": upstream_weights, "shipped": SHIPPED})
+    return {name: hand_meter.score(images) for name, images in cases.items()}
 
 
 def test_both_spaces_rank_damaged_real_images_behind_the_floor(sanity):
@@ -218,12 +218,13 @@ def test_encoder_training_is_reproducible(tmp_path, mednist_root):
     assert card["results"]["train_images"] == 216 and len(card["results"]["loss_per_epoch"]) == 1
 
 
-def test_usefulness_of_real_images_matches_the_real_baseline_and_of_shuffled_labels_is_chance(split):
+def test_usefulness_of_real_images_matches_the_real_baseline_and_of_shuffled_labels_is_chance(classifier_split):
     """Real images standing in for synthetic ones train as well as the baseline; with their labels shuffled, a
     classifier trained on them guesses (1/6 on a balanced test set). 200 images per class, 2 epochs; 1 thread,
     which gives the same numbers as 2 and runs 8x faster on a CPU shared with another job (measured)."""
-    synthetic, real_train = per_class(*split["train"], 200), per_class(*split["train"], 1000, skip=200)
-    test = per_class(*split["test"], 100)
+    synthetic = per_class(*classifier_split["train"], 200)
+    real_train = per_class(*classifier_split["train"], 1000, skip=200)
+    test = per_class(*classifier_split["test"], 100)
     useful = usefulness(*synthetic, *real_train, *test, threads=1)
     assert useful["synthetic_accuracy"]["all"] > 0.9 and useful["real_accuracy"]["all"] > 0.9, useful
     assert abs(useful["synthetic_accuracy"]["all"] - useful["real_accuracy"]["all"]) < 0.05, useful

@@ -25,7 +25,7 @@ from mednist_gan.data import list_images
 from mednist_gan.errors import TrainingError
 from mednist_gan.training.trainer import Trainer
 
-from helpers import CONFIGS, REPO, debug_config, file_hashes, run_cli, run_overrides, train_cmd
+from helpers import CONFIGS, REPO, debug_config, file_hashes, run_cli, run_overrides, tmpfs, train_cmd
 
 
 def _metric_steps(run: Path) -> list[int]:
@@ -222,15 +222,8 @@ def test_nonfinite_updates_can_be_skipped(debug_overrides, tmp_path):
 
 @pytest.fixture()
 def small_disk(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI runs as root and must be able to mount a small tmpfs")
-        pytest.skip("mounting a small tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
+    with tmpfs(tmp_path / "small", "8m") as mount:
+        yield mount
 
 
 def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_loads(small_disk, mednist_root,

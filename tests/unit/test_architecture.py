@@ -144,3 +144,24 @@ def test_the_user_path_stays_short():
     docs/experiments/)."""
     assert (REPO / "README.md").stat().st_size <= 10 * 1024
     assert (REPO / "docs" / "quality.md").stat().st_size <= 12 * 1024
+
+
+def test_every_fixture_a_test_asks_for_is_where_it_runs():
+    """A test's arguments are pytest's own fixtures, conftest.py's, its file's, or its parameters: found here
+    rather than as setup errors at the end of a slow tier (a test moved between tiers leaves its fixtures behind)."""
+    builtin = {"tmp_path", "tmp_path_factory", "monkeypatch", "capsys", "capfd", "caplog", "recwarn", "request"}
+    shared = {node.name for node in ast.parse((TESTS / "conftest.py").read_text()).body
+              if isinstance(node, ast.FunctionDef)}
+    missing = []
+    for path in sorted(TESTS.rglob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+        local = {f.name for f in functions if any("fixture" in ast.unparse(d) for d in f.decorator_list)}
+        for function in functions:
+            if not (function.name.startswith("test_") or function.name in local):
+                continue
+            parameters = {name.strip() for d in function.decorator_list if "parametrize" in ast.unparse(d)
+                          and isinstance(d.args[0], ast.Constant) for name in d.args[0].value.split(",")}
+            asked = {a.arg for a in function.args.args} - builtin - shared - local - parameters
+            missing += [f"{path.relative_to(TESTS)}::{function.name} asks for {name}" for name in sorted(asked)]
+    assert not missing, "\n".join(missing)

@@ -4,7 +4,6 @@ the replacement survives a kill between any two filesystem steps, and a full dis
 from __future__ import annotations
 
 import hashlib
-import subprocess
 
 import pytest
 
@@ -38,17 +37,6 @@ def test_an_export_renamed_aside_by_a_live_process_is_left_alone(tmp_path):
     aside.mkdir()
     recover_folder(out)
     assert aside.is_dir() and not out.exists()
-
-
-@pytest.fixture()
-def small_disk(tmp_path):
-    """A 6 MiB tmpfs: room for one export of the bundle's generator, not for a second beside it."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_export_generator_names_the_folder_it_refuses(tmp_path):

@@ -8,19 +8,13 @@ import torch
 
 from mednist_gan.errors import MednistGanError
 from mednist_gan.quality import metrics
-from mednist_gan.quality.classifier import CLASSES, load_classifier, load_split, to_evaluation_pixels
+from mednist_gan.quality.classifier import CLASSES, load_classifier, to_evaluation_pixels
 from mednist_gan.quality.metrics import (class_accuracy, density_coverage, memorization, nearest_distances,
                                          precision_recall, usefulness)
 
 from helpers import per_class
 
 HAND, CXR = CLASSES.index("Hand"), CLASSES.index("CXR")
-
-
-@pytest.fixture(scope="module")
-def split(mednist_root):
-    """The shipped classifier's split (seed 0, 10% held out): its test images are unseen by it."""
-    return load_split(mednist_root, 0.1, 0)
 
 
 @torch.no_grad()
@@ -30,9 +24,9 @@ def features(images: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def hands(split):
+def hands(classifier_split):
     """Disjoint real Hand images: 'train' (2,000), 'held_out' (1,000), 'other' (500), as pixels and features."""
-    images, labels = split["train"]
+    images, labels = classifier_split["train"]
     hand = images[labels == HAND]
     hand = hand[torch.randperm(len(hand), generator=torch.Generator().manual_seed(0))]
     pixels = {"train": hand[:2000], "held_out": hand[2000:3000], "other": hand[3000:3500]}
@@ -94,9 +88,9 @@ def test_a_collapsed_set_keeps_precision_but_loses_recall_and_coverage(hands):
     assert recall < 0.05 and coverage < 0.2, (recall, coverage)  # measured 0.90; 0.0 and 0.11
 
 
-def test_another_distribution_is_outside_the_real_manifold(split, hands):
+def test_another_distribution_is_outside_the_real_manifold(classifier_split, hands):
     real = hands["features"]["train"][:1000]
-    images, labels = split["test"]
+    images, labels = classifier_split["test"]
     for name, fake in (("CXR", features(images[labels == CXR])),
                        ("noise", features(torch.rand(200, 1, 64, 64, generator=torch.Generator().manual_seed(0))))):
         precision, recall = precision_recall(real, fake)
@@ -144,8 +138,8 @@ def test_memorization_without_unseen_images_uses_each_training_images_nearest_ot
 
 # ----------------------------------------------------------------------------- the classifier's view
 
-def test_class_accuracy_of_real_images_and_of_mislabelled_ones(split):
-    images, labels = split["test"]
+def test_class_accuracy_of_real_images_and_of_mislabelled_ones(classifier_split):
+    images, labels = classifier_split["test"]
     keep = torch.cat([(labels == c).nonzero().flatten()[:200] for c in range(len(CLASSES))])  # 200 per class
     accuracy = class_accuracy(images[keep], labels[keep])
     assert list(accuracy) == [*CLASSES, "all"]
@@ -154,9 +148,10 @@ def test_class_accuracy_of_real_images_and_of_mislabelled_ones(split):
     assert class_accuracy(hands, torch.full((200,), CXR)) == pytest.approx({"CXR": 0.0, "all": 0.0}, abs=0.02)
 
 
-def test_usefulness_is_deterministic_and_leaves_the_callers_state(split):
-    synthetic, real_train = per_class(*split["train"], 10), per_class(*split["train"], 10, skip=10)
-    test = per_class(*split["test"], 10)
+def test_usefulness_is_deterministic_and_leaves_the_callers_state(classifier_split):
+    synthetic = per_class(*classifier_split["train"], 10)
+    real_train = per_class(*classifier_split["train"], 10, skip=10)
+    test = per_class(*classifier_split["test"], 10)
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     runs = [usefulness(*synthetic, *real_train, *test, epochs=1, threads=1) for _ in range(2)]
     assert runs[0]["synthetic_accuracy"] == runs[1]["synthetic_accuracy"]

@@ -13,8 +13,8 @@ import torch
 
 from mednist_gan.errors import MednistGanError
 from mednist_gan.quality.classifier import CARD_JSON, WEIGHTS_FILE, accuracy, load_classifier, load_split
-from mednist_gan.quality.evaluate import NAME_WIDTH, format_table, load_real_images, split_halves
-from mednist_gan.quality.scores import QualityMeter, diversity, fmd
+from mednist_gan.quality.evaluate import NAME_WIDTH, format_table, load_real_images
+from mednist_gan.quality.scores import diversity, fmd
 
 from helpers import REPO, run_cli, run_main
 from stand_ins import ForeignGenerator
@@ -32,17 +32,6 @@ def test_shipped_classifier_matches_its_card_and_accuracy(mednist_root):
     got = accuracy(load_classifier(), *split["test"])
     assert got >= 0.99
     assert got == pytest.approx(card["results"]["test_accuracy"], abs=1e-9)  # the held-out split it reports
-
-
-@pytest.fixture(scope="module")
-def hands(mednist_root):
-    real = load_real_images(mednist_root / "Hand")
-    return split_halves(real, N, seed=0)
-
-
-@pytest.fixture(scope="module")
-def meter(hands):
-    return QualityMeter(hands[0])
 
 
 def test_fmd_is_monais_frechet_distance():
@@ -78,11 +67,11 @@ def test_fmd_of_a_singular_covariance_product_warns_nothing_and_stays_right():
     assert with_dead == pytest.approx(fmd(a, b), rel=1e-4)
 
 
-def test_diversity_separates_real_images_from_a_collapsed_generator(hands, meter):
-    real = meter.real_diversity
+def test_diversity_separates_real_images_from_a_collapsed_generator(hand_halves, hand_meter):
+    real = hand_meter.real_diversity
     assert 0.0 < real < 0.5
-    assert diversity(hands[1]) == pytest.approx(real, abs=0.05)  # two halves of the same data agree
-    collapsed = hands[1][:1].repeat(200, 1, 1, 1) + 0.01 * torch.rand(200, 1, 64, 64)
+    assert diversity(hand_halves[1]) == pytest.approx(real, abs=0.05)  # two halves of the same data agree
+    collapsed = hand_halves[1][:1].repeat(200, 1, 1, 1) + 0.01 * torch.rand(200, 1, 64, 64)
     assert diversity(collapsed.clamp(0, 1)) > 0.9 > 2 * real
 
 
