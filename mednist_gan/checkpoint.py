@@ -46,10 +46,12 @@ class TrainState:
     step: int = 0  # iterations completed
     epoch: int = 0  # epoch in progress
     batch_in_epoch: int = 0  # batches of that epoch already consumed
-    # ADA's state (train.d_augment=ada), copied from and back into the step's AdaptiveProbability
-    augment_p: float = 0.0  # the probability of each augmentation
-    ada_signs: float = 0.0  # the sum of D's mean sign on real images over the iterations since its last adjustment
-    ada_count: int = 0  # those iterations
+
+
+# Beside the counters in a checkpoint of a train.d_augment=ada run (only there: other runs' checkpoints stay as
+# earlier versions read them): ADA's probability, and the sum and number of D's mean signs on real images since
+# its last adjustment (training/d_augment.py).
+ADA_STATE_KEYS = ("augment_p", "ada_signs", "ada_count")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -191,7 +193,7 @@ def _drop_unknown_keys(meta: dict) -> list[str]:
 
     defaults = Config()
     names = drop(meta, META_KEYS, "")
-    names += drop(meta["state"], [f.name for f in dataclasses.fields(TrainState)], "state.")
+    names += drop(meta["state"], [f.name for f in dataclasses.fields(TrainState)] + list(ADA_STATE_KEYS), "state.")
     names += drop(meta["config"], [f.name for f in dataclasses.fields(Config)], "config.")
     for section, record in meta["config"].items():
         default = getattr(defaults, section)

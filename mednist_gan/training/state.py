@@ -102,7 +102,8 @@ def load_checkpoint(accelerator: Accelerator, cfg: Config, path: Path, gan_step:
                               f"({type(exc).__name__}: {first_line(exc, 120)})") from None
     if gan_step.ada is not None:
         gan_step.ada.restore(meta["state"])
-    return TrainState(**meta["state"]), meta.get("num_processes")
+    counters = {k: v for k, v in meta["state"].items() if k not in ckpt.ADA_STATE_KEYS}
+    return TrainState(**counters), meta.get("num_processes")
 
 
 def check_architecture(saved: dict, model: ModelConfig, source: str, generator_only: bool = False) -> None:

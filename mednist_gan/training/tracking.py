@@ -271,6 +271,16 @@ class Tracking:
             self.log.warning("tracker failed to %s (%s: %s); tracking switched off, training goes on", what,
                              type(exc).__name__, first_line(exc))
             self.active = False
+            self._end_quietly()
+
+    def _end_quietly(self) -> None:
+        """End the trackers of a run whose tracking failed, so that a later run in this process starts its own
+        (an unfinished W&B run would be taken up by the next one)."""
+        try:
+            self.acc.end_training()
+        except Exception:  # noqa: BLE001 - the backend that failed may fail again
+            if self.cfg.log.tracker == "wandb":
+                _wandb_teardown()
 
     # -- end
 
