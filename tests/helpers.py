@@ -201,6 +201,17 @@ def tmpfs(mount: Path, size: str):
         subprocess.run(["umount", "-l", str(mount)])
 
 
+def sample_hands(size: int, count: int = 40):
+    """(name, uint8 array) for ``count`` of the shipped sample's hands scaled up to ``size`` x ``size`` (bicubic):
+    images of another size than MedNIST's, for the tests of other resolutions and of your own images."""
+    import numpy as np
+    from PIL import Image
+
+    for path in sorted((REPO / "mednist_gan" / "sample_data" / "Hand").iterdir())[:count]:
+        with Image.open(path) as image:
+            yield path.stem, np.asarray(image.convert("L").resize((size, size), Image.BICUBIC))
+
+
 def reset_accelerate() -> None:
     """Accelerate keeps one process-wide state; each new trainer in this process needs a clean one."""
     from accelerate.state import AcceleratorState, GradientState

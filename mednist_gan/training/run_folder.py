@@ -134,7 +134,7 @@ def dry_run(cfg: Config) -> str:
     from ..data import describe_data
 
     run = cfg.run_path
-    found = ckpt.complete_checkpoints(run) if run.is_dir() else []
+    found = ckpt.complete_checkpoints(run)
     plan = f"resumes {run} from {found[-1].name}" if found else f"trains a new run in {run}"
     data = describe_data(cfg.data, cfg.model.image_shape)
     resolved = dataclasses.replace(cfg, run_dir=str(run))

@@ -11,28 +11,21 @@ import pytest
 from PIL import Image
 
 from dicom_files import write_ct_slice
-from helpers import CONFIGS, REPO, run_cli
+from helpers import CONFIGS, run_cli, sample_hands
 
-SAMPLE_HANDS = sorted((REPO / "mednist_gan" / "sample_data" / "Hand").iterdir())[:40]
-
-
-def hands_512(path_for, write):
-    for source in SAMPLE_HANDS:
-        with Image.open(source) as image:
-            big = np.asarray(image.convert("L").resize((512, 512), Image.BICUBIC)).astype(np.int32)
-        write(path_for(source.stem), big)
 
 
 def sixteen_bit_pngs(src):
     (src / "Hand").mkdir(parents=True)
-    hands_512(lambda stem: src / "Hand" / f"{stem}.png",
-              lambda path, big: Image.fromarray((big * 257).astype(np.uint16)).save(path))
+    for name, big in sample_hands(512):
+        Image.fromarray(big.astype(np.uint16) * 257).save(src / "Hand" / f"{name}.png")
     return [], "Hand"
 
 
 def ct_dicom_slices(src):
     (src / "CT").mkdir(parents=True)
-    hands_512(lambda stem: src / "CT" / f"{stem}.dcm", lambda path, big: write_ct_slice(path, big * 8))  # HU -1024..
+    for name, big in sample_hands(512):
+        write_ct_slice(src / "CT" / f"{name}.dcm", big.astype(np.int32) * 8)  # Hounsfield units -1024..1016
     return ["--window", "-1000", "1000"], "CT"
 
 

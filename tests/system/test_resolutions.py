@@ -10,20 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import CONFIGS, REPO, run_cli
+from helpers import CONFIGS, run_cli, sample_hands
 
-SAMPLE_HANDS = REPO / "mednist_gan" / "sample_data" / "Hand"
 TINY = ["model.resnet_g_channels=2", "model.resnet_d_channels=2", "train.batch_size=8", "train.max_steps=2",
         "train.d_train_steps=1", "eval.every_steps=null", "log.sample_every=2", "log.num_samples=4",
         "checkpoint.every_steps=null"]
 
 
-def hands_at(size: int, folder, count: int = 40):
-    """``count`` of the shipped sample's hands, scaled up to ``size`` x ``size`` 8-bit PNGs in ``folder``/Hand."""
+def hands_at(size: int, folder):
+    """The sample's hands scaled up to ``size`` x ``size`` 8-bit PNGs in ``folder``/Hand."""
     (folder / "Hand").mkdir(parents=True)
-    for path in sorted(SAMPLE_HANDS.iterdir())[:count]:
-        with Image.open(path) as image:
-            image.convert("L").resize((size, size), Image.BICUBIC).save(folder / "Hand" / f"{path.stem}.png")
+    for name, picture in sample_hands(size):
+        Image.fromarray(picture).save(folder / "Hand" / f"{name}.png")
     return folder
 
 
