@@ -14,7 +14,7 @@ Targets (printed with PASS/FAIL): with 1,000 images, ADA or DiffAugment at most 
 augmentation); fine-tuning beats scratch on 500 CXR images.
 
     python benchmarks/small_data.py --data ../shared/data/mednist-full --work /tmp/small_data [--iterations 2000]
-        [--parallel 4] [--out small_data.json]     # --parallel: runs side by side (on one GPU)
+        [--precision bf16] [--parallel 4] [--out small_data.json]     # --parallel: runs side by side (on one GPU)
 
 A run that finished is reused when the script runs again with the same --work (its export is there).
 """
@@ -68,7 +68,8 @@ def train_and_score(name: str, root: Path, evaluation: Path, args, overrides: li
               f"model.resnet_g_channels={args.width}", f"model.resnet_d_channels={args.width}",
               f"train.batch_size={args.batch}", f"train.max_steps={args.iterations}", "train.epochs=100000",
               "eval.every_steps=null", "log.sample_every=null", f"checkpoint.every_steps={args.iterations}",
-              f"train.ada_images={args.ada_images}", f"data.cache_dir={args.work / 'cache'}"]
+              f"train.ada_images={args.ada_images}", f"train.precision={args.precision}",
+              f"data.cache_dir={args.work / 'cache'}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if not (run / "export" / "model.pt").is_file():
         done = subprocess.run([sys.executable, "-m", "mednist_gan", "train", "--config",
@@ -96,6 +97,8 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=16, help="the residual networks' width (16: the shipped Hand "
                                                                "generator's, which the fine-tuning run starts from)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--precision", choices=("no", "fp16", "bf16"), default="no",
+                        help="train.precision (bf16 runs about 1.5x faster on a CPU with AMX)")
     parser.add_argument("--ada-images", type=int, default=20_000, help="train.ada_images (short runs move p faster)")
     parser.add_argument("--num-samples", type=int, default=1000, help="N generated vs N held-out real images")
     parser.add_argument("--cxr-augment", choices=MODES, default="ada")
@@ -117,7 +120,8 @@ def main() -> int:
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda job: train_and_score(*job[:3], args, job[3]), jobs))
     by_run = {r["run"]: r for r in results}
-    print(f"\n{args.iterations} iterations at batch {args.batch}, width {args.width}; FD-SSL at N = "
+    print(f"\n{args.iterations} iterations at batch {args.batch}, width {args.width}, precision {args.precision}; "
+          f"FD-SSL at N = "
           f"{args.num_samples} vs held-out real images (lower is better)\n")
     print("| Hand training images | " + " | ".join(MODES) + " |")
     print("| --- | " + " | ".join("---" for _ in MODES) + " |")

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .config import DataConfig
 from .errors import DataError, first_line
 from .files import write_atomic
+from .prepare import SOURCE_SUFFIXES, Fit, wrong_size
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ def describe_data(cfg: DataConfig, image_shape: list[int]) -> str:
             return f"data: {root}: no {name}/ folder yet; data.download=true fetches MedNIST before training"
         if folder is None:
             raise _no_class_folder(root, name)
-        files = list_images(folder)
-        _decode(files[0], tuple(image_shape[-2:]))
+        files = list_images(folder, image_fit(cfg))
+        _decode(files[0], tuple(image_shape[-2:]), image_fit(cfg))
         counts.append(f"{name} {len(files):,}")
     limit = f", data.limit={cfg.limit} of each" if cfg.limit else ""
     return f"data: {root}: {', '.join(counts)} images{limit}, {image_shape[-2]}x{image_shape[-1]} grey"
@@ -120,10 +121,20 @@ def square_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def list_images(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def image_fit(cfg: DataConfig) -> Optional[Fit]:
+    """How ``data.resize`` / ``data.intensity`` bring images to the model (None: neither is set, MedNIST's path)."""
+    if cfg.resize is None and cfg.intensity is None:
+        return None
+    window = None if cfg.intensity is None else (cfg.intensity["min"], cfg.intensity["max"])
+    return Fit(cfg.resize, cfg.interpolation, window)
+
+
+def list_images(folder: Path, fit: Optional[Fit] = None) -> list[Path]:
+    """The images of a folder, sorted by name: JPEG and PNG, and with a ``fit`` also TIFF, DICOM and BMP."""
+    suffixes = IMAGE_SUFFIXES if fit is None else SOURCE_SUFFIXES
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
-        raise DataError(f"{folder}: no images (*.jpeg, *.jpg, *.png) in this folder")
+        raise DataError(f"{folder}: no images ({', '.join('*' + s for s in suffixes)}) in this folder")
     return files
 
 
@@ -169,10 +180,13 @@ def _image_loader():
         plugin_log.setLevel(level)
 
 
-def _decode(path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
+def _decode(path: Path, expected_hw: tuple[int, int], fit: Optional[Fit] = None) -> np.ndarray:
     """One image as MONAI reads it: LoadImage (PIL reader, made grey by ``_to_grey``) then channel first;
-    uint8 (1, H, W)."""
+    uint8 (1, H, W). With a ``fit``: as prepare-data writes it and MONAI then reads it (transposed)."""
     from monai.transforms import EnsureChannelFirst
+
+    if fit is not None:
+        return np.ascontiguousarray(fit.decode(path, expected_hw[0]).T[None])
 
     load, reader = _image_loader()
     try:  # passed at call time, the reader's own errors (_NotGrey) reach us unwrapped
@@ -182,14 +196,13 @@ def _decode(path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     except Exception as exc:
         raise DataError(f"{path}: cannot be read as an image ({type(exc).__name__})") from None
     if tuple(image.shape) != expected_hw:
-        raise DataError(f"{path}: expected a {expected_hw[0]}x{expected_hw[1]} image, "
-                        f"got {image.shape[0]}x{image.shape[1]}")
+        raise wrong_size(path, expected_hw, image.shape)
     array = EnsureChannelFirst(channel_dim="no_channel")(image).numpy()
     return array.astype(np.uint8)
 
 
-def _cache_key(files: list[Path], expected_hw: tuple[int, int], bad_files: str) -> str:
-    h = hashlib.sha256(f"{_CACHE_VERSION}:{expected_hw}:{bad_files}".encode())
+def _cache_key(files: list[Path], expected_hw: tuple[int, int], bad_files: str, fit: Optional[Fit]) -> str:
+    h = hashlib.sha256(f"{_CACHE_VERSION}:{expected_hw}:{bad_files}{'' if fit is None else f':{fit}'}".encode())
     for p in files:
         st = p.stat()
         h.update(os.fsencode(p.resolve()) + f":{st.st_size}:{st.st_mtime_ns}\n".encode())  # any name the OS allows
@@ -206,11 +219,11 @@ def cache_entries(cache_dir: str) -> list[Path]:
 
 
 def load_images(files: list[Path], expected_hw: tuple[int, int] = (64, 64), cache_dir: Optional[str] = None,
-                bad_files: str = "error") -> torch.Tensor:
+                bad_files: str = "error", fit: Optional[Fit] = None) -> torch.Tensor:
     """Decode every file once into a uint8 tensor (N, 1, H, W), reusing a disk cache when it is valid."""
     cache_file = None
     if cache_dir is not None:
-        key = _cache_key(files, expected_hw, bad_files)
+        key = _cache_key(files, expected_hw, bad_files, fit)
         cache_file = Path(os.path.expanduser(cache_dir)) / CACHE_PATTERN.replace("*", key)
         if cache_file.is_file():
             try:
@@ -220,7 +233,7 @@ def load_images(files: list[Path], expected_hw: tuple[int, int] = (64, 64), cach
     arrays, skipped = [], []
     for path in files:
         try:
-            arrays.append(_decode(path, expected_hw))
+            arrays.append(_decode(path, expected_hw, fit))
         except DataError as exc:
             if bad_files != "skip":
                 raise
@@ -249,10 +262,10 @@ def load_labelled_dataset(cfg: DataConfig, image_shape: list[int]) -> tuple[torc
     (N,) int64: the class's index in that list."""
     images, labels = [], []
     for label, name in enumerate(cfg.class_names):
-        files = list_images(image_folder(cfg, name))
+        files = list_images(image_folder(cfg, name), image_fit(cfg))
         if cfg.limit is not None:
             files = files[: cfg.limit]
-        images.append(load_images(files, tuple(image_shape[1:]), cfg.cache_dir, cfg.bad_files))
+        images.append(load_images(files, tuple(image_shape[1:]), cfg.cache_dir, cfg.bad_files, image_fit(cfg)))
         labels.append(torch.full((len(images[-1]),), label, dtype=torch.long))
     return torch.cat(images), torch.cat(labels)
 

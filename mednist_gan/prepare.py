@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +25,44 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config.schema import Interpolation, ResizeMode
 from .errors import DataError, OutputError, first_line
 from .files import write_atomic
 from .images import encode_png
 
 SOURCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp")
-RESIZE_MODES = ("center-crop", "pad", "stretch")
-INTERPOLATIONS = ("area", "bilinear", "bicubic", "nearest")
+RESIZE_MODES = typing.get_args(ResizeMode)
+INTERPOLATIONS = typing.get_args(Interpolation)
 REPORT_FILE = "prepare.json"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How a source image becomes a training image (module docstring); ``resize`` None: it must already be the size.
+    Training uses it too, when ``data.resize`` or ``data.intensity`` is set."""
+
+    resize: Optional[str] = "center-crop"
+    interpolation: str = "area"
+    window: Optional[tuple[float, float]] = None
+
+    def apply(self, image: np.ndarray, size: int) -> np.ndarray:
+        """A full-precision (H, W) image as (size, size) uint8 levels."""
+        return to_levels(fit_size(image, size, self.resize or "stretch", self.interpolation), self.window)
+
+    def decode(self, path: Path, size: int) -> np.ndarray:
+        """The file as (size, size) uint8 levels, as prepare-data writes them; ``DataError`` naming the file."""
+        try:
+            image, _ = read_grey(path)
+        except _Unreadable as exc:
+            raise DataError(f"{path}: {exc}") from None
+        if self.resize is None and image.shape != (size, size):
+            raise wrong_size(path, (size, size), image.shape)
+        return self.apply(image, size)
+
+
+def wrong_size(path: Path, expected: tuple[int, int], got: tuple[int, ...]) -> DataError:
+    return DataError(f"{path}: expected a {expected[0]}x{expected[1]} image, got {got[0]}x{got[1]} "
+                     f"(data.resize: {', '.join(RESIZE_MODES[:-1])} or {RESIZE_MODES[-1]} fits any size)")
 
 
 class _Unreadable(Exception):
@@ -139,10 +170,10 @@ def prepare_data(src: Path, dst: Path, size: int = 64, resize: str = "center-cro
     if window is not None and not window[0] < window[1]:
         raise DataError(f"--window {window[0]} {window[1]}: expected LOW < HIGH")
     staging = dst.parent / f".{dst.name}.preparing-{os.getpid()}"
-    reports = {}
+    fit, reports = Fit(resize, interpolation, window), {}
     try:
         for folder in classes:
-            reports[folder.name] = _prepare_class(folder, staging / folder.name, size, resize, interpolation, window)
+            reports[folder.name] = _prepare_class(folder, staging / folder.name, size, fit)
         empty = [name for name, r in reports.items() if r.images == 0]
         if empty:
             raise DataError(f"{src}: no usable image in {', '.join(empty)}; nothing was written")
@@ -160,11 +191,12 @@ def prepare_data(src: Path, dst: Path, size: int = 64, resize: str = "center-cro
     return report
 
 
-def _prepare_class(folder: Path, out: Path, size: int, resize: str, interpolation: str,
-                   window: Optional[tuple[float, float]]) -> ClassReport:
+def _prepare_class(folder: Path, out: Path, size: int, fit: Fit) -> ClassReport:
     report = ClassReport()
     out.mkdir(parents=True)
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SOURCE_SUFFIXES):
+    sources = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SOURCE_SUFFIXES)
+    stems = Counter(p.stem for p in sources)
+    for path in sources:
         try:
             image, mode = read_grey(path)
         except _Unreadable as exc:
@@ -173,8 +205,8 @@ def _prepare_class(folder: Path, out: Path, size: int, resize: str, interpolatio
         report.images += 1
         report.sizes[image.shape] += 1
         report.modes[mode] += 1
-        (out / f"{path.stem}.png").write_bytes(encode_png(to_levels(fit_size(image, size, resize, interpolation),
-                                                                    window)))
+        name = path.stem if stems[path.stem] == 1 else path.name  # slice.dcm and slice.tif: two files
+        (out / f"{name}.png").write_bytes(encode_png(fit.apply(image, size)))
     return report
 
 

@@ -25,6 +25,8 @@ MEDNIST_MD5 = "0bc7306e7427e00ad1c5526a6677552d"
 MEDNIST_CLASSES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit
 FOLDER_NAME_RULE = "not empty, no '/', '\\' or NUL, not starting with '.'"  # a class folder's name
+ResizeMode = Literal["center-crop", "pad", "stretch"]  # data.resize and prepare-data --resize
+Interpolation = Literal["area", "bilinear", "bicubic", "nearest"]
 TrackerName = Literal["none", "wandb", "tensorboard", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab",
                         "trackio"]
 
@@ -57,6 +59,13 @@ class DataConfig:
     cache_dir: Optional[str] = documented("~/.cache/mednist_gan", "where decoded images are cached; null = no cache")
     bad_files: Literal["error", "skip"] = documented(
         "error", "an unreadable or wrongly sized image: stop with an error, or skip it with a warning")
+    resize: Optional[ResizeMode] = documented(
+        None, "images of any size (and PNG 16-bit, TIFF, DICOM) to the model's by center-crop, pad or stretch, as "
+        "prepare-data does; null = JPEG/PNG at the model's size only")
+    interpolation: Interpolation = documented("area", "how data.resize scales: area, bilinear, bicubic or nearest")
+    intensity: Optional[dict[str, float]] = documented(
+        None, "{min: -1000, max: 1000}: clip values to this window (e.g. CT Hounsfield units) before each image is "
+        "scaled to [0, 1]; null = each image from its minimum to its maximum")
 
     def check(self) -> None:
         _require(self.limit is None or self.limit >= 1, "data.limit", self.limit, "an integer >= 1 or null")
@@ -72,6 +81,9 @@ class DataConfig:
             _require(len(self.class_names) > 1, key, weight, "nothing: class weights need several data.classes")
             _require(name in self.class_names, key, weight, f"a class of data.classes ({', '.join(self.class_names)})")
             _require(0 < weight < math.inf, key, weight, "a weight > 0")
+        window = self.intensity
+        _require(window is None or (set(window) == {"min", "max"} and window["min"] < window["max"]), "data.intensity",
+                 window, "{min: LOW, max: HIGH} with LOW < HIGH, or null")
 
     @property
     def class_names(self) -> list[str]:

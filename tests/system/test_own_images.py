@@ -44,3 +44,17 @@ def test_prepare_then_train_export_and_evaluate(make, tmp_path):
                      "--num-samples", "16", "--out", str(tmp_path / "e.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(math.isfinite(row["fd_ssl"]) for row in json.loads((tmp_path / "e.json").read_text())["rows"])
+
+
+def test_train_straight_from_the_source_folder(tmp_path):
+    """data.resize and data.intensity: DICOM slices at 512x512 train without prepare-data, and the dry run says so."""
+    src, run = tmp_path / "src", tmp_path / "run"
+    ct_dicom_slices(src)
+    common = ["train", "--config", str(CONFIGS / "debug.yaml"), f"run_dir={run}", f"data.root={src}",
+              "data.classes=[CT]", "data.limit=null", f"data.cache_dir={tmp_path / 'cache'}",
+              "data.resize=center-crop", "data.intensity={min: -1000, max: 1000}"]
+    result = run_cli(*common, "--dry-run")
+    assert result.returncode == 0 and "CT 40 images" in result.stdout, result.stderr[-3000:]
+    result = run_cli(*common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "export" / "model.pt").is_file() and len(list((tmp_path / "cache").iterdir())) == 1

@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mednist_gan.errors import DataError, OutputError
+from mednist_gan.config import DataConfig
+from mednist_gan.data import load_labelled_dataset
+from mednist_gan.errors import ConfigError, DataError, OutputError
 from mednist_gan.prepare import fit_size, prepare_data, read_grey, to_levels
 
 from dicom_files import write_ct_slice
@@ -86,3 +88,50 @@ def test_prepare_data_never_writes_over_a_folder_and_leaves_nothing_when_it_fail
     with pytest.raises(DataError, match="no usable image in Spine; nothing was written"):
         prepare_data(src, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no staging folder left
+
+
+def _mixed_folder(tmp_path):
+    """One class of a lab's own files: 16-bit PNGs, a TIFF and CT DICOM slices, none of them 64x64 or square."""
+    src = tmp_path / "src" / "Scan"
+    src.mkdir(parents=True)
+    y, x = np.mgrid[0:96, 0:128]
+    for i in range(2):
+        Image.fromarray((x * 300 + y * 100 * (i + 1)).astype(np.uint16)).save(src / f"png{i}.png")
+    Image.fromarray((y * 500).astype(np.uint16)).save(src / "slice.tif")
+    write_ct_slice(src / "slice.dcm", (x * 20 + y).astype(np.int16) * 2, intercept=-1024)
+    return src.parent
+
+
+@pytest.mark.parametrize("resize, window", [("center-crop", None), ("pad", (-1000.0, 1000.0)), ("stretch", None)])
+def test_training_reads_your_own_files_as_prepare_data_writes_them(tmp_path, resize, window):
+    """data.resize / data.intensity give training the images prepare-data would have written (in MONAI's
+    orientation), decoded once into the cache; without them such a folder is refused naming data.resize."""
+    src = _mixed_folder(tmp_path)
+    prepare_data(src, tmp_path / "prepared", size=64, resize=resize, interpolation="bilinear", window=window)
+    assert len(list((tmp_path / "prepared" / "Scan").iterdir())) == 4  # slice.dcm and slice.tif stay two images
+    prepared, _ = load_labelled_dataset(DataConfig(root=str(tmp_path / "prepared"), classes=["Scan"], cache_dir=None),
+                                        [1, 64, 64])
+    intensity = None if window is None else {"min": window[0], "max": window[1]}
+    own = DataConfig(root=str(src), classes=["Scan"], cache_dir=str(tmp_path / "cache"), resize=resize,
+                     interpolation="bilinear", intensity=intensity)
+    direct, labels = load_labelled_dataset(own, [1, 64, 64])
+    assert direct.shape == (4, 1, 64, 64) and direct.dtype == torch.uint8 and labels.tolist() == [0] * 4
+    assert torch.equal(direct, prepared)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert torch.equal(load_labelled_dataset(own, [1, 64, 64])[0], direct)  # read back from the cache
+    with pytest.raises(DataError, match=r"png0.png: expected a 64x64 image, got 96x128 \(data.resize: center-crop"):
+        load_labelled_dataset(DataConfig(root=str(src), classes=["Scan"], cache_dir=None, intensity=intensity or
+                                         {"min": 0, "max": 65535}), [1, 64, 64])
+
+
+def test_a_different_fit_is_a_different_cache_entry(tmp_path):
+    src = _mixed_folder(tmp_path)
+    crops = [load_labelled_dataset(DataConfig(root=str(src), classes=["Scan"], cache_dir=str(tmp_path / "c"),
+                                              resize=mode), [1, 32, 32])[0] for mode in ("center-crop", "pad")]
+    assert not torch.equal(*crops) and len(list((tmp_path / "c").iterdir())) == 2
+
+
+@pytest.mark.parametrize("value", [{"min": 5, "max": 1}, {"low": 0, "high": 1}, {"min": 0}])
+def test_an_intensity_window_needs_min_below_max(value):
+    with pytest.raises(ConfigError, match=r"^data.intensity=.* is not allowed: expected \{min: LOW, max: HIGH\}"):
+        DataConfig(intensity=value).check()
