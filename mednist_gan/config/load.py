@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +15,7 @@ import yaml
 from ..errors import ConfigError
 from .coerce import YAML_BOOL_WORDS, build_section, clip_text, short_repr
 from .legacy import LEGACY_KEYS, move_legacy_key, move_legacy_keys
-from .schema import Config
+from .schema import Config, walk_keys
 
 MAX_YAML_BYTES = 1 << 20  # a config or sweep file is a few KiB
 MAX_YAML_VALUES = 100_000  # values a YAML document may stand for, each use of an alias counted again
@@ -205,16 +204,5 @@ def dump_yaml(data: dict) -> str:
 
 def describe_fields() -> str:
     """Every key with its default and help, for ``mednist-gan config-help``."""
-    lines = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{prefix}{f.name}: {yaml_value(default)}\n    {f.metadata.get('help', '')}")
-
-    walk(Config, "")
-    return "\n".join(lines)
+    return "\n".join(f"{key}: {yaml_value(default)}\n    {f.metadata.get('help', '')}"
+                     for key, f, default in walk_keys(Config()))

@@ -13,7 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 
 from ..errors import ConfigError, MednistGanError
@@ -29,6 +29,17 @@ ResizeMode = Literal["center-crop", "pad", "stretch"]  # data.resize and prepare
 Interpolation = Literal["area", "bilinear", "bicubic", "nearest"]
 TrackerName = Literal["none", "wandb", "tensorboard", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab",
                         "trackio"]
+
+
+def walk_keys(section: Any, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """Every key of a config (or one section) in order, as (``section.key``, its field, its value); a key whose value
+    is a mapping (``data.class_weights``, ``data.intensity``) is one key."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from walk_keys(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value
 
 
 def documented(default: Any, help: str, architecture: bool = False, **kwargs: Any) -> Any:
@@ -376,6 +387,10 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Every key as ``section.key`` with its value, tuples as lists (as a record reads them back)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, _, value in walk_keys(self)}
 
     def to_yaml(self, only_read: bool = False) -> str:
         """Block YAML, short lists on one line, as the config files are written; ``only_read`` leaves out the keys

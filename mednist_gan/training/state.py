@@ -13,7 +13,7 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
@@ -144,6 +144,7 @@ def load_initial_weights(cfg: Config, G: torch.nn.Module, D: torch.nn.Module, lo
 
 # Keys that name where and how this process runs rather than what it trains.
 _NOT_COMPARED = {"run_dir", "train.resume"}
+_NOT_RECORDED = object()  # a key the checkpoint's version did not have
 
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
@@ -151,18 +152,20 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     not record, from other versions, are not compared)."""
     from ..config.load import yaml_value
 
-    def flat(node: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in node.items():
-            if isinstance(value, dict) and not (prefix and key == "class_weights"):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-        return out
+    def recorded(key: str) -> Any:
+        node = saved
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return _NOT_RECORDED
+            node = node[part]
+        return node
 
-    old, new = flat(saved), flat(cfg.to_dict())
-    return [f"{key}: {yaml_value(old[key])} -> {yaml_value(new[key])}" for key in new
-            if key in old and key not in _NOT_COMPARED and old[key] != new[key]]
+    changes = []
+    for key, value in cfg.flat().items():
+        old = recorded(key)
+        if key not in _NOT_COMPARED and old is not _NOT_RECORDED and old != value:
+            changes.append(f"{key}: {yaml_value(old)} -> {yaml_value(value)}")
+    return changes
 
 
 def resume_choice(cfg: Config) -> tuple[Optional[Path], Damaged]:

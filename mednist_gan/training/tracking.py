@@ -129,17 +129,8 @@ class Tracking:
         return {}
 
     def _flat_config(self) -> dict:
-        flat = {}
-
-        def walk(node: dict, prefix: str) -> None:
-            for key, value in node.items():
-                if isinstance(value, dict):
-                    walk(value, f"{prefix}{key}.")
-                else:
-                    flat[f"{prefix}{key}"] = value if not isinstance(value, list) else str(value)
-
-        walk(self.cfg.to_dict(), "")
-        return flat
+        """The config as trackers take it: one level, lists and mappings as text."""
+        return {key: str(value) if isinstance(value, (list, dict)) else value for key, value in self.cfg.flat().items()}
 
     def _start_wandb(self, resumed_step: Optional[int], local_high: int) -> None:
         log_cfg = self.cfg.log

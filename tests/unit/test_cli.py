@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import re
 import subprocess
@@ -46,22 +45,11 @@ def test_every_option_says_what_it_does_and_its_default(name):
     assert not re.search(r"#\d|\bissue\b", text, re.I), f"{name} --help cites an issue"
 
 
-def flat_defaults(section, prefix: str = "") -> dict:
-    found = {}
-    for field in dataclasses.fields(section):
-        value = getattr(section, field.name)
-        if dataclasses.is_dataclass(value):
-            found.update(flat_defaults(value, f"{prefix}{field.name}."))
-        else:
-            found[f"{prefix}{field.name}"] = list(value) if isinstance(value, tuple) else value
-    return found
-
-
 def test_config_help_spells_values_as_yaml():
     lines = [line for line in run_cli("config-help").stdout.splitlines() if not line.startswith("    ")]
     values = dict(line.split(": ", 1) for line in lines)
     assert values["run_dir"] == "null" and values["data.download"] == "false"
-    assert {key: yaml.safe_load(text) for key, text in values.items()} == flat_defaults(Config())
+    assert {key: yaml.safe_load(text) for key, text in values.items()} == Config().flat()
 
 
 def test_output_cut_short_by_a_pager_is_not_an_error():

@@ -15,7 +15,9 @@ import pytest
 from mednist_gan import __version__
 from mednist_gan import checkpoint as ckpt
 from mednist_gan.cli import main
+from mednist_gan.config.load import load_config
 from mednist_gan.errors import MednistGanError
+from mednist_gan.training.state import config_changes
 from mednist_gan.training.trainer import Trainer, train
 
 from helpers import CONFIGS, copy_run, file_hashes, run_config, run_overrides
@@ -147,6 +149,18 @@ def test_a_resume_says_which_config_keys_changed(checkpointed_run, tmp_path, med
     assert line.endswith(f"{run / 'checkpoints' / 'step_000004'}: resuming with config keys changed since it was "
                          "written: optim.betas: [0.5, 0.999] -> [0.0, 0.99]; train.epochs: 1 -> 2; "
                          "train.max_steps: 4 -> 5"), line
+
+
+
+def test_mapping_keys_are_compared_whole_and_keys_a_checkpoint_lacks_are_not():
+    cfg = load_config(CONFIGS / "debug.yaml", ["model.arch=resnet", "data.classes=[Hand, CXR]",
+                                               "data.class_weights={Hand: 3}", "data.intensity={min: -1000, max: 1000}"])
+    saved = cfg.to_dict()
+    saved["data"].update(class_weights={"Hand": 2}, intensity=None)
+    del saved["data"]["resize"]  # written by a version without the key
+    saved["run_dir"] = "elsewhere"
+    assert config_changes(saved, cfg) == ["data.class_weights: {Hand: 2} -> {Hand: 3.0}",
+                                          "data.intensity: null -> {max: 1000.0, min: -1000.0}"]
 
 
 # ----------------------------------------------------------------------------- a run folder read while it trains
