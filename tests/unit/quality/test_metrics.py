@@ -1,5 +1,5 @@
-"""Fidelity/diversity, memorization, class accuracy and usefulness metrics (mednist_gan.quality.metrics) on real
-MedNIST."""
+"""Fidelity/diversity, memorization, class accuracy, usefulness and the two-sample test
+(mednist_gan.quality.metrics) on real MedNIST."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from mednist_gan.errors import MednistGanError
 from mednist_gan.quality import metrics
 from mednist_gan.quality.classifier import CLASSES, load_classifier, to_evaluation_pixels
 from mednist_gan.quality.metrics import (class_accuracy, density_coverage, memorization, nearest_distances,
-                                         precision_recall, usefulness)
+                                         precision_recall, two_sample_test, usefulness)
+from mednist_gan.quality.scores import blurred
 
 from helpers import per_class
 
@@ -159,6 +160,20 @@ def test_usefulness_is_deterministic_and_leaves_the_callers_state(classifier_spl
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
 
 
+
+def test_the_two_sample_test_tells_damaged_images_from_real_ones_and_not_real_from_real(hand_halves):
+    reference, other = (half[:400] for half in hand_halves)
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    same = two_sample_test(reference, other, epochs=4, threads=1)
+    assert 0.4 <= same["accuracy"] <= 0.6 and 0.35 <= same["auc"] <= 0.65, same
+    assert same["train_images"] == 400 and same["test_images"] == 400
+    noise = torch.rand(other.shape, generator=torch.Generator().manual_seed(1))
+    for damaged in (blurred(other, 1.5), other.flip(-1), noise):
+        assert two_sample_test(reference, damaged, epochs=4, threads=1)["auc"] >= 0.95
+    assert two_sample_test(reference, other, epochs=4, threads=1)["auc"] == same["auc"]  # seeded
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 points = torch.rand(10, 3)
@@ -185,6 +200,9 @@ label = torch.tensor([0, 1, 2, 3])
     (lambda: usefulness(image, torch.tensor([0, 0, 1, 1]), image, label, image[:1], label[:1]),
      "usefulness: 2 synthetic AbdomenCT images, but only 1 real training images"),
     (lambda: usefulness(image, label, image, label, image, label, threads=0), "usefulness: threads must be an integer"),
+    (lambda: two_sample_test(image, torch.rand(4, 1, 32, 32)),
+     r"two-sample test: real images are \(1, 64, 64\), candidate images \(1, 32, 32\); expected one size"),
+    (lambda: two_sample_test(image[:3], image), r"two-sample test: real images must be .* N >= 4, got \(3, 1, 64, 64\)"),
 ])
 def test_bad_input_is_one_line_naming_what_is_wrong(call, message):
     with pytest.raises(MednistGanError, match=message) as caught:
