@@ -396,3 +396,17 @@ def test_images_of_another_size_are_scored_at_64_after_area_interpolation(tmp_pa
     Image.fromarray(np.zeros((128, 96), np.uint8)).save(folder / "0.png")
     with pytest.raises(MednistGanError, match=r"0.png: 96x128; expected square images"):
         load_real_images(folder, None)
+
+
+def test_the_sanity_tables_known_order_check():
+    """benchmarks/metric_sanity.py's verdict per measure: floor < each blur in turn, every damaged row above the
+    floor; the two-sample test's ceiling (AUC 1.0) may tie."""
+    from metric_sanity import DAMAGED, FLOOR, known_order_holds
+
+    rows = {FLOOR: {"fd_ssl": 0.1, "c2st": 0.5}}
+    rows.update({name: {"fd_ssl": 1.0 + i, "c2st": 1.0} for i, name in enumerate(DAMAGED)})
+    assert known_order_holds(rows, "fd_ssl") and known_order_holds(rows, "c2st")
+    rows["blurred, sigma 1.0"]["fd_ssl"] = 0.5  # below sigma 0.5's
+    assert not known_order_holds(rows, "fd_ssl")
+    rows["transposed"]["c2st"] = 0.4  # below the floor
+    assert not known_order_holds(rows, "c2st")
