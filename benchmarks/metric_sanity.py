@@ -105,7 +105,7 @@ def main() -> int:
             rows[name] = asdict(scores)
             c2st = ""
             if args.two_sample:
-                rows[name]["c2st"] = two_sample_test(reference, images)["auc"]
+                rows[name]["c2st"] = two_sample_test(reference, images, threads=torch.get_num_threads())["auc"]
                 c2st = f"{rows[name]['c2st']:7.4f}"
             print(f"{name:30} {scores.row()} {scores.kid_ssl:8.5f}{c2st}", flush=True)
         for measure in MEASURES if args.two_sample else MEASURES[:2]:
