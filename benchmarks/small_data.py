@@ -10,8 +10,9 @@ the other N make evaluate's real-vs-real floor):
 - CXR with 500 training images from scratch, and fine-tuned from the shipped Hand generator (``train.init_from``,
   whose width the runs must then have: 16), both with ``--cxr-augment``.
 
-``--repeat-full K`` trains the full-set run without augmentation K more times with other seeds (``train.seed``
-1..K): the spread of those runs is what a difference between rows must exceed to mean anything.
+``--repeat-full K`` trains the full-set run without augmentation K more times with the K seeds after the recipe's
+own ``train.seed``: the spread of those runs is what a difference between rows must exceed to mean anything (a
+run again with the same seed repeats its score to the last digit).
 
 Targets (printed with PASS/FAIL): with 1,000 images, ADA or DiffAugment at most 1.3x the full set's FD-SSL (without
 augmentation); fine-tuning beats scratch on 500 CXR images.
@@ -106,7 +107,7 @@ def main() -> int:
     parser.add_argument("--num-samples", type=int, default=1000, help="N generated vs N held-out real images")
     parser.add_argument("--cxr-augment", choices=MODES, default="ada")
     parser.add_argument("--repeat-full", type=int, default=0, metavar="K",
-                        help="the full set without augmentation K more times, seeds 1..K (run-to-run spread)")
+                        help="the full set without augmentation K more times, other seeds (run-to-run spread)")
     parser.add_argument("--parallel", type=int, default=1, help="runs side by side")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="CPU threads per run (OMP_NUM_THREADS)")
@@ -122,8 +123,12 @@ def main() -> int:
     jobs += [("cxr_500_scratch", cxr_roots[500], cxr_eval, [f"train.d_augment={args.cxr_augment}"]),
              ("cxr_500_from_hand", cxr_roots[500], cxr_eval,
               [f"train.d_augment={args.cxr_augment}", f"train.init_from={SHIPPED_HAND}"])]
+    from mednist_gan.config.load import load_config
+
+    recipe_seed = load_config(REPO / "configs" / "resnet.yaml").train.seed
+    seeds = [recipe_seed + k for k in range(1, args.repeat_full + 1)]
     jobs += [(f"hand_full_none_seed{seed}", hand_roots["full"], hand_eval,
-              ["train.d_augment=none", f"train.seed={seed}"]) for seed in range(1, args.repeat_full + 1)]
+              ["train.d_augment=none", f"train.seed={seed}"]) for seed in seeds]
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda job: train_and_score(*job[:3], args, job[3]), jobs))
     by_run = {r["run"]: r for r in results}
@@ -139,8 +144,8 @@ def main() -> int:
         print(f"| {name.removeprefix('cxr_500_')} | {by_run[name]['fd_ssl']:.3f} |")
     full = by_run["hand_full_none"]["fd_ssl"]
     if args.repeat_full:
-        repeats = [full] + [by_run[f"hand_full_none_seed{seed}"]["fd_ssl"] for seed in range(1, args.repeat_full + 1)]
-        print(f"\nthe full set without augmentation, seeds 0..{args.repeat_full}: FD-SSL "
+        repeats = [full] + [by_run[f"hand_full_none_seed{seed}"]["fd_ssl"] for seed in seeds]
+        print(f"\nthe full set without augmentation, seeds {recipe_seed}..{seeds[-1]}: FD-SSL "
               + ", ".join(f"{v:.3f}" for v in repeats) + f" (largest / smallest {max(repeats) / min(repeats):.2f})")
     best = min(by_run["hand_1000_ada"]["fd_ssl"], by_run["hand_1000_diffaugment"]["fd_ssl"])
     print()
