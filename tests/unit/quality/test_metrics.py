@@ -202,7 +202,8 @@ label = torch.tensor([0, 1, 2, 3])
     (lambda: usefulness(image, label, image, label, image, label, threads=0), "usefulness: threads must be an integer"),
     (lambda: two_sample_test(image, torch.rand(4, 1, 32, 32)),
      r"two-sample test: real images are \(1, 64, 64\), candidate images \(1, 32, 32\); expected one size"),
-    (lambda: two_sample_test(image[:3], image), r"two-sample test: real images must be .* N >= 4, got \(3, 1, 64, 64\)"),
+    (lambda: two_sample_test(image[:3], image),
+     r"two-sample test: real images must be .* N >= 4, got \(3, 1, 64, 64\)"),
 ])
 def test_bad_input_is_one_line_naming_what_is_wrong(call, message):
     with pytest.raises(MednistGanError, match=message) as caught:

@@ -153,8 +153,9 @@ def test_a_resume_says_which_config_keys_changed(checkpointed_run, tmp_path, med
 
 
 def test_mapping_keys_are_compared_whole_and_keys_a_checkpoint_lacks_are_not():
-    cfg = load_config(CONFIGS / "debug.yaml", ["model.arch=resnet", "data.classes=[Hand, CXR]",
-                                               "data.class_weights={Hand: 3}", "data.intensity={min: -1000, max: 1000}"])
+    overrides = ["model.arch=resnet", "data.classes=[Hand, CXR]", "data.class_weights={Hand: 3}",
+                 "data.intensity={min: -1000, max: 1000}"]
+    cfg = load_config(CONFIGS / "debug.yaml", overrides)
     saved = cfg.to_dict()
     saved["data"].update(class_weights={"Hand": 2}, intensity=None)
     del saved["data"]["resize"]  # written by a version without the key
