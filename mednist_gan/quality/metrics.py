@@ -345,9 +345,10 @@ def two_sample_test(real: torch.Tensor, candidate: torch.Tensor, epochs: int = 2
     ``MedNISTClassifier`` with two outputs from scratch (``usefulness``'s recipe), the other halves test it.
     ``auc``, the measure, is the chance that a test candidate scores above a test real image (ties count half):
     0.5 for sets that cannot be told apart, 1.0 for sets always told apart. ``accuracy`` (the sign of the score)
-    says the same only once training has also set the network's bias: after a few hundred steps, not after
-    the 26 of 2 epochs of 200 images per side, where noise scored accuracy 0.5 at AUC 1.0. Runs on the CPU with
-    ``threads`` threads, restored afterwards.
+    says the same only once training has also set the network's bias, which a few dozen steps do not. It is a
+    check that a set passes for real, not a distance: with 1,000 training images per side it tells even slightly
+    blurred images from real ones (docs/benchmarks.md, section 8). Runs on the CPU with ``threads`` threads,
+    restored afterwards.
 
     Returns ``accuracy``, ``auc``, ``train_images`` and ``test_images`` (both sides), ``epochs`` and ``seconds``.
     """
