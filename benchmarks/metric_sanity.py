@@ -97,8 +97,7 @@ def main() -> int:
         meter = QualityMeter(reference)
         cases = sanity_cases(reference, other, generators_for(class_name), class_name)
         print(f"\n{class_name}: N = {args.num_samples} per side; real images' diversity {meter.real_diversity:.4f}")
-        print(f"{'':30} {Scores.header()} {'kid_ssl':>8}{'c2st':>7}" if args.two_sample else
-              f"{'':30} {Scores.header()} {'kid_ssl':>8}")
+        print(f"{'':30} {Scores.header()} {'kid_ssl':>8}" + (f"{'c2st':>7}" if args.two_sample else ""))
         rows = table[class_name] = {}
         for name, images in cases.items():
             scores = meter.score(images)

@@ -80,15 +80,15 @@ def image_folder(cfg: DataConfig, class_name: Optional[str] = None) -> Path:
 def describe_data(cfg: DataConfig, image_shape: list[int]) -> str:
     """The dry run's look at the data, in one line: every class folder is there with images, and the first image
     of each decodes at the model's size (a problem is the one-line error training would stop with)."""
-    root, counts = resolve_root(cfg), []
+    root, counts, fit = resolve_root(cfg), [], image_fit(cfg)
     for name in cfg.class_names:
         folder = _class_folder(root, name)
         if folder is None and cfg.download:
             return f"data: {root}: no {name}/ folder yet; data.download=true fetches MedNIST before training"
         if folder is None:
             raise _no_class_folder(root, name)
-        files = list_images(folder, image_fit(cfg))
-        _decode(files[0], tuple(image_shape[-2:]), image_fit(cfg))
+        files = list_images(folder, fit)
+        _decode(files[0], tuple(image_shape[-2:]), fit)
         counts.append(f"{name} {len(files):,}")
     limit = f", data.limit={cfg.limit} of each" if cfg.limit else ""
     return f"data: {root}: {', '.join(counts)} images{limit}, {image_shape[-2]}x{image_shape[-1]} grey"
@@ -260,12 +260,12 @@ def load_dataset(cfg: DataConfig, image_shape: list[int]) -> torch.Tensor:
 def load_labelled_dataset(cfg: DataConfig, image_shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 1, H, W) uint8 of every class of ``data.classes`` (``data.limit`` per class) and their labels
     (N,) int64: the class's index in that list."""
-    images, labels = [], []
+    images, labels, fit = [], [], image_fit(cfg)
     for label, name in enumerate(cfg.class_names):
-        files = list_images(image_folder(cfg, name), image_fit(cfg))
+        files = list_images(image_folder(cfg, name), fit)
         if cfg.limit is not None:
             files = files[: cfg.limit]
-        images.append(load_images(files, tuple(image_shape[1:]), cfg.cache_dir, cfg.bad_files, image_fit(cfg)))
+        images.append(load_images(files, tuple(image_shape[1:]), cfg.cache_dir, cfg.bad_files, fit))
         labels.append(torch.full((len(images[-1]),), label, dtype=torch.long))
     return torch.cat(images), torch.cat(labels)
 

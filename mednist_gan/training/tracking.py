@@ -129,8 +129,15 @@ class Tracking:
         return {}
 
     def _flat_config(self) -> dict:
-        """The config as trackers take it: one level, lists and mappings as text."""
-        return {key: str(value) if isinstance(value, (list, dict)) else value for key, value in self.cfg.flat().items()}
+        """The config as trackers take it: one level, lists as text, a mapping as one key per entry
+        (``data.class_weights.Hand``)."""
+        flat = {}
+        for key, value in self.cfg.flat().items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{name}": entry for name, entry in value.items()})
+            else:
+                flat[key] = str(value) if isinstance(value, list) else value
+        return flat
 
     def _start_wandb(self, resumed_step: Optional[int], local_high: int) -> None:
         log_cfg = self.cfg.log

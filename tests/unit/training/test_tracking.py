@@ -72,6 +72,24 @@ def test_start_keeps_the_metrics_of_steps_up_to_the_resumed_checkpoint(tmp_path)
     assert (run / "metrics.jsonl").read_text() == ""
 
 
+
+def test_trackers_get_the_config_one_level_deep(tmp_path):
+    """Lists as text, a mapping as one key per entry (a tracker such as TensorBoard takes only plain values)."""
+    import logging
+    from types import SimpleNamespace
+
+    from mednist_gan.config import load_config
+    from mednist_gan.training.tracking import Tracking
+
+    overrides = ["model.arch=resnet", "data.classes=[Hand, CXR]", "data.class_weights={Hand: 3}",
+                 "data.intensity={min: -1000, max: 1000}"]
+    cfg = load_config(CONFIGS / "debug.yaml", overrides)
+    flat = Tracking(cfg, SimpleNamespace(is_main_process=True), tmp_path, logging.getLogger("t"))._flat_config()
+    assert flat["data.class_weights.Hand"] == 3.0 and "data.class_weights" not in flat
+    assert flat["data.intensity.min"] == -1000.0 and flat["data.intensity.max"] == 1000.0
+    assert flat["data.classes"] == "['Hand', 'CXR']" and flat["data.resize"] is None
+
+
 # ----------------------------------------------------------------------------- any of Accelerate's trackers
 
 def test_every_accelerate_tracker_is_a_choice():
