@@ -5,9 +5,10 @@ real-vs-real floor), blurred (Gaussian sigma 0.5, 1.0, 1.5), upside down, transp
 and replaced by a handful of reference images repeated (mode collapse); beside them the shipped generators that
 make the class (for Hand: the seed bundle's, the bundle-architecture one and the Hand-only one; for every class
 the six-class one). FMD/KID use the classifier's features, FD-SSL and precision/recall/density/coverage the
-self-supervised encoder's; ``--two-sample`` adds the classifier two-sample test's AUC (``c2st``), in neither space.
-Each class ends with the order of the rows by FD-SSL, FMD and c2st, and whether each measure puts the damaged rows
-in their known order (floor < sigma 0.5 < 1.0 < 1.5; every damaged row above the floor).
+self-supervised encoder's; SWD (pixel patches) and ``--two-sample``'s classifier two-sample test AUC (``c2st``) are
+in neither space. Each class ends with the order of the rows by each measure, whether it puts the damaged rows in
+their known order (floor < sigma 0.5 < 1.0 < 1.5; every damaged row above the floor), and how far it agrees with
+FD-SSL's order of all rows (Spearman's rank correlation).
 
     python benchmarks/metric_sanity.py [--data ../shared/data/mednist-full] [--classes Hand [CXR ...] | all]
         [--num-samples 2000] [--two-sample] [--out sanity.json]
@@ -34,7 +35,7 @@ HAND_ONLY = ASSETS / "hand" / "model.pt"
 SIX_CLASS = ASSETS / "conditional" / "model.pt"
 FLOOR, BLURS = "real (floor)", tuple(f"blurred, sigma {s}" for s in (0.5, 1.0, 1.5))
 DAMAGED = (*BLURS, "upside down", "transposed", "uniform noise", "8 training images repeated")
-MEASURES = ("fd_ssl", "fmd", "c2st")
+MEASURES = ("fd_ssl", "fmd", "swd", "c2st")
 
 
 def sanity_cases(reference: torch.Tensor, other: torch.Tensor, generators: dict[str, Path],
@@ -76,6 +77,13 @@ def known_order_holds(row: dict[str, dict], measure: str) -> bool:
     return rising and all(row[name][measure] > row[FLOOR][measure] for name in DAMAGED)
 
 
+def rank_agreement(row: dict[str, dict], measure: str, other: str = "fd_ssl") -> float:
+    """Spearman's rank correlation of two measures over the rows (1: the same order; no ties expected)."""
+    ranks = [torch.tensor([row[name][m] for name in row]).argsort().argsort().double() for m in (measure, other)]
+    n = len(row)
+    return float(1 - 6 * ((ranks[0] - ranks[1]) ** 2).sum() / (n * (n * n - 1)))
+
+
 def main() -> int:
     from mednist_gan.quality.classifier import CLASSES
     from mednist_gan.quality.evaluate import load_real_images, split_halves
@@ -91,14 +99,17 @@ def main() -> int:
     args = parser.parse_args()
     classes = list(CLASSES) if args.classes == ["all"] else args.classes
     print(machine())
-    table = {}
+    table, sizes = {}, {}
     for class_name in classes:
-        reference, other = split_halves(load_real_images(args.data / class_name), args.num_samples, seed=0)
+        real = load_real_images(args.data / class_name)
+        n = min(args.num_samples, len(real) // 2)  # as evaluate does: BreastMRI's 8,954 images give 4,477 a side
+        reference, other = split_halves(real, n, seed=0)
         meter = QualityMeter(reference)
         cases = sanity_cases(reference, other, generators_for(class_name), class_name)
-        print(f"\n{class_name}: N = {args.num_samples} per side; real images' diversity {meter.real_diversity:.4f}")
+        print(f"\n{class_name}: N = {n} per side; real images' diversity {meter.real_diversity:.4f}")
         print(f"{'':30} {Scores.header()} {'kid_ssl':>8}" + (f"{'c2st':>7}" if args.two_sample else ""))
         rows = table[class_name] = {}
+        sizes[class_name] = n
         for name, images in cases.items():
             scores = meter.score(images)
             rows[name] = asdict(scores)
@@ -107,12 +118,12 @@ def main() -> int:
                 rows[name]["c2st"] = two_sample_test(reference, images, threads=torch.get_num_threads())["auc"]
                 c2st = f"{rows[name]['c2st']:7.4f}"
             print(f"{name:30} {scores.row()} {scores.kid_ssl:8.5f}{c2st}", flush=True)
-        for measure in MEASURES if args.two_sample else MEASURES[:2]:
+        for measure in MEASURES if args.two_sample else MEASURES[:-1]:
             order = sorted(rows, key=lambda name: rows[name][measure])
-            print(f"{measure:>7}: known order {'holds' if known_order_holds(rows, measure) else 'BROKEN'}; "
-                  + " < ".join(order))
+            print(f"{measure:>7}: known order {'holds' if known_order_holds(rows, measure) else 'BROKEN'}, "
+                  f"rank agreement with fd_ssl {rank_agreement(rows, measure):.2f}; " + " < ".join(order))
     if args.out:
-        args.out.write_text(json.dumps({"num_samples": args.num_samples, "machine": machine(), "classes": table},
+        args.out.write_text(json.dumps({"num_samples": sizes, "machine": machine(), "classes": table},
                                        indent=2) + "\n")
     return 0
 

@@ -316,7 +316,7 @@ class EvalConfig:
     every_steps: Optional[int] = documented(None, "score the generator every N iterations; null = never")
     num_samples: int = documented(1000, "generated and real (training) images per evaluation")
     keep_best: bool = documented(True, "export the generator with the lowest eval.best_metric so far to <run_dir>/best")
-    best_metric: Literal["fd_ssl", "fmd", "kid", "kid_ssl"] = documented(
+    best_metric: Literal["fd_ssl", "fmd", "kid", "kid_ssl", "swd"] = documented(
         "fd_ssl", "the score (lower is better) that picks the generator kept in <run_dir>/best")
     classifier: Optional[str] = documented(None, "classifier weights (FMD, KID); null = the shipped classifier")
     encoder: Optional[str] = documented(

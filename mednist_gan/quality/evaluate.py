@@ -275,7 +275,8 @@ def legend(result: dict) -> list[str]:
     """The lines under the table: one for each kind of column and of row the table shows, none for the others."""
     rows = [row for block in (result.get("classes") or [result]) for row in block["rows"]]
     lines = ["fmd, kid: classifier features; fd_ssl, precision, recall, density, coverage: self-supervised encoder "
-             "features; diversity: mean MS-SSIM of random pairs (lower = more varied)"]
+             "features; swd: sliced Wasserstein distance of 7x7 pixel patches (x 1,000); diversity: mean MS-SSIM of "
+             "random pairs (lower = more varied)"]
     memorization = (f"memorization_pixels, memorization_encoder: share of images at most as far from a training "
                     f"image (in pixels, in encoder features) as the closest {result['memorization_percentile']:g}% "
                     f"of real unseen images (floor row: those images themselves)")

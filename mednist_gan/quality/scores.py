@@ -8,6 +8,8 @@ Feature spaces (both shipped in ``assets/``, both trained on MedNIST by the proj
   **KID-SSL** are the same distances on its features; precision/recall and density/coverage (``metrics.py``)
   use it too. Which space agrees with the eye on blurred images and generator artefacts is measured in
   docs/quality.md.
+- **pixels**: **SWD**, the sliced Wasserstein distance between the sets' 7x7 patches at three levels of a
+  Laplacian pyramid (``patches.SlicedWasserstein``), a third opinion that no trained network shapes.
 
 Besides: **diversity** (mean MS-SSIM of random pairs, ``monai.metrics.MultiScaleSSIMMetric``; a collapsed
 generator scores much higher than the real images do). ``QualityMeter`` computes the real images' side once
@@ -27,6 +29,7 @@ import torch
 from . import metrics
 from .classifier import load_classifier, to_evaluation_pixels
 from .encoder import load_encoder
+from .patches import SlicedWasserstein
 from ..errors import MednistGanError
 
 # 3 scales so that a 7-pixel window still fits the coarsest (16x16) scale of a 64x64 image;
@@ -47,10 +50,11 @@ class Scores:
     density: float  # Naeem et al.: about 1 for real images, above for images crowded where real ones are
     coverage: float  # share of real images with a generated image among their k nearest
     diversity: float  # mean pairwise MS-SSIM of the evaluated images (lower = more diverse)
+    swd: float  # sliced Wasserstein distance of pixel patches, mean of three pyramid levels (x 1,000)
 
     # The table's columns: (JSON key, width, format); a column's header is its key in evaluate's JSON, its value the
     # JSON's value (KID unscaled). kid_ssl is in the JSON only.
-    COLUMNS = (("fmd", 8, ".3f"), ("fd_ssl", 8, ".3f"), ("kid", 8, ".5f"), ("precision", 9, ".3f"),
+    COLUMNS = (("fmd", 8, ".3f"), ("fd_ssl", 8, ".3f"), ("swd", 7, ".2f"), ("kid", 8, ".5f"), ("precision", 9, ".3f"),
                ("recall", 6, ".3f"), ("density", 7, ".3f"), ("coverage", 8, ".3f"), ("diversity", 9, ".4f"))
 
     @classmethod
@@ -63,7 +67,8 @@ class Scores:
 
 
 class QualityMeter:
-    """Real reference features (both spaces) computed once; then scores for any batch of images in [0, 1]."""
+    """The real side computed once (both spaces' features, the pixel patches); then scores for any batch of images
+    in [0, 1]."""
 
     def __init__(self, real: torch.Tensor, classifier: Optional[Path] = None, seed: int = 0,
                  pairs: int = 1000, batch_size: int = 500, device: str | torch.device = "cpu",
@@ -76,6 +81,7 @@ class QualityMeter:
         pixels = to_evaluation_pixels(real)
         self.real_features = self.features(pixels)
         self.real_diversity = diversity(pixels, pairs, seed, self.device)
+        self.patches = SlicedWasserstein(pixels.cpu(), seed=seed)
 
     @property
     def classifier(self) -> torch.nn.Module:
@@ -103,7 +109,8 @@ class QualityMeter:
                       kid=kid(feats["classifier"], real["classifier"], seed=self.seed),
                       kid_ssl=kid(feats["encoder"], real["encoder"], seed=self.seed),
                       precision=precision, recall=recall, density=density, coverage=coverage,
-                      diversity=diversity(pixels, self.pairs, self.seed, self.device))
+                      diversity=diversity(pixels, self.pairs, self.seed, self.device),
+                      swd=self.patches.distance(pixels.cpu()))
 
 
 def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ from mednist_gan.quality.encoder import train_encoder
 from mednist_gan.quality.metrics import usefulness
 from mednist_gan.training.trainer import train
 
-from helpers import CONFIGS, per_class, run_cli
+from helpers import CONFIGS, REPO, per_class, run_cli
 from stand_ins import ForeignGenerator, conditional_stand_in
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # metric_sanity.py and quality_targets.py, also when this file runs alone
 
 
 def test_classifier_training_is_reproducible(tmp_path, mednist_root):
@@ -39,9 +42,11 @@ def sanity(hand_halves, hand_meter, upstream_weights):
 
 def test_both_spaces_rank_damaged_real_images_behind_the_floor(sanity):
     """Upside-down, transposed and blurred real hands score clearly worse than real ones; more blur, worse;
-    noise worst. In both feature spaces."""
+    noise worst. In both feature spaces, and by SWD in pixels; SWD too puts the seed's hands behind the shipped
+    generator's."""
     floor = sanity["real (floor)"]
-    for space in ("fmd", "fd_ssl"):
+    assert sanity["shipped"].swd < sanity["seed"].swd
+    for space in ("fmd", "fd_ssl", "swd"):
         f = lambda name: getattr(sanity[name], space)  # noqa: E731
         for name in ("upside down", "transposed", "blurred, sigma 1.0", "8 training images repeated"):
             assert f(name) > 3 * f("real (floor)"), (space, name, f(name), floor)

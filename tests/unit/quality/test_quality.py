@@ -334,7 +334,7 @@ def test_evaluate_table_columns_are_the_json_keys_and_show_their_values():
     result = _result(BLURRED, *BASELINE)
     lines = format_table(result).splitlines()
     header = lines[1].split()
-    assert header == ["name", "latent", "fmd", "fd_ssl", "kid", "precision", "recall", "density", "coverage",
+    assert header == ["name", "latent", "fmd", "fd_ssl", "swd", "kid", "precision", "recall", "density", "coverage",
                       "diversity", "memorization_pixels", "memorization_encoder", "class_accuracy"]
     for row, line in zip(result["rows"], lines[2:]):
         assert set(header) <= set(row)
@@ -410,3 +410,12 @@ def test_the_sanity_tables_known_order_check():
     assert not known_order_holds(rows, "fd_ssl")
     rows["transposed"]["c2st"] = 0.4  # below the floor
     assert not known_order_holds(rows, "c2st")
+
+
+def test_the_sanity_tables_rank_agreement_is_spearmans():
+    from metric_sanity import rank_agreement
+
+    rows = {name: {"fd_ssl": float(i), "swd": 10.0 * i, "fmd": -float(i)} for i, name in enumerate("abcde")}
+    assert rank_agreement(rows, "swd") == 1.0 and rank_agreement(rows, "fmd") == -1.0
+    rows["a"]["swd"], rows["b"]["swd"] = rows["b"]["swd"], rows["a"]["swd"]  # one pair swapped: 1 - 6 * 2 / 120
+    assert rank_agreement(rows, "swd") == pytest.approx(0.9)
