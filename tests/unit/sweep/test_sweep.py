@@ -395,3 +395,12 @@ def test_without_the_sweep_extra_a_sweep_command_is_one_line_naming_it(command, 
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip() == (f"mednist-gan: error: mednist-gan {command[0]} needs optuna, which is not "
                                      'installed: pip install "mednist-gan[sweep]"')
+
+
+@pytest.mark.parametrize("name", ["quality.yaml", "conditional.yaml"])
+def test_the_shipped_search_spaces_pass_every_check(name, capsys):
+    """configs/sweeps/<name> passes every check of `sweep --dry-run` (keys, ranges, the enqueued first trial inside
+    the space, the base config and overrides loading) and writes nothing."""
+    path = CONFIGS / "sweeps" / name
+    assert main(["sweep", str(path), "--dry-run"]) == 0, capsys.readouterr().err
+    assert "trials" in capsys.readouterr().out
