@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,8 +207,10 @@ def test_shipped_conditional_generator_is_the_default_with_a_class_and_its_files
     from mednist_gan.generator.loader import open_generator
     from mednist_gan.models.networks import ResNetGenerator
 
-    assert (shipped_model() == SHIPPED_MODEL
-            and shipped_model("CXR") == SHIPPED_CONDITIONAL == CONDITIONAL / "mednist_gan.ts")
+    assert shipped_model() == shipped_model("Hand") == (SHIPPED_MODEL, None)
+    assert shipped_model("CXR") == (SHIPPED_CONDITIONAL, "CXR")
+    assert SHIPPED_CONDITIONAL == CONDITIONAL / "mednist_gan.ts"
+    assert shipped_model("all") == (SHIPPED_CONDITIONAL, "all")
     assert open_generator(SHIPPED_CONDITIONAL).classes == list(MEDNIST_CLASSES)
     generator = open_generator(CONDITIONAL / "model.pt").network
     assert isinstance(generator, ResNetGenerator) and generator.num_classes == 6
@@ -219,6 +222,33 @@ def test_shipped_conditional_generator_is_the_default_with_a_class_and_its_files
         assert images.shape == (12, 1, 64, 64) and 0 <= images.min() and images.max() <= 1
         assert torch.allclose(images, generator(z, labels), atol=1e-5)
     assert_shipped_files_agree(CONDITIONAL, "configs/conditional.yaml")
+
+
+def test_generate_class_hand_uses_the_shipped_generator_with_the_closer_hands(hand_meter, tmp_path):
+    """`generate --class Hand` without --model takes the generator whose hands score closer to real ones, by FD-SSL
+    and by SWD (pixel patches) at N = 1000, and writes what that generator makes; other classes come from the
+    six-class one. Shipping a six-class generator with better hands fails this until the rule changes."""
+    from mednist_gan.generator.generate import SHIPPED_CONDITIONAL, SHIPPED_ONE_CLASS, shipped_model
+    from mednist_gan.generator.loader import open_generator
+    from mednist_gan.quality.evaluate import sample_images
+
+    def hands(path: Path):
+        opened = open_generator(path)
+        images = sample_images(opened.network, opened.latent_size, 1000, 1, "normal", source=path,
+                               label=opened.label("Hand"))
+        return hand_meter.score(images)
+
+    for class_name, one_class in SHIPPED_ONE_CLASS.items():
+        assert class_name == "Hand"  # the only class with a shipped one-class generator
+        own, six = hands(one_class), hands(SHIPPED_CONDITIONAL)
+        better = own.fd_ssl < six.fd_ssl and own.swd < six.swd
+        assert better == (shipped_model("Hand")[0] == one_class), (own, six)
+    result = run_cli("generate", "--class", "Hand", "--num-samples", "3", "--output-dir", str(tmp_path / "class"))
+    assert result.returncode == 0, result.stderr
+    result = run_cli("generate", "--num-samples", "3", "--output-dir", str(tmp_path / "default"))
+    assert result.returncode == 0, result.stderr
+    for name in ("sample_00000.png", "sample_00001.png", "sample_00002.png"):
+        assert (tmp_path / "class" / name).read_bytes() == (tmp_path / "default" / name).read_bytes()
 
 
 def test_generate_with_a_class_and_no_model_makes_that_class(tmp_path):
