@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                                "to real ones than the six-class generator's")
 
     evaluate = sub.add_parser("evaluate", help="score generators against real images: distances in two feature "
-                                               "spaces, precision/recall, density/coverage, diversity, memorization, "
-                                               "class accuracy")
+                                               "spaces and in pixels (SWD), precision/recall, density/coverage, "
+                                               "diversity, memorization, class accuracy")
     evaluate.add_argument("--model", type=Path, action="append", default=[], required=True,
                           help="mednist_gan.pt2, mednist_gan.ts, model.pt, an export folder, a checkpoint folder or a "
                                "run directory, or any .pt2/TorchScript generator: latents (N, L) -> images "
