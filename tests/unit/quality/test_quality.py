@@ -296,6 +296,23 @@ def test_conditional_targets_name_every_class_and_catch_a_collapse():
     assert failed == ["Hand: MS-SSIM diversity within 10% of the real images' (0.3000)",
                       "HeadCT: FD-SSL at most 1.5x real images blurred with sigma 1.5 (0.400)",
                       "HeadCT: memorization (pixels) at most 2x the real held-out images' (1.00%)"]
+    strict = [name for name, _, _, met in conditional_targets(result, fd_vs_blurred=1.0) if not met]
+    assert "CXR: FD-SSL at most 1x real images blurred with sigma 1.5 (0.400)" in strict  # 0.55: within 1.5x only
+
+
+def test_one_class_bar_holds_the_six_class_hands_to_the_hand_generators():
+    """--one-class-bar (issue #38): the six-class generator's Hand FD-SSL at most 1.5x the one-class generator's,
+    whose own diversity must be within 10% of the real images'."""
+    from quality_targets import one_class_targets
+
+    six = {"classes": [{"class": "Hand", "rows": [{"model": None, "fd_ssl": 0.02}, {"model": "c.pt", "fd_ssl": 0.46}]}]}
+    one = {"real_diversity": 0.37, "rows": [{"model": None, "fd_ssl": 0.02}, {"model": "h.pt", "fd_ssl": 0.15,
+                                                                              "diversity": 0.38}]}
+    (fidelity, diversity) = one_class_targets(six, one)
+    assert fidelity[1:] == (0.46, pytest.approx(0.225), False) and diversity[3]
+    one["rows"][1].update(fd_ssl=0.31, diversity=0.45)
+    (fidelity, diversity) = one_class_targets(six, one)
+    assert fidelity[3] and not diversity[3]
 
 
 def test_class_diversity_scores_each_class_of_a_conditional_generator(tmp_path, mednist_root):
