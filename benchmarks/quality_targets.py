@@ -62,9 +62,15 @@ def hand_targets(result: dict) -> list[tuple[str, float, float, bool]]:
          model["fd_ssl"] <= blur["fd_ssl"]),
         (f"FMD at most {FMD_VS_SEED:g}x the seed weights' ({seed_fmd:.3f})", model["fmd"], FMD_VS_SEED * seed_fmd,
          model["fmd"] <= FMD_VS_SEED * seed_fmd),
-        (f"MS-SSIM diversity within {DIVERSITY_TOLERANCE:.0%} of the real images' ({real:.4f})", model["diversity"],
-         (1 + DIVERSITY_TOLERANCE) * real, abs(model["diversity"] / real - 1) <= DIVERSITY_TOLERANCE),
+        _diversity_target("MS-SSIM diversity", model["diversity"], real),
     ]
+
+
+def _diversity_target(what: str, diversity: float, real: float) -> tuple[str, float, float, bool]:
+    """``what`` within ``DIVERSITY_TOLERANCE`` of the real images' MS-SSIM ``real``, as a (target, measured, limit,
+    met) row."""
+    return (f"{what} within {DIVERSITY_TOLERANCE:.0%} of the real images' ({real:.4f})", diversity,
+            (1 + DIVERSITY_TOLERANCE) * real, abs(diversity / real - 1) <= DIVERSITY_TOLERANCE)
 
 
 def _blurred_row(rows: list[dict]) -> dict:
@@ -83,9 +89,7 @@ def conditional_targets(result: dict, fd_vs_blurred: float = FD_VS_BLURRED) -> l
         targets += [
             (f"{name}: class accuracy at least {CLASS_ACCURACY:.0%}", model["class_accuracy"], CLASS_ACCURACY,
              model["class_accuracy"] >= CLASS_ACCURACY),
-            (f"{name}: MS-SSIM diversity within {DIVERSITY_TOLERANCE:.0%} of the real images' ({real:.4f})",
-             model["diversity"], (1 + DIVERSITY_TOLERANCE) * real,
-             abs(model["diversity"] / real - 1) <= DIVERSITY_TOLERANCE),
+            _diversity_target(f"{name}: MS-SSIM diversity", model["diversity"], real),
             (f"{name}: FD-SSL at most {fd_vs_blurred:g}x real images blurred with sigma {BLUR_SIGMA:g} "
              f"({blur['fd_ssl']:.3f})", model["fd_ssl"], fd_vs_blurred * blur["fd_ssl"],
              model["fd_ssl"] <= fd_vs_blurred * blur["fd_ssl"]),
@@ -114,9 +118,7 @@ def one_class_targets(conditional: dict, one_class: dict,
     return [
         (f"{class_name}: FD-SSL at most {HAND_VS_ONE_CLASS:g}x the one-class generator's ({own['fd_ssl']:.3f})",
          six["fd_ssl"], HAND_VS_ONE_CLASS * own["fd_ssl"], six["fd_ssl"] <= HAND_VS_ONE_CLASS * own["fd_ssl"]),
-        (f"{class_name}, one-class generator: MS-SSIM diversity within {DIVERSITY_TOLERANCE:.0%} of the real "
-         f"images' ({real:.4f})", own["diversity"], (1 + DIVERSITY_TOLERANCE) * real,
-         abs(own["diversity"] / real - 1) <= DIVERSITY_TOLERANCE),
+        _diversity_target(f"{class_name}, one-class generator: MS-SSIM diversity", own["diversity"], real),
     ]
 
 

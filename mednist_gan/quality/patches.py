@@ -43,9 +43,8 @@ class SlicedWasserstein:
     contrast is not counted; Karras et al.'s choice), projected on ``directions`` random unit vectors; per
     direction, the 1-D Wasserstein-1 distance of the two sets of projections: the mean difference of their values
     at 2**14 evenly spaced quantiles (fewer for small sets: the smaller set's count), averaged over the directions,
-    times 1,000. Blur moves the finest
-    level most, a wrong layout (upside down, transposed) the coarsest, noise all of them; ``distance`` is the
-    mean of the levels. Seeded: a set gets the same number on every call."""
+    times 1,000. Blur moves the finest level most, a wrong layout (upside down, transposed) the coarsest, noise all
+    of them; ``distance`` is the mean of the levels. Seeded: a set gets the same number on every call."""
 
     PATCHES_PER_IMAGE, MAX_PATCHES, QUANTILES = 64, 1 << 18, 1 << 14
 
