@@ -223,6 +223,9 @@ class TrainConfig:
     r1_gamma: float = documented(0.0, "R1 gradient penalty on real images, gamma/2 * E|grad_x D(x)|^2; 0 = off")
     r1_every: int = documented(1, "apply R1 every N discriminator updates, scaled by N (lazy regularisation)")
     mode_seeking: float = documented(0.0, "weight of MSGAN's mode-seeking term in G's loss (docs/training.md); 0 = off")
+    mode_seeking_classes: dict[str, float] = documented(
+        {}, "a class-conditional run's own mode-seeking weight for some classes, e.g. {Hand: 0}; a class not named "
+        "takes train.mode_seeking")
     ema_decay: Optional[float] = documented(
         None, "moving average of the generator's weights, used by samples, evaluation and export; null = off")
     ema_warmup: bool = documented(False, "EMA decay min(ema_decay, (1 + t) / (10 + t)) at the t-th generator update")
@@ -255,6 +258,8 @@ class TrainConfig:
         _require(self.r1_gamma >= 0, "train.r1_gamma", self.r1_gamma, "a number >= 0")
         _require(self.r1_every >= 1, "train.r1_every", self.r1_every, "an integer >= 1")
         _require(self.mode_seeking >= 0, "train.mode_seeking", self.mode_seeking, "a number >= 0")
+        for name, weight in self.mode_seeking_classes.items():
+            _require(0 <= weight < math.inf, f"train.mode_seeking_classes.{name}", weight, "a number >= 0")
         _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "train.ema_decay", self.ema_decay,
                  "a number in (0, 1) or null")
         _require(self.collective_timeout_s >= 1, "train.collective_timeout_s", self.collective_timeout_s,
@@ -374,12 +379,25 @@ class Config:
     def run_path(self) -> Path:
         return Path(self.run_dir if self.run_dir is not None else os.path.join("runs", self.name))
 
+    @property
+    def mode_seeking_weights(self) -> list[float]:
+        """The mode-seeking term's weight for each class in label order (one weight for an unconditional run);
+        all 0: the term is off."""
+        names = self.data.class_names
+        if len(names) == 1:
+            return [self.train.mode_seeking]
+        return [self.train.mode_seeking_classes.get(name, self.train.mode_seeking) for name in names]
+
     def check(self) -> None:
         names = self.data.class_names
         derived = names if len(names) > 1 else []
         _require(self.model.classes in ([], derived), "model.classes", self.model.classes,
                  f"nothing: it is set from data.classes ({derived})")
         _require(bool(self.name), "name", self.name, "a non-empty string")
+        for name, weight in self.train.mode_seeking_classes.items():
+            key = f"train.mode_seeking_classes.{name}"
+            _require(len(names) > 1, key, weight, "nothing: per-class weights need several data.classes")
+            _require(name in names, key, weight, f"a class of data.classes ({', '.join(names)})")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):

@@ -36,15 +36,15 @@ def generator_loss(fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor
 
 
 def mode_seeking_penalty(images: torch.Tensor, latents: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
-    """MSGAN's term on pairs (2k, 2k+1): the mean over pairs of 1 / (mean |image_a - image_b| / mean |z_a - z_b| + eps).
+    """MSGAN's term on pairs (2k, 2k+1), one value per pair: 1 / (mean |image_a - image_b| / mean |z_a - z_b| + eps).
 
-    Large when two latents give nearly one image; a mean over pairs (not a ratio of batch means), so that the
-    processes' slices of a batch average to what one process computes on all of it.
+    Large when two latents give nearly one image. The loss is a (weighted) mean over pairs, not a ratio of batch
+    means, so that the processes' slices of a batch average to what one process computes on all of it.
     """
     a, b = images.float().flatten(1).unflatten(0, (-1, 2)).unbind(1)
     za, zb = latents.float().flatten(1).unflatten(0, (-1, 2)).unbind(1)
     ratio = (a - b).abs().mean(1) / (za - zb).abs().mean(1)
-    return (1 / (ratio + eps)).mean()
+    return 1 / (ratio + eps)
 
 
 def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -325,9 +325,13 @@ def _param(spec: _Spec, key: str, value: Any, base: Path, overrides: Sequence[st
 
 
 def _key_type(spec: _Spec, key: str, base: Path, overrides: Sequence[str]) -> Any:
-    """The annotation of a dotted config key; an unknown key is the config's own one-line error."""
+    """The annotation of a dotted config key, or of one entry of a mapping key (``data.class_weights.Hand``); an
+    unknown key is the config's own one-line error."""
     annotation: Any = Config
     for part in key.split("."):
+        if typing.get_origin(annotation) is dict:  # an entry: the config's checks judge its name
+            annotation = typing.get_args(annotation)[1]
+            continue
         hints = typing.get_type_hints(annotation) if dataclasses.is_dataclass(annotation) else {}
         if part not in hints:
             try:

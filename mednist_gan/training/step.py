@@ -57,7 +57,7 @@ def per_process_batches(cfg: Config, num_processes: int) -> tuple[int, int]:
         raise ConfigError(f"model.resnet_mbstd={cfg.model.resnet_mbstd} must divide the per-process batch "
                           f"({d_batch}): its groups must not straddle two processes")
     g_batch //= num_processes
-    if cfg.train.mode_seeking and g_batch % 2:
+    if any(cfg.mode_seeking_weights) and g_batch % 2:
         raise ConfigError(f"train.mode_seeking pairs the generator's latents: its per-process batch "
                           f"({g_batch}) must be even")
     return d_batch, g_batch
@@ -93,6 +93,8 @@ class GanStep:
         self.memory_format = memory_format(cfg.runtime)
 
         self.latent_rng = torch.Generator(device=device).manual_seed(cfg.train.seed)
+        weights = torch.tensor(cfg.mode_seeking_weights, device=device)  # per class (train.mode_seeking_classes)
+        self.mode_seeking = weights if bool(weights.any()) else None  # None: the term is off
         weights = cfg.data.sampling_weights
         self.label_weights = None if weights is None else torch.tensor(weights, device=device)
         self.augment_rng = torch.Generator(device=device).manual_seed(cfg.train.seed + AUGMENT_SEED_OFFSET)
@@ -173,7 +175,7 @@ class GanStep:
             skipped = self.skipped_updates
             inputs = {"z": self.sample_latents(self.g_batch)}
             if labels is not None:
-                inputs["labels"] = self.sample_labels(self.g_batch, train.mode_seeking > 0)
+                inputs["labels"] = self.sample_labels(self.g_batch, self.mode_seeking is not None)
             if self.d_augment:
                 inputs["fake_aug"] = self.sample_d_augment(self.g_batch, real.shape[-1])
             g_metrics.append(self.run_phase(("g",), self.generator_phase, **inputs))
@@ -253,13 +255,16 @@ class GanStep:
             fake = self.fake_images(z, labels)
             seen = fake if fake_aug is None else augment(fake, fake_aug)
             loss_g = total_g = generator_loss(self.discriminate(seen, labels), train.loss)
-            if train.mode_seeking:
-                mode_seeking = mode_seeking_penalty(fake, z)
-                total_g = loss_g + train.mode_seeking * mode_seeking
+            metrics = {"loss_g": loss_g.detach()}
+            if self.mode_seeking is not None:  # a pair's weight is its class's (one label per pair)
+                per_pair = mode_seeking_penalty(fake, z)
+                weights = self.mode_seeking if labels is None else self.mode_seeking[labels[0::2]]
+                total_g = loss_g + (weights * per_pair).mean()
+                metrics["mode_seeking"] = per_pair.mean().detach()
         self.acc.backward(total_g)
         if not self.skip_nonfinite(total_g, self.opt_g):
             self.opt_g.step()
-        return {"loss_g": loss_g.detach(), **({"mode_seeking": mode_seeking.detach()} if train.mode_seeking else {})}
+        return metrics
 
     def fake_images(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """G's training forward pass: images for latents ``z`` (and class labels)."""

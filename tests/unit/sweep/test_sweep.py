@@ -64,6 +64,23 @@ def test_a_search_space_gives_each_trial_an_ordinary_run_config(tmp_path):
     assert cfg.train.resume == "auto"  # a requeued trial resumes from its checkpoint
 
 
+def test_a_parameter_can_be_one_entry_of_a_mapping_key(tmp_path):
+    """data.class_weights.Hand, train.mode_seeking_classes.Hand: an entry is a parameter of the mapping's value type
+    (a number, so a range works); an entry the config refuses is refused in one line naming it."""
+    text = SPACE.replace("overrides: [eval.num_samples=8]",
+                         "overrides: [eval.num_samples=8, model.arch=resnet, 'data.classes=[CXR, Hand]']")
+    text = text.replace("  train.loss: {{choices: [bce, ns, hinge]}}\n",
+                        "  data.class_weights.Hand: {{low: 1, high: 3}}\n"
+                        "  train.mode_seeking_classes.Hand: {{choices: [0.0, 0.2]}}\n")
+    spec = load_sweep(_space(tmp_path, text))
+    cfg = spec.trial_config(0, {"optim.g_lr": 1e-3, "data.class_weights.Hand": 2.5,
+                                "train.mode_seeking_classes.Hand": 0.0, "train.d_train_steps": 1})
+    assert cfg.data.class_weights == {"Hand": 2.5} and cfg.train.mode_seeking_classes == {"Hand": 0.0}
+    with pytest.raises(ConfigError, match=r"params.data.class_weights.Knee.low: data.class_weights.Knee=1.0 is not "
+                                          r"allowed: expected a class of data.classes \(CXR, Hand\)"):
+        load_sweep(_space(tmp_path, text.replace("data.class_weights.Hand", "data.class_weights.Knee")))
+
+
 def test_every_shipped_search_space_loads(tmp_path):
     for path in sorted((CONFIGS / "sweeps").glob("*.yaml")):
         if path.name.startswith("wandb_"):

@@ -148,6 +148,29 @@ def test_mode_seeking_pairs_the_generators_latents_by_class(tmp_path, mednist_ro
                      "train.batch_size=7"))
 
 
+def test_mode_seeking_classes_set_each_pairs_weight_by_its_class(tmp_path, mednist_root):
+    """train.mode_seeking_classes={Hand: 0}: a generator update on Hand pairs is the update without the term, one on
+    CXR pairs is not; all weights 0 turns the term off (no pairs, nothing logged)."""
+    def updated(overrides, label):
+        reset_accelerate()
+        trainer = Trainer(_cfg(tmp_path, mednist_root, f"run_dir={tmp_path / str(len(overrides))}", *overrides))
+        step = trainer.gan_step
+        z = torch.randn(8, trainer.cfg.model.latent_size, generator=torch.Generator().manual_seed(1))
+        step.generator_phase(z, torch.full((8,), trainer.cfg.model.classes.index(label)))
+        return step, torch.cat([p.detach().flatten() for p in trainer.acc.unwrap_model(step.G).parameters()])
+
+    without = {label: updated([], label)[1] for label in ("Hand", "CXR")}
+    step, hand = updated(["train.mode_seeking=1", "train.mode_seeking_classes={Hand: 0}"], "Hand")
+    assert step.mode_seeking.tolist() == [1.0, 0.0]  # label order: CXR, Hand
+    assert torch.equal(hand, without["Hand"])
+    _, cxr = updated(["train.mode_seeking=1", "train.mode_seeking_classes={Hand: 0}"], "CXR")
+    assert not torch.allclose(cxr, without["CXR"])
+    step, _ = updated(["train.mode_seeking=1", "train.mode_seeking_classes={Hand: 0, CXR: 0}"], "CXR")
+    assert step.mode_seeking is None
+    with pytest.raises(ConfigError, match=r"train.mode_seeking_classes.Knee=1.0 is not allowed: expected a class of"):
+        _cfg(tmp_path, mednist_root, "train.mode_seeking_classes={Knee: 1}")
+
+
 def test_an_unconditional_generator_refuses_a_class(tmp_path):
     from mednist_gan.generator.generate import SHIPPED_MODEL
 
