@@ -208,7 +208,7 @@ def memorization(generated: torch.Tensor, held_out: Optional[torch.Tensor], trai
 
 # ----------------------------------------------------------------------------- the classifier's view
 
-def _images(what: str, name: str, images: torch.Tensor, at_least: int = 1) -> torch.Tensor:
+def checked_images(what: str, name: str, images: torch.Tensor, at_least: int = 1) -> torch.Tensor:
     """Images (N, 1, S, S) of finite values, N >= ``at_least``, or a one-line error."""
     square = isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1 \
         and images.shape[2] == images.shape[3]
@@ -222,7 +222,7 @@ def _images(what: str, name: str, images: torch.Tensor, at_least: int = 1) -> to
 
 def _labelled(what: str, name: str, images: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 1, S, S) and integer labels (N,) in CLASSES order, or a one-line error."""
-    images = _images(what, name, images)
+    images = checked_images(what, name, images)
     labels = torch.as_tensor(labels)
     if labels.shape != (len(images),) or labels.is_floating_point() or labels.is_complex():
         raise MednistGanError(f"{what}: {name} labels must be {len(images)} integers (one per image), "
@@ -287,7 +287,7 @@ def usefulness(synthetic_images: torch.Tensor, synthetic_labels, real_train_imag
     synthetic_images, synthetic_labels = _labelled(what, "synthetic", synthetic_images, synthetic_labels)
     real_train_images, real_train_labels = _labelled(what, "real training", real_train_images, real_train_labels)
     real_test_images, real_test_labels = _labelled(what, "real test", real_test_images, real_test_labels)
-    _check_counts(what, epochs=epochs, batch_size=batch_size, threads=threads)
+    check_counts(what, epochs=epochs, batch_size=batch_size, threads=threads)
     counts = torch.bincount(synthetic_labels, minlength=len(CLASSES)).tolist()
     missing = [CLASSES[c] for c in real_test_labels.unique().tolist() if counts[c] == 0]
     if missing:
@@ -313,7 +313,8 @@ def usefulness(synthetic_images: torch.Tensor, synthetic_labels, real_train_imag
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def _check_counts(what: str, **counts: int) -> None:
+def check_counts(what: str, **counts: int) -> None:
+    """Each count an integer >= 1, or a one-line error naming it."""
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MednistGanError(f"{what}: {name} must be an integer >= 1, got {value!r}")
@@ -353,11 +354,11 @@ def two_sample_test(real: torch.Tensor, candidate: torch.Tensor, epochs: int = 2
     Returns ``accuracy``, ``auc``, ``train_images`` and ``test_images`` (both sides), ``epochs`` and ``seconds``.
     """
     what = "two-sample test"
-    real, candidate = _images(what, "real", real, 4), _images(what, "candidate", candidate, 4)
+    real, candidate = checked_images(what, "real", real, 4), checked_images(what, "candidate", candidate, 4)
     if real.shape[1:] != candidate.shape[1:]:
         raise MednistGanError(f"{what}: real images are {tuple(real.shape[1:])}, candidate images "
                               f"{tuple(candidate.shape[1:])}; expected one size")
-    _check_counts(what, epochs=epochs, batch_size=batch_size, threads=threads)
+    check_counts(what, epochs=epochs, batch_size=batch_size, threads=threads)
     n = min(len(real), len(candidate))
     draw = torch.Generator().manual_seed(seed)
     halves = [side[torch.randperm(len(side), generator=draw)[:n]] for side in (real, candidate)]

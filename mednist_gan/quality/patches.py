@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .metrics import _check_counts, _images
+from .metrics import check_counts, checked_images
 from ..errors import MednistGanError
 
 PYRAMID_LEVELS, PATCH = 3, 7  # 64x64 -> levels of 64, 32 and 16 pixels; a 7x7 patch fits the coarsest
@@ -50,7 +50,7 @@ class SlicedWasserstein:
 
     def __init__(self, real: torch.Tensor, directions: int = 256, seed: int = 0):
         real = self._checked("real", real)
-        _check_counts("sliced Wasserstein", directions=directions)
+        check_counts("sliced Wasserstein", directions=directions)
         self.seed, self.real_size = seed, real.shape[-1]
         draw = torch.Generator().manual_seed(seed)
         self.directions = F.normalize(torch.randn(directions, PATCH * PATCH, generator=draw), dim=1)
@@ -58,7 +58,7 @@ class SlicedWasserstein:
 
     @staticmethod
     def _checked(name: str, images: torch.Tensor) -> torch.Tensor:
-        images = _images("sliced Wasserstein", name, images, 2)
+        images = checked_images("sliced Wasserstein", name, images, 2)
         smallest = PATCH << (PYRAMID_LEVELS - 1)
         if images.shape[-1] < smallest:
             raise MednistGanError(f"sliced Wasserstein: {name} images are {images.shape[-1]} pixels wide; "
