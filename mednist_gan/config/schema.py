@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
-
 from ..errors import ConfigError, MednistGanError
 from .coerce import build_section, clip_text, short_repr
 from .legacy import LEGACY_KEYS, ConfigWarning, move_legacy_keys
@@ -55,6 +54,13 @@ def _require(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}={short_repr(value)} is not allowed: expected {expected}")
 
 
+def check_per_class(key: str, mapping: dict[str, float], names: list[str], zero: bool, expected: str) -> None:
+    for name, value in mapping.items():  # class names of several ``names`` -> finite numbers > 0 (``zero``: >= 0)
+        _require(len(names) > 1, f"{key}.{name}", value, "nothing: per-class values need several data.classes")
+        _require(name in names, f"{key}.{name}", value, f"a class of data.classes ({', '.join(names)})")
+        _require((value >= 0 if zero else value > 0) and value < math.inf, f"{key}.{name}", value, expected)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     root: Optional[str] = documented(None, "MedNIST folder holding <class_name>/*.jpeg; null = the shipped sample")
@@ -87,11 +93,7 @@ class DataConfig:
         _require(len(set(self.classes)) == len(self.classes), "data.classes", self.classes, "each class once")
         _require(self.classes == ["all"] or "all" not in self.classes, "data.classes", self.classes,
                  "[all] alone, or class folder names")
-        for name, weight in self.class_weights.items():
-            key = f"data.class_weights.{name}"
-            _require(len(self.class_names) > 1, key, weight, "nothing: class weights need several data.classes")
-            _require(name in self.class_names, key, weight, f"a class of data.classes ({', '.join(self.class_names)})")
-            _require(0 < weight < math.inf, key, weight, "a weight > 0")
+        check_per_class("data.class_weights", self.class_weights, self.class_names, False, "a weight > 0")
         window = self.intensity
         _require(window is None or (set(window) == {"min", "max"} and window["min"] < window["max"]), "data.intensity",
                  window, "{min: LOW, max: HIGH} with LOW < HIGH, or null")
@@ -223,9 +225,7 @@ class TrainConfig:
     r1_gamma: float = documented(0.0, "R1 gradient penalty on real images, gamma/2 * E|grad_x D(x)|^2; 0 = off")
     r1_every: int = documented(1, "apply R1 every N discriminator updates, scaled by N (lazy regularisation)")
     mode_seeking: float = documented(0.0, "weight of MSGAN's mode-seeking term in G's loss (docs/training.md); 0 = off")
-    mode_seeking_classes: dict[str, float] = documented(
-        {}, "a class-conditional run's own mode-seeking weight for some classes, e.g. {Hand: 0}; a class not named "
-        "takes train.mode_seeking")
+    mode_seeking_classes: dict[str, float] = documented({}, "classes' own mode-seeking weights, e.g. {Hand: 0}")
     ema_decay: Optional[float] = documented(
         None, "moving average of the generator's weights, used by samples, evaluation and export; null = off")
     ema_warmup: bool = documented(False, "EMA decay min(ema_decay, (1 + t) / (10 + t)) at the t-th generator update")
@@ -258,8 +258,6 @@ class TrainConfig:
         _require(self.r1_gamma >= 0, "train.r1_gamma", self.r1_gamma, "a number >= 0")
         _require(self.r1_every >= 1, "train.r1_every", self.r1_every, "an integer >= 1")
         _require(self.mode_seeking >= 0, "train.mode_seeking", self.mode_seeking, "a number >= 0")
-        for name, weight in self.mode_seeking_classes.items():
-            _require(0 <= weight < math.inf, f"train.mode_seeking_classes.{name}", weight, "a number >= 0")
         _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "train.ema_decay", self.ema_decay,
                  "a number in (0, 1) or null")
         _require(self.collective_timeout_s >= 1, "train.collective_timeout_s", self.collective_timeout_s,
@@ -379,25 +377,13 @@ class Config:
     def run_path(self) -> Path:
         return Path(self.run_dir if self.run_dir is not None else os.path.join("runs", self.name))
 
-    @property
-    def mode_seeking_weights(self) -> list[float]:
-        """The mode-seeking term's weight for each class in label order (one weight for an unconditional run);
-        all 0: the term is off."""
-        names = self.data.class_names
-        if len(names) == 1:
-            return [self.train.mode_seeking]
-        return [self.train.mode_seeking_classes.get(name, self.train.mode_seeking) for name in names]
-
     def check(self) -> None:
         names = self.data.class_names
         derived = names if len(names) > 1 else []
         _require(self.model.classes in ([], derived), "model.classes", self.model.classes,
                  f"nothing: it is set from data.classes ({derived})")
         _require(bool(self.name), "name", self.name, "a non-empty string")
-        for name, weight in self.train.mode_seeking_classes.items():
-            key = f"train.mode_seeking_classes.{name}"
-            _require(len(names) > 1, key, weight, "nothing: per-class weights need several data.classes")
-            _require(name in names, key, weight, f"a class of data.classes ({', '.join(names)})")
+        check_per_class("train.mode_seeking_classes", self.train.mode_seeking_classes, names, True, "a number >= 0")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):

@@ -45,6 +45,12 @@ AUGMENT_SEED_OFFSET = 3_000_017
 Metrics = dict[str, torch.Tensor]
 
 
+def mode_seeking_weights(cfg: Config) -> list[float]:
+    """The mode-seeking term's weight per class in label order (one for an unconditional run); all 0: off."""
+    train = cfg.train
+    return [train.mode_seeking_classes.get(name, train.mode_seeking) for name in cfg.model.classes or [None]]
+
+
 def per_process_batches(cfg: Config, num_processes: int) -> tuple[int, int]:
     """The discriminator's and the generator's batch per process; refuses a global batch that the processes,
     the minibatch-stddev groups or the mode-seeking pairs cannot split evenly."""
@@ -57,7 +63,7 @@ def per_process_batches(cfg: Config, num_processes: int) -> tuple[int, int]:
         raise ConfigError(f"model.resnet_mbstd={cfg.model.resnet_mbstd} must divide the per-process batch "
                           f"({d_batch}): its groups must not straddle two processes")
     g_batch //= num_processes
-    if any(cfg.mode_seeking_weights) and g_batch % 2:
+    if any(mode_seeking_weights(cfg)) and g_batch % 2:
         raise ConfigError(f"train.mode_seeking pairs the generator's latents: its per-process batch "
                           f"({g_batch}) must be even")
     return d_batch, g_batch
@@ -93,7 +99,7 @@ class GanStep:
         self.memory_format = memory_format(cfg.runtime)
 
         self.latent_rng = torch.Generator(device=device).manual_seed(cfg.train.seed)
-        weights = torch.tensor(cfg.mode_seeking_weights, device=device)  # per class (train.mode_seeking_classes)
+        weights = torch.tensor(mode_seeking_weights(cfg), device=device)  # per class (train.mode_seeking_classes)
         self.mode_seeking = weights if bool(weights.any()) else None  # None: the term is off
         weights = cfg.data.sampling_weights
         self.label_weights = None if weights is None else torch.tensor(weights, device=device)

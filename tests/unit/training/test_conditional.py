@@ -93,7 +93,7 @@ def test_class_weights_give_a_class_its_share_of_real_batches_and_generated_labe
                         "data.class_weights=3 has the wrong type: expected a mapping of str to float")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             _cfg(tmp_path, mednist_root, bad)
-    with pytest.raises(ConfigError, match=re.escape("expected nothing: class weights need several data.classes")):
+    with pytest.raises(ConfigError, match=re.escape("expected nothing: per-class values need several data.classes")):
         load_config(CONFIGS / "debug.yaml", ["data.class_weights={Hand: 2}"])
 
 
