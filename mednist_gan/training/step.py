@@ -99,8 +99,8 @@ class GanStep:
         self.memory_format = memory_format(cfg.runtime)
 
         self.latent_rng = torch.Generator(device=device).manual_seed(cfg.train.seed)
-        weights = torch.tensor(mode_seeking_weights(cfg), device=device)  # per class (train.mode_seeking_classes)
-        self.mode_seeking = weights if bool(weights.any()) else None  # None: the term is off
+        per_class = torch.tensor(mode_seeking_weights(cfg), device=device)  # train.mode_seeking_classes
+        self.mode_seeking = per_class if bool(per_class.any()) else None  # None: the term is off
         weights = cfg.data.sampling_weights
         self.label_weights = None if weights is None else torch.tensor(weights, device=device)
         self.augment_rng = torch.Generator(device=device).manual_seed(cfg.train.seed + AUGMENT_SEED_OFFSET)
