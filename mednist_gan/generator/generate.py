@@ -30,7 +30,7 @@ MAX_SEED = 2**63 - 1
 
 
 # Classes that a shipped one-class generator makes better than the six-class one does (FD-SSL at N = 5000 on Hand:
-# 0.148 against 0.462, the cards' numbers; test_quality.py checks the order): `--class Hand` without `--model` uses it.
+# 0.148 against 0.212, the cards' numbers; test_quality.py checks the order): `--class Hand` without `--model` uses it.
 SHIPPED_ONE_CLASS = {"Hand": SHIPPED_MODEL}
 
 

@@ -204,8 +204,8 @@ def test_shipped_hand_generator_meets_its_targets(mednist_root, upstream_weights
 
 def test_shipped_conditional_generator_meets_its_targets(mednist_root):
     """Issue #17's six-class targets at N = 1000 per class against the 2,000-per-class MedNIST folder
-    (benchmarks/quality_targets.py --conditional; docs/quality.md has all 31 met at N = 5000 on the complete
-    MedNIST)."""
+    (benchmarks/quality_targets.py --conditional; docs/quality.md has issue #38's stricter 33 met at N = 5000 on the
+    complete MedNIST)."""
     from quality_targets import conditional_targets, score_conditional_generator
 
     result = score_conditional_generator(ASSETS / "conditional" / "model.pt", mednist_root, 1000, usefulness=500)
