@@ -74,7 +74,9 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     if value is None:
-        raise ConfigError(f"{key}=null is not allowed: expected {annotation.__name__}")
+        name, colon, rest = key.rpartition(".")[2].partition(":")
+        hint = f" (YAML reads {name}:{rest} as one key; write {{{name}: {rest}}})" if colon else ""
+        raise ConfigError(f"{key}=null is not allowed: expected {annotation.__name__}{hint}")
     raise ConfigError(f"{key}={short_repr(value)} has the wrong type: expected {annotation.__name__}")
 
 

@@ -244,6 +244,8 @@ def test_sweep_files_are_read_as_strictly(tmp_path):
     ("data.classes=[.Hand]", "'.Hand' is not one"),
     ("data.classes=['a\\b']", "'a\\\\b' is not one"),
     ("data.classes=[Hand, CXR/x]", "'CXR/x' is not one"),
+    ("data.class_weights={Hand:2}", "data.class_weights.Hand:2=null is not allowed: expected float "
+                                    "(YAML reads Hand:2 as one key; write {Hand: 2})"),
     ('data.classes=["a\\0b"]', "'a\\x00b' is not one"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
